@@ -471,7 +471,11 @@ def assert_safe_model_dir(model_dir: Path, *, signature_names: Iterable[str] = (
         raise SecurityError(f"model folder {model_dir} is not a plain folder")
     names = tuple(signature_names)
     results: list[ScanResult] = []
-    for root, dirs, files in os.walk(model_dir, followlinks=False):
+
+    def unreadable(exc: OSError) -> None:  # os.walk skips unreadable folders by default
+        raise SecurityError(f"unsafe model folder: cannot list {exc.filename}: {exc.strerror}")
+
+    for root, dirs, files in os.walk(model_dir, onerror=unreadable, followlinks=False):
         rootp = Path(root)
         for d in list(dirs):  # os.walk lists symlinked folders in dirs but does not enter them
             if (rootp / d).is_symlink():
