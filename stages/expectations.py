@@ -26,6 +26,16 @@ four pandas frames, each validated by its own expectation suite on one ephemeral
 
 Any expectation that raises, a missing result, or GX itself failing makes the report a
 failure: the validation fails closed.
+
+Cost (2 cores): importing GX about 3 s once per process; then digits (1,797 x 64) about
+0.3 s per call, random MNIST-sized data (60,000 x 784) about 2 to 2.5 s, of which about
+1 s is GX fingerprinting the ``rows`` frame (``pd.util.hash_pandas_object``, always done
+by GX for in-memory frames), 0.4 s the row hashing and 0.3 s the per-feature aggregates.
+
+Data Docs: with ``docs_dir`` an in-memory context gets a local site on the file system and
+GX's own site builder writes ``index.html``, one page per suite run and ``static/``. The
+pages load Bootstrap and jQuery from public CDNs when opened; offline they show unstyled
+but complete. Every run rebuilds the index from this run's results only.
 """
 
 from __future__ import annotations
@@ -102,6 +112,18 @@ def _as_2d(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(X.reshape(len(X), -1)), y
 
 
+def _chunked_std(Xf: np.ndarray, mean: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """Population std per column, squares summed in float64, without a copy of the array."""
+    centre = mean.astype(Xf.dtype)
+    squares = np.zeros(Xf.shape[1], dtype=np.float64)
+    for start in range(0, len(Xf), rows):
+        centred = Xf[start:start + rows] - centre
+        centred *= centred
+        squares += centred.sum(axis=0, dtype=np.float64)
+    # sum((x - c)^2) / n = var + (mean - c)^2: remove the rounding of the centre
+    return np.sqrt(np.maximum(squares / len(Xf) - (mean - centre.astype(np.float64)) ** 2, 0.0))
+
+
 def _feature_aggregates(X2: np.ndarray) -> dict[str, np.ndarray]:
     """Per-feature min, max (NaN ignored), NaN and inf counts, mean and std (finite values)."""
     n, k = X2.shape
@@ -118,8 +140,8 @@ def _feature_aggregates(X2: np.ndarray) -> dict[str, np.ndarray]:
             "max": Xf.max(axis=0).astype(np.float64),
             "n_nan": zeros,
             "n_inf": zeros,
-            "mean": Xf.mean(axis=0, dtype=np.float64),
-            "std": Xf.std(axis=0, dtype=np.float64),
+            "mean": (mean := Xf.mean(axis=0, dtype=np.float64)),
+            "std": _chunked_std(Xf, mean),
         }
     isnan = np.isnan(Xf)
     masked = np.where(finite, Xf, np.nan)
@@ -288,8 +310,8 @@ def _not_null_describer(column: str, note: str) -> Callable[[dict[str, Any]], tu
 
 
 def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: ValidateParams, num_classes: int | None,
-                  expected_columns: list[str], drift: bool, reference_note: str,
-                  class_tolerance: float) -> list[_Check]:
+                  expected_columns: list[str], expected_sample_shape: str | None, drift: bool,
+                  reference_note: str, class_tolerance: float) -> list[_Check]:
     checks: list[_Check] = []
     add = checks.append
     n_expected = len(expected_columns)
@@ -377,6 +399,11 @@ def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: Validate
                                 f"({int(frames['dataset']['duplicate_rows'].iloc[0])} of "
                                 f"{int(frames['dataset']['n_rows'].iloc[0])} rows repeat an earlier row)")))
 
+    if expected_sample_shape is not None:
+        add(_Check("dataset", "schema: sample shape",
+                   gxe.ExpectColumnValuesToBeInSet(column="sample_shape", value_set=[expected_sample_shape]),
+                   f"samples of shape {expected_sample_shape} (as in the reference)",
+                   lambda r: (None, f"samples of shape {(r.get('partial_unexpected_list') or ['?'])[0]}")))
     if drift:
         for column, tolerance, what in (("mean_shift", params.drift_mean_tolerance, "mean"),
                                         ("std_shift", params.drift_std_tolerance, "std")):
@@ -397,7 +424,7 @@ def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: Validate
 
 
 def _frames(X2: np.ndarray, y: np.ndarray, agg: dict[str, np.ndarray], duplicate_fraction: float, *,
-            num_classes: int | None, reference: dict[str, Any] | None) -> tuple[dict[str, pd.DataFrame], str]:
+            sample_shape: str, num_classes: int | None, reference: dict[str, Any] | None) -> tuple[dict[str, pd.DataFrame], str]:
     n, k = X2.shape
     names = [f"f{i}" for i in range(k)]
     rows = pd.DataFrame(X2, columns=names, copy=False)
@@ -428,7 +455,7 @@ def _frames(X2: np.ndarray, y: np.ndarray, agg: dict[str, np.ndarray], duplicate
                                                                      class_frame["ref_fraction"])]
     classes = pd.DataFrame(class_frame)
     dataset = pd.DataFrame({"n_rows": [n], "duplicate_rows": [round(duplicate_fraction * n)],
-                            "duplicate_fraction": [duplicate_fraction]})
+                            "duplicate_fraction": [duplicate_fraction], "sample_shape": [sample_shape]})
     return {"rows": rows, "features": features, "classes": classes, "dataset": dataset}, note
 
 
@@ -598,18 +625,24 @@ def validate_arrays(X: np.ndarray, y: np.ndarray, *, params: ValidateParams, num
     agg = _feature_aggregates(X2)
     duplicate_fraction = _duplicate_fraction(X2)
     statistics = _statistics(X2, X_arr.shape, X_arr.dtype, y, agg, duplicate_fraction)
-    frames, reference_note = _frames(X2, y, agg, duplicate_fraction, num_classes=num_classes, reference=reference)
+    sample_shape = "x".join(str(s) for s in X_arr.shape[1:])
+    frames, reference_note = _frames(X2, y, agg, duplicate_fraction, sample_shape=sample_shape,
+                                     num_classes=num_classes, reference=reference)
 
     n_features = X2.shape[1]
     if reference is not None and isinstance(reference.get("n_features"), int):
         n_features = reference["n_features"]  # the schema of the last accepted dataset
     expected_columns = [f"f{i}" for i in range(n_features)] + ["label"]
+    expected_sample_shape = None
+    if reference is not None and isinstance(reference.get("shape"), list) and reference["shape"]:
+        expected_sample_shape = "x".join(str(s) for s in reference["shape"][1:])
     class_tolerance = float(getattr(params, "drift_class_tolerance", CLASS_DRIFT_TOLERANCE))
 
     try:
         gxe = _import_gx().expectations
         checks = _build_checks(gxe, frames=frames, params=params, num_classes=num_classes,
-                               expected_columns=expected_columns, drift=reference is not None,
+                               expected_columns=expected_columns, expected_sample_shape=expected_sample_shape,
+                               drift=reference is not None,
                                reference_note=reference_note, class_tolerance=class_tolerance)
         failures, evaluated, raw, docs_path = _run_suites(checks, frames, docs_dir)
     except Exception as err:  # fail closed: a suite that cannot run is a failed suite

@@ -171,6 +171,13 @@ def test_reference_of_another_shape_fails_closed(digits, reference):
     assert "reference has 64 features, this dataset 32" in failed(report, "drift: reference mean available")["observed"]
 
 
+def test_reshaped_samples_fail_schema_against_reference(digits, reference):
+    X, y = digits
+    report = run(X.reshape(len(X), 1, 4, 16), y, reference=reference)
+    assert failed(report, "schema: sample shape")["observed"] == "samples of shape 1x4x16"
+    assert failed(report, "schema: sample shape")["expected"] == "samples of shape 1x8x8 (as in the reference)"
+
+
 def test_too_few_rows_fail(digits):
     X, y = digits
     report = run(X[:20], y[:20], num_classes=None)
