@@ -207,6 +207,19 @@ def hash_files(paths: Iterable[str | os.PathLike[str]], *, workers: int = 0,
 
 
 # -- paths -----------------------------------------------------------------------------------
+# One component: no "/", backslash, control character or lone surrogate (undecodable byte).
+_NAME = r"[^/\\\x00-\x1f\x7f\ud800-\udfff]+"
+_SAFE_REL = re.compile(rf"(?:{_NAME}/)*{_NAME}")
+
+
+def _is_safe_rel(rel: str) -> bool:
+    """Fast path of :func:`check_relative_path` (one regex and two substring tests)."""
+    if not _SAFE_REL.fullmatch(rel):
+        return False
+    s = f"/{rel}/"
+    return "/./" not in s and "/../" not in s
+
+
 def check_relative_path(rel: str) -> PurePosixPath:
     """Check a relative POSIX path read from a manifest; return it as a ``PurePosixPath``.
 
@@ -214,6 +227,8 @@ def check_relative_path(rel: str) -> PurePosixPath:
     components (``a//b``, trailing ``/``), backslashes, NUL and other control characters,
     and names that are not valid UTF-8 (so every accepted path has one canonical spelling).
     """
+    if isinstance(rel, str) and _is_safe_rel(rel):
+        return PurePosixPath(rel)
     if not isinstance(rel, str):
         raise SecurityError(f"unsafe path {rel!r}: expected a string, got {type(rel).__name__}")
     if not rel:
@@ -227,11 +242,7 @@ def check_relative_path(rel: str) -> PurePosixPath:
     for part in rel.split("/"):
         if part in ("", ".", ".."):
             raise SecurityError(f"unsafe path {rel!r}: component {part!r} is not allowed")
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SecurityError(f"unsafe path {rel!r}: the name is not valid UTF-8") from None
-    return PurePosixPath(rel)
+    raise SecurityError(f"unsafe path {rel!r}: the name is not valid UTF-8")
 
 
 def _walk(root: str | os.PathLike[str], *, follow: bool) -> list[tuple[str, str]]:
@@ -260,7 +271,8 @@ def _walk(root: str | os.PathLike[str], *, follow: bool) -> list[tuple[str, str]
         with os.scandir(folder) as it:
             for entry in it:
                 rel = prefix + entry.name
-                check_relative_path(rel)
+                if not _is_safe_rel(entry.name):
+                    check_relative_path(rel)  # raises with the reason
                 if entry.is_symlink():
                     target = os.readlink(entry.path)
                     if not follow:
@@ -424,7 +436,10 @@ class StatCache:
 
     def get(self, path: str | os.PathLike[str], st: os.stat_result) -> str | None:
         """The cached SHA-256 of ``path`` if its stat key still matches ``st``, else None."""
-        hit = self._entries.get(os.path.abspath(path))
+        return self._get_abs(os.path.abspath(path), st)
+
+    def _get_abs(self, path: str, st: os.stat_result) -> str | None:
+        hit = self._entries.get(path)
         if hit is not None and hit[0] == _key(st):
             return hit[1]
         return None
@@ -499,21 +514,21 @@ def verify_files(root: str | os.PathLike[str], expected: Mapping[str, tuple[str,
     ``expected`` are mismatches unless ``allow_extra``. Raises :class:`SecurityError` for a
     symlink, special file or unsafe path under ``root`` or in ``expected``.
     """
-    root_s = os.fspath(root)
+    root_s = os.path.abspath(root)  # walked paths are then absolute: the cache keys as-is
     present = dict(_walk(root_s, follow=False))
     mismatches: list[tuple[str, str, str]] = []
     todo: list[tuple[str, str, str]] = []  # (relpath, path, expected sha)
     use_cache = cache is not None and not paranoid
     for rel, (want, size) in expected.items():
-        check_relative_path(rel)
-        path = present.get(rel)
+        path = present.get(rel)  # a walked path was checked by _walk
         if path is None:
+            check_relative_path(rel)
             mismatches.append((rel, want, "missing"))
             continue
         if use_cache and size is not None:
             st = os.lstat(path)
             if st.st_size == size:
-                hit = cache.get(path, st)  # type: ignore[union-attr]
+                hit = cache._get_abs(path, st)  # type: ignore[union-attr]
                 if hit is not None:
                     if hit != want:
                         mismatches.append((rel, want, hit))
