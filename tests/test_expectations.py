@@ -234,3 +234,9 @@ def test_statistics_are_json_and_stable(digits):
 def test_bad_shapes_raise(X, y, match):
     with pytest.raises(InvalidInput, match=match):
         run(X, y)
+
+
+def test_unreadable_reference_fails_closed(digits):
+    report = run(*digits, reference={"n": 5})
+    assert not report.success
+    assert "reference statistics unreadable" in failed(report, "drift: reference mean available")["observed"]
