@@ -52,6 +52,7 @@ class ValidateParams(_Section):
     max_duplicate_fraction: float = Field(ge=0, le=1)
     drift_mean_tolerance: float = Field(gt=0)
     drift_std_tolerance: float = Field(gt=0)
+    drift_class_tolerance: float = Field(default=0.05, gt=0)
     min_rows: int = Field(default=10, ge=1)
 
 

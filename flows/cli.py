@@ -1,0 +1,258 @@
+"""The ``mlsec`` command line.
+
+Exit codes: 0 done (and promoted where asked), 2 bad input or usage, 3 gate rejected /
+poisoning suspected / promotion refused, 4 integrity or security violation, 1 anything
+else. Errors are one line on stderr; ``--debug`` shows the traceback. ``--json`` prints
+one machine-readable object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+from stages.runner import telemetry_off
+
+telemetry_off()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        print(f"mlsec: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _print(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    if as_json:
+        print(json.dumps(obj, sort_keys=True, default=str))
+    else:
+        print(text(obj))
+
+
+def _ws():
+    from stages.workspace import Workspace
+
+    ws = Workspace.from_env()
+    os.environ.setdefault("PREFECT_HOME", str(ws.root / ".prefect"))
+    return ws
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from stages.errors import InvalidInput
+    from stages.params import load_params
+
+    ws = _ws()
+    params_path = args.params if os.path.isabs(args.params) else str(ws.root / args.params)
+    load_params(params_path, args.overrides)  # bad settings fail here, before any service starts
+    if args.data and args.data != "sklearn:digits" and not os.path.exists(args.data):
+        raise InvalidInput(f"data source not found: {args.data}")
+    from flows.pipeline import secure_training
+
+    summary = secure_training(params_path=params_path, overrides=list(args.overrides), data=args.data,
+                              paranoid=args.paranoid, triggered_by=args.actor)
+
+    def text(s: dict[str, Any]) -> str:
+        m = s.get("metrics", {})
+        model = s.get("model") or {}
+        return (f"run {s['run_id']}: {s['status']}; clean accuracy {m.get('clean_accuracy', float('nan')):.4f}, "
+                f"robust accuracy {m.get('robust_accuracy', float('nan')):.4f}; quarantined {s['quarantined']['count']}; "
+                f"model {model.get('uri', '-')}; total {s['timings']['total']:.1f} s")
+
+    _print(summary, args.json, text)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from stages.lineage import audit_verify
+
+    report = audit_verify(_ws())
+    _print(report, args.json, lambda r: ("ledger OK: " if r["ok"] else "LEDGER BROKEN: ") +
+           (f"{r['entries']} entries, head seq {r['head']['seq'] if r['head'] else '-'}" if r["ok"] else
+            f"line {r['first_bad_line']}: {r['reason']}"))
+    return 0 if report["ok"] else 4
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from stages.lineage import lineage, render_lineage
+
+    result = lineage(_ws(), args.ref, verify=args.verify, restore=args.restore)
+    _print(result, args.json, render_lineage)
+    return 4 if args.verify and not result["verified"] else 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from stages.registry import promote
+
+    result = promote(_ws(), args.ref, approver=args.approver, reason=args.reason)
+    _print(result, args.json, lambda r: f"{r['model']}@champion -> version {r['version']} (was {r['previous']}), approved by {r['approver']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from stages.registry import rollback
+
+    result = rollback(_ws(), args.model, reason=args.reason)
+    _print(result, args.json, lambda r: f"{r['model']}@champion rolled back to version {r['version']} (was {r['previous']})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from stages.registry import inventory
+
+    models = inventory(_ws())
+
+    def text(items: list[dict[str, Any]]) -> str:
+        if not items:
+            return "no registered models"
+        lines = []
+        for m in items:
+            lines.append(f"{m['name']}  owner={m['owner']}  risk={m['risk_class']}  aliases={m['aliases']}  purpose={m['purpose']}")
+            for d in m["alias_drift"]:
+                lines.append(f"  ! alias {d['alias']} is version {d['mlflow']} in MLflow, the ledger says {d['ledger']}: moved outside the pipeline")
+            for v in m["versions"]:
+                lines.append(f"  v{v['version']}  {v['verdict']}  robust={v['robust_accuracy']}  dp_eps={v['dp_epsilon']}  "
+                             f"data={str(v['data_sha256'])[:16]}  source={v['data_source']}")
+        return "\n".join(lines)
+
+    _print(models, args.json, text)
+    return 4 if any(m["alias_drift"] for m in models) else 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from stages.provenance import init_repo
+
+    result = init_repo(_ws().root)
+    _print(result, args.json, lambda r: f"initialised {r['root']} (git: {r['git']}, dvc: {r['dvc']}, remote: {r['remote']})")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from stages.keys import rotate_keys
+    from stages.ledger import Ledger
+
+    old, new = rotate_keys()
+    Ledger(_ws().ledger_path).append("keys.rotate", {"old_key_id": old, "new_key_id": new})
+    _print({"old_key_id": old, "new_key_id": new}, args.json, lambda r: f"rotated signing keys: {old[:16]} -> {new[:16]}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.schedule import serve_schedule
+
+    serve_schedule(cron=args.cron, interval=args.interval, on_change=args.on_change, data=args.data,
+                   overrides=list(args.overrides), name=args.name)
+    return 0
+
+
+def cmd_playbook(args: argparse.Namespace) -> int:
+    from flows.playbooks import run_playbook
+
+    result = run_playbook(_ws(), args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
+                          retrain=args.retrain)
+    _print(result, args.json, lambda r: json.dumps(r, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = _Parser(prog="mlsec", description="A secure training pipeline with an auditable lineage.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", parents=[common], help="run the secure-training flow once")
+    p.add_argument("--data", help="data source: .npz, .csv, .parquet, an MNIST IDX folder or sklearn:digits (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a setting of params.yaml")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--paranoid", action="store_true", help="re-hash every input at every stage (no stat cache)")
+    p.add_argument("--actor", default=None, help="who triggered the run (default: $MLSEC_ACTOR or the OS user)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("lineage", parents=[common], help="the chain from a model back to its data bytes")
+    p.add_argument("ref", metavar="MODEL@ALIAS|MODEL/VERSION")
+    p.add_argument("--verify", action="store_true", help="re-check every digest and signature in the chain")
+    p.add_argument("--restore", metavar="DIR", help="bring back the exact training data through DVC")
+    p.set_defaults(fn=cmd_lineage)
+
+    p = sub.add_parser("audit", parents=[common], help="audit-trail commands")
+    asub = p.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    v = asub.add_parser("verify", parents=[common], help="verify the hash-chained ledger against its signed head and MLflow")
+    v.set_defaults(fn=cmd_audit_verify)
+
+    p = sub.add_parser("promote", parents=[common], help="make a gated version the champion")
+    p.add_argument("ref", metavar="MODEL/VERSION")
+    p.add_argument("--approver", required=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("rollback", parents=[common], help="point champion back at the previous champion")
+    p.add_argument("model")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser("models", parents=[common], help="the model inventory")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("schedule", parents=[common], help="serve scheduled retraining (cron, interval, or on data change)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cron", help="cron expression, e.g. '0 3 * * *'")
+    group.add_argument("--interval", type=int, help="seconds between checks or runs")
+    p.add_argument("--on-change", action="store_true", help="run only when the data source's bytes changed")
+    p.add_argument("--data", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--name", default="retrain")
+    p.set_defaults(fn=cmd_schedule)
+
+    p = sub.add_parser("playbook", parents=[common], help="incident playbooks: rollback, purge-and-retrain")
+    p.add_argument("playbook", choices=["rollback", "purge-retrain"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--run-id", help="the run whose quarantine to purge (purge-retrain)")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--retrain", action="store_true", help="start a new run after purging")
+    p.set_defaults(fn=cmd_playbook)
+
+    p = sub.add_parser("init", parents=[common], help="make the current folder a pipeline workspace (git + DVC + local remote)")
+    p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("keys", parents=[common], help="signing keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    r = ksub.add_parser("rotate", parents=[common], help="retire the current keys (still trusted to verify) and create new ones")
+    r.set_defaults(fn=cmd_keys_rotate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stages.errors import PipelineError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except PipelineError as err:
+        if args.debug:
+            traceback.print_exc()
+        summary = getattr(err, "summary", None)
+        if args.json:
+            print(json.dumps({**(summary or {}), "status": (summary or {}).get("status", "failed"), "error": str(err),
+                              "exit_code": err.exit_code}, sort_keys=True, default=str))
+        print(f"mlsec: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("mlsec: interrupted", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"mlsec: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

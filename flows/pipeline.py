@@ -1,0 +1,164 @@
+"""The ``secure-training`` Prefect flow: one task per stage, nothing else.
+
+ingest -> validate -> screen -> train -> evaluate -> gate -> register (-> promote)
+
+The logic lives in ``stages``; each task is one call through ``stages.runner.run_stage``
+(ledger entries, timing). The flow returns one summary dict, the ``--json`` output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from stages.runner import telemetry_off
+
+telemetry_off()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from stages import evaluate, gate, ingest, register, screen, train, validate  # noqa: E402
+from stages.context import RunContext  # noqa: E402
+from stages.errors import GateRejected, PipelineError  # noqa: E402
+from stages.params import Params, load_params  # noqa: E402
+from stages.runner import run_stage  # noqa: E402
+from stages.workspace import Workspace, actor, new_run_id  # noqa: E402
+
+STAGES = ("ingest", "validate", "screen", "train", "evaluate", "gate", "register")
+
+
+def _stage_task(name: str, core):
+    @task(name=name, retries=0)
+    def _run(ctx: RunContext, params: Params, **kwargs: Any) -> dict[str, Any]:
+        result = run_stage(name, core, ctx, params, **kwargs)
+        get_run_logger().info("stage %s finished in %.2f s", name, result["seconds"])
+        return result
+
+    _run.__doc__ = f"Run the {name} stage core."
+    return _run
+
+
+ingest_task = _stage_task("ingest", ingest.run)
+validate_task = _stage_task("validate", validate.run)
+screen_task = _stage_task("screen", screen.run)
+train_task = _stage_task("train", train.run)
+evaluate_task = _stage_task("evaluate", evaluate.run)
+gate_task = _stage_task("gate", gate.run)
+register_task = _stage_task("register", register.run)
+
+
+@task(name="champion", retries=2, retry_delay_seconds=[1, 3])
+def champion_task(ws: Workspace, name: str) -> dict[str, Any] | None:
+    """The current champion's metrics, for the no-regression check."""
+    from stages.registry import champion_summary
+
+    return champion_summary(ws, name)
+
+
+@task(name="promote")
+def promote_task(ws: Workspace, params: Params, version: str, *, approver: str, reason: str) -> dict[str, Any]:
+    """Move the champion alias to the new version (ledger entry with actor and reason)."""
+    from stages.registry import promote
+
+    return promote(ws, f"{params.project.name}/{version}", approver=approver, reason=reason,
+                   four_eyes=params.promotion.four_eyes)
+
+
+def _wait_for_approval(params: Params, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Pause the flow run for an approver when a real Prefect server is configured."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.flow_runs import pause_flow_run
+    from prefect.input import RunInput
+
+    class Approval(RunInput):
+        approve: bool
+        approver: str
+        reason: str
+
+    logger = get_run_logger()
+    logger.info("waiting for approval of %s (evidence: verdict and model card in MLflow run %s)",
+                summary["model"]["uri"], summary["mlflow_run_id"])
+    answer = pause_flow_run(wait_for_input=Approval, timeout=params.promotion.approval_timeout_s)
+    return answer.model_dump()
+
+
+@flow(name="secure-training", log_prints=False, validate_parameters=True)
+def secure_training(run_id: str | None = None, params_path: str = "params.yaml", overrides: list[str] | None = None,
+                    data: str | None = None, paranoid: bool = False, triggered_by: str | None = None) -> dict[str, Any]:
+    """Run the secured pipeline once; return the run summary (raises on rejection or failure)."""
+    summary: dict[str, Any] = {"run_id": run_id or new_run_id(), "status": "failed"}
+    try:
+        return _pipeline(summary, params_path, overrides, data, paranoid, triggered_by)
+    except PipelineError as err:
+        if isinstance(err, GateRejected):
+            summary["status"] = "rejected"
+        summary["error"] = str(err)
+        err.summary = summary  # the command line prints it with --json
+        raise
+
+
+def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | None, data: str | None, paranoid: bool,
+              triggered_by: str | None) -> dict[str, Any]:
+    ws = Workspace.from_env()
+    params = load_params(ws.root / params_path if not os.path.isabs(params_path) else params_path, overrides or [])
+    ctx = RunContext(ws, summary["run_id"], paranoid=paranoid)
+    who = triggered_by or actor()
+    ctx.log("run.start", {"params_sha256": params.digest(), "overrides": overrides or [], "data": data or params.data.source,
+                          "triggered_by": who})
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def step(task_fn, name: str, **kwargs: Any) -> dict[str, Any]:
+        result = task_fn(ctx, params, **kwargs)
+        timings[name] = result["seconds"]
+        return result
+
+    ing = step(ingest_task, "ingest", source=data)
+    summary["data_sha256"] = ing["data_sha256"]
+    step(validate_task, "validate")
+    scr = step(screen_task, "screen")
+    summary["quarantined"] = {"count": scr["flagged"], "fraction": scr["flagged_fraction"], "path": scr["quarantine_path"]}
+    step(train_task, "train")
+    ev = step(evaluate_task, "evaluate")
+    summary["metrics"] = ev["metrics"]
+    champion = champion_task(ws, params.project.name)
+    g = step(gate_task, "gate", champion=champion)
+    summary["gate"] = {"passed": g["passed"], "checks": {c["name"]: {k: c[k] for k in ("value", "threshold", "passed", "reason")}
+                                                          for c in g["checks"]}}
+    reg = step(register_task, "register", triggered_by=who, timings=timings)
+    summary["mlflow_run_id"] = reg["mlflow_run_id"]
+    summary["model"] = reg["model"]
+    summary["timings"] = {**timings, "total": round(time.perf_counter() - started, 3)}
+    if not g["passed"]:
+        summary["status"] = "rejected"
+        ctx.log("run.finish", {"status": "rejected"})
+        raise GateRejected(gate.rejection_message(_verdict(ctx)))
+    if params.promotion.mode == "auto":
+        promote_task(ws, params, reg["model"]["version"], approver="policy:auto", reason=f"gate passed in run {ctx.run_id}")
+        summary["status"] = "promoted"
+    else:
+        answer = _wait_for_approval(params, summary)
+        if answer is None:
+            summary["status"] = "awaiting_approval"
+        elif answer["approve"]:
+            promote_task(ws, params, reg["model"]["version"], approver=answer["approver"], reason=answer["reason"])
+            summary["status"] = "promoted"
+        else:
+            ctx.log("promotion.declined", {"approver": answer["approver"], "reason": answer["reason"]})
+            summary["status"] = "declined"
+    ctx.log("run.finish", {"status": summary["status"], "model": summary["model"]})
+    get_run_logger().info("run %s %s in %.1f s (%s)", ctx.run_id, summary["status"], summary["timings"]["total"],
+                          ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return summary
+
+
+def _verdict(ctx: RunContext) -> dict[str, Any]:
+    from stages.keys import verify_document
+    from stages.workspace import read_json
+
+    return verify_document(read_json(ctx.inputs("verdict", where="flow")["verdict"]))
+
+
+__all__ = ["secure_training", "STAGES"]

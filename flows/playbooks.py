@@ -1,0 +1,71 @@
+"""Incident playbooks (see docs/playbooks.md).
+
+``rollback``: point ``champion`` back at the previous champion, with a reason in the ledger.
+``purge-retrain``: after a poisoning incident, take the rows a run quarantined out of the
+data, version the purged dataset as a new source (the original stays in DVC, untouched and
+restorable), roll the model back, and optionally retrain on the purged data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.errors import InvalidInput, PipelineError
+from stages.ledger import Ledger
+from stages.workspace import Workspace, read_json
+
+
+def purge_quarantined(ws: Workspace, run_id: str) -> dict[str, Any]:
+    """Write the run's data minus its quarantined rows to ``data/purged/<run>.npz``."""
+    from stages.context import RunContext
+    from stages.data import read_prepared
+
+    ctx = RunContext(ws, run_id, paranoid=True)
+    folder, manifest = ctx.dataset(where="playbook")
+    qpath = ws.quarantine_dir / run_id / "quarantine.json"
+    if not qpath.exists():
+        raise InvalidInput(f"run {run_id} has no quarantine list at {qpath}")
+    recorded = ctx.inputs("quarantine", where="playbook")["quarantine"]
+    quarantine = read_json(recorded)
+    drop = sorted({int(s["index"]) for s in quarantine["samples"]})
+    X, y, ann, _ = read_prepared(folder)
+    keep = np.setdiff1d(np.arange(len(y)), np.asarray(drop, dtype=np.int64))
+    out = ws.root / "data" / "purged" / f"{run_id}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"X": X[keep], "y": y[keep]}
+    if ann is not None:
+        arrays["annotator_labels"] = ann[keep]
+    np.savez(out, **arrays)
+    return {"purged_rows": len(drop), "kept_rows": int(len(keep)), "source": str(out), "from_data_sha256": manifest["merkle_root"]}
+
+
+def run_playbook(ws: Workspace, playbook: str, *, model: str, run_id: str | None, reason: str, retrain: bool) -> dict[str, Any]:
+    from stages.registry import mlflow_aliases, rollback
+
+    ledger = Ledger(ws.ledger_path)
+    ledger.append("playbook.start", {"playbook": playbook, "model": model, "run_id": run_id, "reason": reason})
+    result: dict[str, Any] = {"playbook": playbook, "model": model}
+    if playbook == "rollback":
+        result["rollback"] = rollback(ws, model, reason=reason)
+    elif playbook == "purge-retrain":
+        if not run_id:
+            raise InvalidInput("purge-retrain needs --run-id (the run whose quarantine list to purge)")
+        result["purge"] = purge_quarantined(ws, run_id)
+        if "champion" in mlflow_aliases(ws, model):
+            try:
+                result["rollback"] = rollback(ws, model, reason=f"purge-retrain: {reason}")
+            except PipelineError as err:
+                result["rollback"] = {"skipped": str(err)}
+        if retrain:
+            from flows.pipeline import secure_training
+
+            try:
+                result["retrain"] = secure_training(data=result["purge"]["source"], triggered_by=f"playbook:{playbook}")
+            except PipelineError as err:
+                result["retrain"] = getattr(err, "summary", {"status": "failed", "error": str(err)})
+    ledger.append("playbook.finish", {"playbook": playbook, "model": model,
+                                      "result": {k: v for k, v in result.items() if k != "retrain"}})
+    return result

@@ -1,0 +1,78 @@
+"""Evaluate: clean accuracy, FGSM and PGD (with restarts) at each epsilon, and privacy.
+
+All on the held-out test split, which was neither screened nor trained on. Epsilons are
+on the [0, 1] input scale. Per-sample results (``per_sample.npz``: which attacks each test
+row survives) are kept for comparison with the champion. Privacy: the epsilon DP-SGD
+spent (when ``train.mode`` is ``dp``) and an empirical membership-inference audit (AUC and
+TPR at 1% FPR, members = accepted training rows, non-members = the test split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stages.context import RunContext
+from stages.params import Params
+
+STAGE = "evaluate"
+
+
+def run(ctx: RunContext, params: Params) -> dict[str, Any]:
+    from stages.data import read_prepared
+    from stages.robustness import evaluate_robustness, membership_inference_audit, plot_robustness_curve
+    from stages.train import load_model_folder
+    from stages.workspace import read_json, write_json
+
+    folder, manifest = ctx.dataset(where=STAGE)
+    inputs = ctx.inputs("split", "weights", "model_config", "train_report", where=STAGE)
+    X, y, _, _ = read_prepared(folder)
+    with np.load(inputs["split"], allow_pickle=False) as split:
+        test_idx, accepted_idx, accepted_labels = split["test_idx"], split["accepted_idx"], split["accepted_labels"]
+    model = load_model_folder(inputs["weights"].parent)
+    ev = params.evaluate
+    report = evaluate_robustness(model, X[test_idx], y[test_idx], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
+                                 restarts=ev.restarts, seed=ev.seed)
+    body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "n_test": int(len(test_idx)),
+                            "epsilon_scale": "[0, 1] input scale", "pgd_steps": ev.pgd_steps, "restarts": ev.restarts,
+                            "robustness": report.to_dict()}
+    metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy)}
+    rob = report.to_dict()
+    for eps in ev.epsilons:
+        metrics[f"fgsm_accuracy_eps_{eps:g}"] = float(rob["fgsm_accuracy"][str(eps)] if str(eps) in rob["fgsm_accuracy"] else rob["fgsm_accuracy"][eps])
+        metrics[f"pgd_accuracy_eps_{eps:g}"] = float(rob["pgd_accuracy"][str(eps)] if str(eps) in rob["pgd_accuracy"] else rob["pgd_accuracy"][eps])
+    metrics["robust_accuracy"] = metrics[f"pgd_accuracy_eps_{ev.epsilon:g}"]
+    privacy = read_json(inputs["train_report"]).get("privacy")
+    if privacy:
+        metrics["dp_epsilon"] = float(privacy["epsilon_spent"])
+    if ev.membership_inference:
+        rng = np.random.default_rng(ev.seed)
+        n = min(len(accepted_idx), len(test_idx))
+        members = rng.choice(len(accepted_idx), size=n, replace=False)
+        mia = membership_inference_audit(model, X[accepted_idx[members]], accepted_labels[members], X[test_idx], y[test_idx],
+                                         seed=ev.seed)
+        body["membership_inference"] = mia
+        metrics["mia_auc"] = float(mia["auc"])
+        metrics["mia_tpr_at_1pct_fpr"] = float(mia["tpr_at_1pct_fpr"])
+    body["privacy"] = privacy
+    body["metrics"] = metrics
+    per_sample = ctx.path("evaluation", "per_sample.npz")
+    np.savez(per_sample, test_idx=test_idx, correct=np.asarray(report.correct), columns=np.asarray(report.columns))
+    curve = ctx.path("evaluation", "robustness_curve.png")
+    plot_robustness_curve(report, curve)
+    path = ctx.path("evaluation", "evaluation.json")
+    write_json(path, body)
+    ctx.record_outputs(STAGE, {"evaluation": path, "per_sample": per_sample, "robustness_curve": curve})
+    ctx.log("evaluate.metrics", metrics)
+    return {"metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stages.runner import stage_main
+
+    return stage_main(STAGE, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Gate: a fail-closed security decision with evidence, written as one signed verdict.
+
+:func:`decide` is pure: evidence + policy (+ the champion's metrics) -> verdict. With no
+thresholds configured it rejects (it will not bless by accident); a check whose input is
+missing fails. :func:`run` gathers the evidence from the run's verified records, signs the
+verdict (bound to the weights' SHA-256) and writes a ledger entry. Registration refuses
+without a passing, correctly signed verdict for the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from stages.context import RunContext
+from stages.errors import GateRejected, IntegrityError
+from stages.params import GateParams, Params
+
+STAGE = "gate"
+
+
+def _check(name: str, value: Any, threshold: Any, passed: bool, reason: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason}
+
+
+def _at_least(name: str, value: float | None, threshold: float) -> dict[str, Any]:
+    if value is None:
+        return _check(name, None, threshold, False, "input missing: check cannot run, counted as failed")
+    ok = value >= threshold
+    return _check(name, round(float(value), 6), threshold, ok, f"{value:.4f} {'>=' if ok else '<'} {threshold}")
+
+
+def _at_most(name: str, value: float | None, threshold: float) -> dict[str, Any]:
+    if value is None:
+        return _check(name, None, threshold, False, "input missing: check cannot run, counted as failed")
+    ok = value <= threshold
+    return _check(name, round(float(value), 6), threshold, ok, f"{value:.4f} {'<=' if ok else '>'} {threshold}")
+
+
+def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, Any] | None) -> dict[str, Any]:
+    """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
+    integrity_verified, flagged_fraction. ``champion``: None or {"version", "metrics"}."""
+    metrics = evidence.get("metrics") or {}
+    checks: list[dict[str, Any]] = []
+    if policy.min_clean_accuracy is not None:
+        checks.append(_at_least("clean_accuracy", metrics.get("clean_accuracy"), policy.min_clean_accuracy))
+    for eps, threshold in sorted(policy.min_robust_accuracy.items()):
+        checks.append(_at_least(f"robust_accuracy@{eps:g}", metrics.get(f"pgd_accuracy_eps_{eps:g}"), threshold))
+    if policy.max_dp_epsilon is not None:
+        checks.append(_at_most("dp_epsilon", metrics.get("dp_epsilon"), policy.max_dp_epsilon))
+    if policy.max_mia_auc is not None:
+        checks.append(_at_most("mia_auc", metrics.get("mia_auc"), policy.max_mia_auc))
+    if policy.max_flagged_fraction is not None:
+        checks.append(_at_most("flagged_fraction", evidence.get("flagged_fraction"), policy.max_flagged_fraction))
+    if policy.require_validation:
+        v = evidence.get("validation_passed")
+        checks.append(_check("validation", v, True, v is True, "suite passed" if v is True else "validation did not pass or did not run"))
+    if policy.require_integrity:
+        v = evidence.get("integrity_verified")
+        checks.append(_check("integrity", v, True, v is True, "all inputs matched their records" if v is True else "integrity not verified"))
+    if policy.no_regression is not None:
+        if champion is None:
+            checks.append(_check("no_regression", None, None, True, "no champion yet: nothing to regress against"))
+        else:
+            tol = policy.no_regression
+            for key, allowed in (("clean_accuracy", tol.clean_accuracy), ("robust_accuracy", tol.robust_accuracy)):
+                mine, theirs = metrics.get(key), (champion.get("metrics") or {}).get(key)
+                name = f"no_regression.{key}"
+                if mine is None or theirs is None:
+                    checks.append(_check(name, mine, None, False, f"cannot compare with champion v{champion.get('version')}: metric missing"))
+                    continue
+                floor = round(float(theirs) - allowed, 6)
+                ok = mine >= floor
+                checks.append(_check(name, round(float(mine), 6), floor, ok,
+                                     f"{mine:.4f} vs champion v{champion.get('version')} {theirs:.4f} - {allowed}"))
+    thresholds = [c for c in checks if c["name"] not in ("validation", "integrity", "no_regression")]
+    if not thresholds:
+        checks.append(_check("policy", None, None, False, "no thresholds configured: refusing to bless (fail closed)"))
+    passed = bool(checks) and all(c["passed"] for c in checks)
+    return {"passed": passed, "checks": checks, "failed": [c["name"] for c in checks if not c["passed"]]}
+
+
+def verify_all_recorded(ctx: RunContext) -> bool:
+    """Re-verify the data and every recorded artifact of the run; raises on a mismatch."""
+    ctx.dataset(where=STAGE)
+    ctx.inputs(*ctx.recorded().keys(), where=STAGE)
+    return True
+
+
+def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False) -> dict[str, Any]:
+    from stages.keys import sign_document
+    from stages.workspace import read_json, write_json
+
+    integrity = verify_all_recorded(ctx)
+    inputs = ctx.inputs("validation", "screen_report", "evaluation", "weights", where=STAGE)
+    evaluation = read_json(inputs["evaluation"])
+    records = ctx.recorded()
+    evidence = {
+        "metrics": evaluation["metrics"],
+        "validation_passed": bool(read_json(inputs["validation"]).get("success")),
+        "integrity_verified": integrity,
+        "flagged_fraction": read_json(inputs["screen_report"]).get("flagged_fraction"),
+    }
+    decision = decide(evidence, params.gate, champion=champion)
+    verdict = {
+        "schema": "mlsec.verdict/v1",
+        "run_id": ctx.run_id,
+        "verdict": "BLESSED" if decision["passed"] else "NOT_BLESSED",
+        **decision,
+        "weights_sha256": records["weights"]["sha256"],
+        "model_config_sha256": records["model_config"]["sha256"],
+        "data_sha256": ctx.manifest()["merkle_root"],
+        "policy": params.gate.model_dump(mode="json"),
+        "champion": champion,
+        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = ctx.write_output_json(STAGE, "verdict", "verdict.json", sign_document(verdict))
+    ctx.log("gate.verdict", {"verdict": verdict["verdict"], "failed": decision["failed"], "weights_sha256": verdict["weights_sha256"],
+                             "verdict_path": str(path.relative_to(ctx.ws.root))})
+    if raise_on_reject and not decision["passed"]:
+        raise GateRejected(rejection_message(verdict))
+    return {"passed": decision["passed"], "checks": decision["checks"], "verdict_path": str(path)}
+
+
+def rejection_message(verdict: dict[str, Any]) -> str:
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    parts = [f"{c['name']} ({c['reason']})" for c in failed[:3]]
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    return f"gate rejected the model: {'; '.join(parts)}{more}"
+
+
+def load_verdict(doc: dict[str, Any], *, weights_sha256: str) -> dict[str, Any]:
+    """Verify a signed verdict and that it blesses exactly these weights."""
+    from stages.keys import verify_document
+
+    verdict = verify_document(doc)
+    if verdict.get("schema") != "mlsec.verdict/v1":
+        raise IntegrityError("verdict has an unknown schema")
+    if verdict.get("weights_sha256") != weights_sha256:
+        raise IntegrityError(f"verdict is for weights {str(verdict.get('weights_sha256'))[:16]}..., not {weights_sha256[:16]}...")
+    return verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stages.runner import stage_main
+
+    def gate_and_raise(ctx: RunContext, params: Params) -> dict[str, Any]:
+        from stages.registry import champion_summary
+
+        return run(ctx, params, champion=champion_summary(ctx.ws, params.project.name), raise_on_reject=True)
+
+    return stage_main(STAGE, gate_and_raise, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Ingest: read the source, normalise it, hash every file, version it with DVC, sign a manifest.
+
+Every input check runs before anything is written, so a rejected input changes nothing
+under ``data/``. Prepared data is content-addressed (``data/prepared/<merkle root[:16]>``)
+and never overwritten: re-ingesting the same bytes reuses the folder after re-verifying it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from stages.context import RunContext
+from stages.data import load_source, write_prepared
+from stages.params import Params
+
+STAGE = "ingest"
+
+
+def _digests(folder: Path, *, workers: int) -> tuple[list[dict[str, Any]], str]:
+    from stages.hashing import hash_files, merkle_root, safe_files
+
+    files = safe_files(folder)
+    digests = hash_files([str(p) for p in files], workers=workers)
+    entries = sorted(({"path": str(p.relative_to(folder)), "sha256": digests[str(p)].sha256, "size": digests[str(p)].size}
+                      for p in files), key=lambda e: e["path"])
+    return entries, merkle_root(entries)
+
+
+def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[str, Any]:
+    """Ingest ``source`` (default ``params.data.source``) for run ``ctx``; return the manifest summary."""
+    from stages.keys import sign_document
+    from stages.provenance import dvc_add, environment_lock, git_state
+    from stages.workspace import write_json
+
+    started = time.time()
+    src = source or params.data.source
+    dataset = load_source(src, label_column=params.data.label_column,
+                          image_shape=tuple(params.data.image_shape) if params.data.image_shape else None)
+    prepared_root = ctx.ws.prepared_dir
+    prepared_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(prepared_root / ".ingest.lock"), timeout=600):
+        incoming = prepared_root / f".incoming-{ctx.run_id}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        try:
+            write_prepared(dataset, incoming)
+            entries, root = _digests(incoming, workers=params.ingest.hash_workers)
+            final = prepared_root / root[:16]
+            if final.exists():
+                existing, existing_root = _digests(final, workers=params.ingest.hash_workers)
+                if existing_root != root:
+                    bad = next((e for e, n in zip(existing, entries) if e != n), existing[0] if existing else {"path": "?"})
+                    want = next((n["sha256"] for n in entries if n["path"] == bad["path"]), "absent")
+                    raise ctx.violation(file=f"{final.relative_to(ctx.ws.root)}/{bad['path']}", expected=want,
+                                        actual=bad.get("sha256", "missing"), where=STAGE)
+                shutil.rmtree(incoming)
+            else:
+                incoming.rename(final)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+        dvc = dvc_add(ctx.ws.root, final, push=params.ingest.dvc_push)
+    lock_text, lock_sha = environment_lock()
+    env_path = ctx.path("environment.lock")
+    env_path.write_text(lock_text)
+    manifest = {
+        "schema": "mlsec.manifest/v1",
+        "run_id": ctx.run_id,
+        "source": dataset.source,
+        "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "prepared_dir": str(final.relative_to(ctx.ws.root)),
+        "files": entries,
+        "merkle_root": root,
+        "n": int(len(dataset.y)),
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "has_annotator_labels": dataset.annotator_labels is not None,
+        "dvc": dvc,
+        "git": git_state(ctx.ws.root),
+        "params_sha256": params.digest(),
+        "environment_lock_sha256": lock_sha,
+    }
+    write_json(ctx.manifest_path, sign_document(manifest))
+    ctx.record_outputs(STAGE, {"manifest": ctx.manifest_path, "environment_lock": env_path})
+    summary = {"data_sha256": root, "prepared_dir": manifest["prepared_dir"], "dvc_md5": dvc["md5"], "n": manifest["n"],
+               "input_shape": manifest["input_shape"], "num_classes": manifest["num_classes"], "source": dataset.source,
+               "git_commit": manifest["git"]["commit"], "seconds": round(time.time() - started, 3)}
+    ctx.log("ingest.manifest", {k: summary[k] for k in ("data_sha256", "prepared_dir", "dvc_md5", "n", "source", "git_commit")})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stages.runner import stage_main
+
+    return stage_main(STAGE, run, argv, source_arg=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
