@@ -1,0 +1,109 @@
+"""Shared fixtures: telemetry off, throwaway keys, one real Prefect server per session,
+and a ready workspace (git + DVC + local remote, MLflow on SQLite) per test that needs one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stages.runner import TELEMETRY_OFF
+
+ROOT = Path(__file__).resolve().parents[1]
+for _k, _v in TELEMETRY_OFF.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_keys(tmp_path_factory):
+    """Signing keys for the test session only (never the user's)."""
+    keydir = tmp_path_factory.mktemp("keys") / "k"
+    old = os.environ.get("MLSEC_KEY_DIR")
+    os.environ["MLSEC_KEY_DIR"] = str(keydir)
+    yield keydir
+    if old is None:
+        os.environ.pop("MLSEC_KEY_DIR", None)
+    else:
+        os.environ["MLSEC_KEY_DIR"] = old
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on loopback, shared by every test of the session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("prefect server did not start within 120 s")
+    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    yield url
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def make_workspace(path: Path, params_text: str | None = None) -> Path:
+    from stages.provenance import init_repo
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "params.yaml").write_text(params_text if params_text is not None else (ROOT / "params.yaml").read_text())
+    init_repo(path)
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh workspace (git + DVC + local remote; MLflow on SQLite inside it)."""
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ws)
+    return ws
+
+
+def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = None, timeout: int = 600):
+    """Run the installed ``mlsec`` command as a user would."""
+    env = {**os.environ, "MLSEC_ROOT": str(cwd), **(env_extra or {})}
+    exe = shutil.which("mlsec", path=str(Path(sys.executable).parent)) or "mlsec"
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

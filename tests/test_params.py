@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.errors import InvalidInput
+from stages.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_and_digest_is_stable():
+    a = load_params(ROOT / "params.yaml")
+    b = load_params(ROOT / "params.yaml")
+    assert a.digest() == b.digest()
+    assert a.train.mode in ("standard", "adversarial", "dp")
+    with pytest.raises(Exception):
+        a.train.epochs = 3  # frozen
+
+
+def test_override_applies_and_changes_the_digest():
+    base = load_params(ROOT / "params.yaml")
+    changed = load_params(ROOT / "params.yaml", ["train.epochs=3", "gate.min_robust_accuracy={0.05: 0.1}"])
+    assert changed.train.epochs == 3 and changed.gate.min_robust_accuracy == {0.05: 0.1}
+    assert changed.digest() != base.digest()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown setting 'train.epoch'"),
+    ("nosection.x=1", "unknown setting 'nosection'"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.mode=magic", "train.mode"),
+    ("evaluate.epsilon=0.5", "must be one of evaluate.epsilons"),
+    ("train.epochs", "key=value"),
+])
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(InvalidInput, match=message) as info:
+        load_params(ROOT / "params.yaml", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_file_is_rejected(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  epochs:", "  epochz: 1\n  epochs:")
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(InvalidInput, match="unknown setting"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_dp_needs_exactly_one_of_epsilon_or_noise():
+    with pytest.raises(InvalidInput, match="exactly one"):
+        load_params(ROOT / "params.yaml", ["train.dp.noise_multiplier=1.0"])
