@@ -414,9 +414,20 @@ class StatCache:
         body = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
         return hmac.new(self._mac_key, body, hashlib.sha256).hexdigest()
 
+    def _read_file(self) -> bytes:
+        """The cache file's bytes; refuses (OSError) a symlink, FIFO or device planted there."""
+        fd = os.open(self.path, _OPEN_FLAGS)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{self.path} is not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
     def _load(self) -> None:
         try:
-            doc = json.loads(self.path.read_bytes())
+            doc = json.loads(self._read_file())
             if not isinstance(doc, dict) or doc.get("format") != self.FORMAT or not isinstance(doc.get("entries"), dict):
                 return
             raw = doc["entries"]

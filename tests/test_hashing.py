@@ -345,6 +345,16 @@ def test_corrupt_cache_is_empty(tmp_path, dataset, garbage):
     assert verify_files(root, expected, cache=cache).rehashed == 20
 
 
+def test_cache_path_fifo_or_symlink_is_empty_not_blocking(tmp_path):
+    (tmp_path / "cache").mkdir()
+    os.mkfifo(tmp_path / "cache" / "stat.json")
+    assert len(_cache(tmp_path)) == 0
+    os.unlink(tmp_path / "cache" / "stat.json")
+    real = _write(tmp_path / "real.json", b'{"format": "mlsec.statcache/v1", "entries": {}}')
+    (tmp_path / "cache" / "stat.json").symlink_to(real)
+    assert len(_cache(tmp_path)) == 0
+
+
 def test_mac_cache_ignores_tampering(tmp_path, dataset):
     root, expected = dataset
     cache = _cache(tmp_path, key=b"k" * 32)
