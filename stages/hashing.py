@@ -399,6 +399,8 @@ class StatCache:
     FORMAT = "mlsec.statcache/v1"
 
     def __init__(self, path: str | os.PathLike[str], *, key: bytes | None = None, racy_window_s: float = 2.0) -> None:
+        if not racy_window_s >= 0:
+            raise InvalidInput(f"racy_window_s must be >= 0 seconds, got {racy_window_s}")
         self.path = Path(path)
         self._mac_key = key
         self.racy_ns = int(racy_window_s * 1e9)
