@@ -62,9 +62,16 @@ class RunContext:
                               f"the record says {expected[:16]}...")
 
     def _stat_cache(self):
-        from stages.hashing import StatCache
+        """The stat cache, MAC'd with a secret derived from the signing key (Ed25519
+        signatures are deterministic), so whoever can write ``runs/`` but not the key
+        cannot vouch for an edited file."""
+        import hashlib
 
-        return StatCache(self.ws.runs_dir / ".statcache.json")
+        from stages.hashing import StatCache
+        from stages.keys import load_signer
+
+        secret = hashlib.sha256(load_signer().sign(b"mlsec.statcache/v1").encode()).digest()
+        return StatCache(self.ws.runs_dir / ".statcache.json", key=secret)
 
     def manifest(self) -> dict[str, Any]:
         """The verified manifest payload (signature checked)."""
