@@ -27,7 +27,9 @@ from stages.params import Params
 from stages.workspace import Workspace, actor, read_json, write_json
 
 STAGE = "register"
-PICKLE_KINDS = {"pickle", "zip", "torch-zip"}
+# Files MLflow itself writes next to the artifacts (text metadata and the pyfunc code file).
+MLFLOW_METADATA = {"MLmodel", "registered_model_meta", "requirements.txt", "conda.yaml", "python_env.yaml",
+                   "input_example.json", "serving_input_example.json"}
 
 
 # --------------------------------------------------------------------------- verification
@@ -47,8 +49,11 @@ def _scan_tree(root: Path, artifacts: Path) -> None:
     for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
         if artifacts in path.parents:
             continue
-        if path.suffix == ".py" and path.parent == root and not path.is_symlink():
-            continue  # the pyfunc wrapper MLflow logs as code; load_verified_model never runs it
+        if path.parent == root and not path.is_symlink() and (path.suffix == ".py" or path.name in MLFLOW_METADATA):
+            head = path.read_bytes()[:4096]
+            if b"\0" in head or (len(head) > 1 and head[0] == 0x80):
+                raise SecurityError(f"unsafe file in model: {path.name} is not text")
+            continue  # MLflow's own metadata and the pyfunc code file; load_verified_model never runs them
         result = scan_model_file(path, relative_to=root)
         if not result.safe:
             raise SecurityError(f"unsafe file in model: {result.reason}")
