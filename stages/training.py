@@ -379,8 +379,11 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
     bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for epoch in range(start_epoch, params.epochs):
-        stats = _run_epoch(model, loader, train_optimizer, scheduler, scaler, trainer, autocast,
-                           device=device, first_step=epoch * steps_per_epoch)
+        with warnings.catch_warnings():
+            # Opacus' per-sample hooks fire on module outputs because inputs need no grad: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            stats = _run_epoch(model, loader, train_optimizer, scheduler, scaler, trainer, autocast,
+                               device=device, first_step=epoch * steps_per_epoch)
         history.append({"epoch": epoch + 1, **stats})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",

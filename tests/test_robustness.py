@@ -1,0 +1,103 @@
+"""evaluate_robustness, the membership-inference audit and the robustness curve."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from stages.errors import InvalidInput
+from stages.params import TrainParams
+from stages.robustness import RobustnessReport, evaluate_robustness, membership_inference_audit, plot_robustness_curve
+from stages.training import fit
+
+
+def _params(**overrides) -> TrainParams:
+    raw = {"mode": "standard", "epochs": 8, "batch_size": 64, "lr": 0.005, "device": "cpu", "seed": 0,
+           "adversarial": {"epsilon": 0.1}, "dp": {}, **overrides}
+    return TrainParams.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(X))
+    return X[order], y[order]
+
+
+@pytest.fixture(scope="module")
+def model(digits):
+    X, y = digits
+    return fit(X[:900], y[:900], params=_params(weight_decay=5e-4), num_classes=10, progress=False).model
+
+
+@pytest.fixture(scope="module")
+def report(model, digits) -> RobustnessReport:
+    X, y = digits
+    return evaluate_robustness(model, X[1200:1400], y[1200:1400], epsilons=[0.05, 0.1], pgd_steps=10, restarts=2,
+                               batch_size=64, seed=0)
+
+
+def test_report_columns_matrix_and_accuracies_agree(report):
+    assert report.columns == ["clean", "fgsm@0.05", "pgd@0.05", "fgsm@0.1", "pgd@0.1"]
+    assert report.correct.shape == (200, 5) and report.correct.dtype == bool
+    assert report.clean_accuracy == pytest.approx(report.correct[:, 0].mean()) and report.clean_accuracy > 0.9
+    for i, eps in enumerate(report.epsilons):
+        assert report.fgsm_accuracy[eps] == pytest.approx(report.correct[:, 1 + 2 * i].mean())
+        assert report.pgd_accuracy[eps] <= report.fgsm_accuracy[eps] < report.clean_accuracy
+        assert report.robust_accuracy[eps] <= min(report.pgd_accuracy[eps], report.fgsm_accuracy[eps])
+    assert report.pgd_accuracy[0.1] < report.pgd_accuracy[0.05]
+
+
+def test_to_dict_is_json_with_string_epsilon_keys(report):
+    body = json.loads(json.dumps(report.to_dict()))
+    assert set(body["pgd_accuracy"]) == {"0.05", "0.1"} and body["n_samples"] == 200
+    assert body["fgsm_accuracy"]["0.1"] == pytest.approx(report.fgsm_accuracy[0.1])
+
+
+def test_evaluation_is_reproducible_for_a_seed(model, digits, report):
+    X, y = digits
+    again = evaluate_robustness(model, X[1200:1400], y[1200:1400], epsilons=[0.05, 0.1], pgd_steps=10, restarts=2,
+                                batch_size=64, seed=0)
+    assert np.array_equal(again.correct, report.correct)
+
+
+@pytest.mark.parametrize("epsilons", [[], [0.0], [1.5]])
+def test_bad_epsilons_are_refused(model, digits, epsilons):
+    X, y = digits
+    with pytest.raises(InvalidInput, match="epsilons must be"):
+        evaluate_robustness(model, X[:8], y[:8], epsilons=epsilons, pgd_steps=2, restarts=1)
+
+
+def test_plot_writes_a_png(report, tmp_path):
+    path = plot_robustness_curve(report, tmp_path / "sub" / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mia_sees_nothing_between_two_halves_of_unseen_data(model, digits):
+    X, y = digits
+    audit = membership_inference_audit(model, X[1200:1500], y[1200:1500], X[1500:], y[1500:], seed=0)
+    assert audit["n_members"] == audit["n_nonmembers"] == 297
+    assert set(audit["attacks"]) == {"loss", "class_calibrated"}
+    for attack in audit["attacks"].values():
+        assert abs(attack["auc"] - 0.5) < 0.1, audit
+    assert audit["auc"] == max(a["auc"] for a in audit["attacks"].values())
+
+
+def test_mia_detects_an_overfit_model(digits):
+    X, y = digits
+    overfit = fit(X[:120], y[:120], params=_params(epochs=40, batch_size=16), num_classes=10, progress=False).model
+    audit = membership_inference_audit(overfit, X[:120], y[:120], X[1000:1400], y[1000:1400], seed=0)
+    assert audit["n_members"] == audit["n_nonmembers"] == 120
+    assert audit["member_loss_mean"] < audit["nonmember_loss_mean"]
+    assert audit["auc"] > 0.65 and 0 <= audit["tpr_at_1pct_fpr"] <= 1, audit
+
+
+def test_mia_refuses_too_few_samples(model, digits):
+    X, y = digits
+    with pytest.raises(InvalidInput, match="need at least 2 members and 2 non-members, got 1 and 50"):
+        membership_inference_audit(model, X[:1], y[:1], X[:50], y[:50])
