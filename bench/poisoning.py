@@ -1,0 +1,243 @@
+"""Benchmark the screening detectors against label flips, bad annotators and backdoors.
+
+Prints Markdown tables. For each backdoor (trigger, poisoning rate, target class): the
+detection precision/recall/F1 of the flags against the poisoned rows, then attack success
+rate (ASR: non-target test images with the trigger classified as the target) and clean
+accuracy of a CNN trained on the accepted rows versus one trained on everything.
+
+    python -m bench.poisoning --dataset digits [--quick]
+    python -m bench.poisoning --dataset mnist --quick      # needs ../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.detectors import screen_dataset
+from stages.nets import build_model
+from stages.params import load_params
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+Trigger = Callable[[np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+
+
+def _idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+
+
+def load_mnist_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    X = _idx(MNIST_DIR / "train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+    y = _idx(MNIST_DIR / "train-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    pick = np.random.default_rng(seed).permutation(len(X))[:n]
+    return (X[pick] / 255.0).astype(np.float32), y[pick]
+
+
+def split(X: np.ndarray, y: np.ndarray, *, seed: int, test: float = 0.2):
+    perm = np.random.default_rng(seed).permutation(len(X))
+    n = int(len(X) * test)
+    return X[perm[n:]], y[perm[n:]], X[perm[:n]], y[perm[:n]]
+
+
+# ---------------------------------------------------------------- triggers
+
+
+def patch_trigger(corner: str, size: int = 3) -> Trigger:
+    def apply(X: np.ndarray) -> np.ndarray:
+        X = X.copy()
+        H, W = X.shape[-2:]
+        r = {"t": 0, "b": H - size, "m": (H - size) // 2}[corner[0]]
+        c = {"l": 0, "r": W - size, "m": (W - size) // 2}[corner[1]]
+        X[..., r : r + size, c : c + size] = 1.0
+        return X
+
+    return apply
+
+
+def blend_trigger(alpha: float = 0.2, seed: int = 123) -> Trigger:
+    def apply(X: np.ndarray) -> np.ndarray:
+        pattern = np.random.default_rng(seed).random(X.shape[1:]).astype(np.float32)
+        return ((1 - alpha) * X + alpha * pattern).astype(np.float32)
+
+    return apply
+
+
+def sparse_trigger() -> Trigger:
+    def apply(X: np.ndarray) -> np.ndarray:
+        X = X.copy()
+        H, W = X.shape[-2:]
+        X[..., 0, 0] = 1.0
+        X[..., 1, W - 1] = 1.0
+        X[..., H - 1, 1] = 1.0
+        return X
+
+    return apply
+
+
+def poison(X, y, *, rate: float, trigger: Trigger, target: int, seed: int):
+    rng = np.random.default_rng(seed)
+    cand = np.where(y != target)[0]
+    idx = rng.choice(cand, int(round(rate * len(X))), replace=False)
+    X, y = X.copy(), y.copy()
+    X[idx] = trigger(X[idx])
+    y[idx] = target
+    mask = np.zeros(len(X), dtype=bool)
+    mask[idx] = True
+    return X, y, mask
+
+
+# ---------------------------------------------------------------- final model
+
+
+def train_cnn(X, y, *, num_classes: int, epochs: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model("auto", input_shape=X.shape[1:], num_classes=num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(X), generator=gen)
+        for s in range(0, len(X), batch_size):
+            b = perm[s : s + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(Xt[b]), yt[b]).backward()
+            opt.step()
+    return model.eval()
+
+
+def predict(model, X):
+    with torch.no_grad():
+        return torch.cat([model(torch.from_numpy(X[s : s + 1024])).argmax(1) for s in range(0, len(X), 1024)]).numpy()
+
+
+def prf(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    tp = int((flagged & truth).sum())
+    p = tp / max(1, int(flagged.sum()))
+    r = tp / max(1, int(truth.sum()))
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def flag_mask(findings, n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[findings.flagged_indices] = True
+    return m
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--mnist-rows", type=int, default=None, help="MNIST subset size (default 3000 quick, 10000 full)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    screen = load_params(args.params).screen
+    seed = screen.seed
+    if args.dataset == "digits":
+        X, y = load_digits_data()
+        epochs = 20
+    else:
+        X, y = load_mnist_data(args.mnist_rows or (3000 if args.quick else 10000), seed)
+        epochs = 8
+    K = int(y.max()) + 1
+    Xtr, ytr, Xte, yte = split(X, y, seed=seed)
+    print(f"# Screening benchmark: {args.dataset}, {len(Xtr)} train / {len(Xte)} test rows, detectors {screen.detectors}\n")
+
+    t0 = time.perf_counter()
+    clean_model = train_cnn(Xtr, ytr, num_classes=K, epochs=epochs, seed=seed)
+    train_s = time.perf_counter() - t0
+    clean_acc = float((predict(clean_model, Xte) == yte).mean())
+    f = screen_dataset(Xtr, ytr, params=screen)
+    print("## Clean data\n")
+    print("| rows | flagged | flagged % | per detector | screening s | final-model training s | clean acc |")
+    print("|---|---|---|---|---|---|---|")
+    per = ", ".join(f"{k}={v['flagged']}" for k, v in f.per_detector.items())
+    print(f"| {len(Xtr)} | {len(f.flags)} | {100 * f.flagged_fraction:.1f} | {per} | {f.seconds:.1f} | {train_s:.1f} | {clean_acc:.3f} |\n")
+
+    # label flips
+    print("## Random label flips\n")
+    print("| flip rate | flagged | precision | recall | F1 | F1 label_issues only | screening s |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in ([0.1] if args.quick else [0.05, 0.1, 0.2]):
+        rng = np.random.default_rng(seed + 1)
+        idx = rng.choice(len(ytr), int(rate * len(ytr)), replace=False)
+        yn = ytr.copy()
+        yn[idx] = (yn[idx] + rng.integers(1, K, len(idx))) % K
+        truth = yn != ytr
+        f = screen_dataset(Xtr, yn, params=screen)
+        p, r, f1 = prf(flag_mask(f, len(yn)), truth)
+        li = np.zeros(len(yn), bool)
+        li[[g["index"] for g in f.flags if "label_issues" in g["detectors"]]] = True
+        print(f"| {rate:.0%} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {prf(li, truth)[2]:.3f} | {f.seconds:.1f} |")
+    print()
+
+    # annotators
+    print("## Annotators (5 annotators, each labels every row; #0 flips 30%, the rest 5%)\n")
+    rng = np.random.default_rng(seed + 2)
+    A = np.repeat(ytr[:, None], 5, axis=1)
+    for a, noise in enumerate([0.3, 0.05, 0.05, 0.05, 0.05]):
+        m = rng.random(len(ytr)) < noise
+        A[m, a] = (A[m, a] + rng.integers(1, K, m.sum())) % K
+    f = screen_dataset(Xtr, A[:, 1], params=screen, annotator_labels=A)
+    print("| annotator | quality | flagged | labels |")
+    print("|---|---|---|---|")
+    for a in f.annotators:
+        print(f"| {a['annotator']} | {a['quality']:.3f} | {a['flagged']} | {a['n_labels']} |")
+    print(f"\nconsensus accuracy vs true labels: {(f.labels == ytr).mean():.4f}; given-label (annotator 1) accuracy: {(A[:, 1] == ytr).mean():.4f}\n")
+
+    # backdoors
+    triggers: dict[str, Trigger] = {
+        "patch 3x3 bottom-right": patch_trigger("br"),
+        "patch 3x3 top-left": patch_trigger("tl"),
+        "patch 3x3 centre": patch_trigger("mm"),
+        "blend 20% noise": blend_trigger(),
+        "sparse 3 pixels": sparse_trigger(),
+    }
+    targets = {"patch 3x3 bottom-right": 0, "patch 3x3 top-left": 7, "patch 3x3 centre": 3, "blend 20% noise": 5, "sparse 3 pixels": 9}
+    if args.quick:
+        triggers = {k: triggers[k] for k in ("patch 3x3 bottom-right", "blend 20% noise", "sparse 3 pixels")}
+    print(f"## Backdoors (clean-data model: acc {clean_acc:.3f})\n")
+    print("| trigger | target | rate | poisoned | flagged | precision | recall | F1 | ASR undefended | ASR defended | acc undefended | acc defended | screening s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, trig in triggers.items():
+        t = targets[name]
+        Xtrig = trig(Xte[yte != t])
+        for rate in [0.01, 0.05, 0.1]:
+            Xp, yp, truth = poison(Xtr, ytr, rate=rate, trigger=trig, target=t, seed=seed + 3)
+            f = screen_dataset(Xp, yp, params=screen)
+            flagged = flag_mask(f, len(yp))
+            p, r, f1 = prf(flagged, truth)
+            und = train_cnn(Xp, yp, num_classes=K, epochs=epochs, seed=seed)
+            dfd = train_cnn(Xp[~flagged], f.labels[~flagged], num_classes=K, epochs=epochs, seed=seed)
+            asr_u = float((predict(und, Xtrig) == t).mean())
+            asr_d = float((predict(dfd, Xtrig) == t).mean())
+            acc_u = float((predict(und, Xte) == yte).mean())
+            acc_d = float((predict(dfd, Xte) == yte).mean())
+            print(f"| {name} | {t} | {rate:.0%} | {int(truth.sum())} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {asr_u:.3f} | {asr_d:.3f} | {acc_u:.3f} | {acc_d:.3f} | {f.seconds:.1f} |", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,701 @@
+"""Screening cores: label integrity, poisoning and backdoor detection.
+
+``screen_dataset`` runs the detectors named in ``params.detectors`` (a name-keyed registry,
+``DETECTORS``) on one dataset and returns ``ScreenFindings``: the labels to train with,
+one entry per flagged row with the detectors that flagged it and why, and a per-detector
+summary. It is a pure core: no file I/O (``plot_suspects`` is the one exception and only
+writes the PNG it is asked for).
+
+Inputs everywhere: ``X`` float32 on the [0, 1] scale, N x C x H x W images or N x F rows;
+``y`` int labels in 0..K-1; optional ``annotator_labels`` N x A ints with -1 = no label.
+
+Fail closed: a detector that raises makes ``screen_dataset`` raise ``PipelineError``;
+nothing is skipped silently. Unknown detector names raise ``InvalidInput``.
+
+Detectors (names as in ``params.yaml``):
+
+- ``label_issues``: cleanlab ``find_label_issues`` on K-fold out-of-sample probabilities
+  averaged over an RBF SVC and the screening network.
+- ``outliers``: cleanlab ``OutOfDistribution`` (kNN) scores on the inputs; only extreme
+  outliers (below Q1 - 3 IQR of the score) are flagged.
+- ``near_duplicates``: rows (almost) identical to an earlier row; the first copy is kept.
+- ``annotators``: cleanlab CROWDLAB (``get_label_quality_multiannotator``); annotators below
+  ``min_annotator_quality`` are dropped, the consensus is recomputed from the rest, and rows
+  whose given label disagrees with that consensus are flagged.
+- ``spectral``: spectral signatures (Tran et al. 2018) per class, on two views: the
+  penultimate features of a briefly trained network, and the *cross-class residuals*
+  ``x_i - mean(k nearest rows of other classes)`` in input space. A dirty-label backdoor
+  shares one trigger across samples whose content belongs to other classes, so their
+  residuals share one direction; the top singular direction of a class's residuals then
+  splits the class in two well separated groups. A class is flagged only when that split
+  is strongly bimodal (d' >= ``SPLIT_MIN_DPRIME``), and the side flagged is the one whose
+  nearest other-class neighbours agree most on one class (content of another class).
+- ``activation_clustering``: Chen et al. 2018: per class 2-means on PCA-reduced
+  penultimate features; the smaller cluster is confirmed by exclusionary reclassification
+  (a model trained without it assigns most of it to other classes).
+- ``loss_isolation``: anti-backdoor-learning style (Li et al. 2021): per-sample loss over
+  the first epochs of the screening network; rows learned abnormally fast for their class
+  (robust z of the log-loss area below ``LOSS_Z``) are flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.errors import InvalidInput, PipelineError
+from stages.nets import build_model
+from stages.params import ScreenParams
+
+__all__ = [
+    "DETECTORS",
+    "DetectorResult",
+    "ScreenContext",
+    "ScreenFindings",
+    "plot_suspects",
+    "register_detector",
+    "screen_dataset",
+]
+
+# Decision constants (documented in the module docstring; not tuned per trigger).
+SPLIT_MIN_DPRIME = 5.0  # bimodality of a class's top-direction projection, clean digits <= 4.3
+SPLIT_MIN_GAP = 6.0  # robust SDs between a small suspect group and the rest, clean digits <= 3.6
+SPLIT_DIRECTIONS = 3  # top singular directions examined per class
+SPLIT_MIN_SIDE = 3  # smallest group the spectral split may flag
+RESIDUAL_NEIGHBOURS = 5
+AC_MAX_RELATIVE_SIZE = 0.35
+AC_MIN_SILHOUETTE = 0.25
+AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
+LOSS_Z = -4.0
+ANNOTATOR_MAX_GAP = 0.15  # also drop annotators this far below the median annotator quality
+OUTLIER_IQR = 3.0
+DUPLICATE_RELATIVE_DISTANCE = 0.02  # of the median nearest-neighbour distance
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class DetectorResult:
+    """What one detector found: row indices, one score each, a threshold, a reason each."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    threshold: float | str
+    reasons: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScreenFindings:
+    """Outcome of ``screen_dataset``; ``flags[i]["index"]`` is a row of the given X."""
+
+    labels: np.ndarray
+    flags: list[dict[str, Any]]
+    per_detector: dict[str, dict[str, Any]]
+    annotators: list[dict[str, Any]] | None
+    seconds: float
+    n_rows: int = 0
+
+    @property
+    def flagged_indices(self) -> np.ndarray:
+        return np.array([f["index"] for f in self.flags], dtype=np.int64)
+
+    @property
+    def flagged_fraction(self) -> float:
+        return len(self.flags) / self.n_rows if self.n_rows else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_rows": self.n_rows,
+            "n_flagged": len(self.flags),
+            "flagged_fraction": self.flagged_fraction,
+            "labels": [int(v) for v in self.labels],
+            "flags": self.flags,
+            "per_detector": self.per_detector,
+            "annotators": self.annotators,
+            "seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------- registry
+
+Detector = Callable[["ScreenContext"], DetectorResult]
+DETECTORS: dict[str, Detector] = {}
+
+
+def register_detector(name: str) -> Callable[[Detector], Detector]:
+    def deco(fn: Detector) -> Detector:
+        DETECTORS[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_inputs(X: np.ndarray, y: np.ndarray, annotator_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim not in (2, 4):
+        raise InvalidInput(f"X must be N x F or N x C x H x W, got shape {X.shape}")
+    if y.ndim != 1 or len(y) != len(X):
+        raise InvalidInput(f"X and y must be same length, but X has {len(X)} rows and y has shape {y.shape}")
+    if len(X) < 20:
+        raise InvalidInput(f"screening needs at least 20 rows, got {len(X)}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise InvalidInput(f"X must be float on the [0, 1] scale, got dtype {X.dtype}")
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        raise InvalidInput("X contains NaN or inf")
+    lo, hi = float(X.min()), float(X.max())
+    if lo < 0 or hi > 1:
+        raise InvalidInput(f"X must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InvalidInput(f"y must hold integer labels, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise InvalidInput(f"labels must be 0..K-1, got minimum {y.min()}")
+    k = int(y.max()) + 1
+    if annotator_labels is not None:
+        A = np.asarray(annotator_labels)
+        if A.ndim != 2 or len(A) != len(X):
+            raise InvalidInput(f"annotator_labels must be N x A with N={len(X)}, got shape {A.shape}")
+        if not np.issubdtype(A.dtype, np.integer):
+            raise InvalidInput(f"annotator_labels must be integers (-1 = no label), got dtype {A.dtype}")
+        if A.min() < -1:
+            raise InvalidInput(f"annotator_labels must be -1 or 0..K-1, got minimum {A.min()}")
+        k = max(k, int(A.max()) + 1)
+        annotator_labels = A.astype(np.int64)
+    counts = np.bincount(y, minlength=k)
+    if (counts < 2).any():
+        raise InvalidInput(f"every class needs at least 2 rows, got counts {counts.tolist()}")
+    return X, y, annotator_labels, k
+
+
+# --------------------------------------------------------------------------- shared context
+
+
+class ScreenContext:
+    """Inputs plus lazily computed evidence that several detectors share.
+
+    Expensive pieces (out-of-sample probabilities, the screening network and its loss
+    curves, the cross-class residual splits) are computed once on first use.
+    """
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None):
+        self.X = X
+        self.y_given = y
+        self.labels = y.copy()  # labels to screen and train with (consensus when annotated)
+        self.params = params
+        self.num_classes = num_classes
+        self.annotator_labels = annotator_labels
+        self.annotator_report: list[dict[str, Any]] | None = None
+        self.consensus_disagrees: np.ndarray | None = None
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def flat(self) -> np.ndarray:
+        if "flat" not in self._cache:
+            self._cache["flat"] = self.X.reshape(len(self.X), -1)
+        return self._cache["flat"]
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # ---- out-of-sample probabilities
+    def pred_probs(self) -> np.ndarray:
+        return self.cached("pred_probs", lambda: _oos_pred_probs(self.X, self.labels, self.num_classes, self.params))
+
+    # ---- a briefly trained network on all rows: loss curves and penultimate features
+    def screening_net(self) -> dict[str, np.ndarray]:
+        return self.cached("net", lambda: _train_screening_net(self.X, self.labels, self.num_classes, self.params))
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def _torch_seed(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _net_for(X: np.ndarray, num_classes: int) -> torch.nn.Module:
+    shape = tuple(X.shape[1:])
+    return build_model("auto", input_shape=shape, num_classes=num_classes)
+
+
+def _train_net(X: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, seed: int, track_loss: bool = False, lr: float = 3e-3, batch_size: int = 64) -> tuple[torch.nn.Module, np.ndarray]:
+    """Plain Adam training; returns the model (eval mode) and per-epoch per-row losses."""
+    gen = _torch_seed(seed)
+    model = _net_for(X, num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    losses = []
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(X), generator=gen)
+        for start in range(0, len(X), batch_size):
+            b = perm[start : start + batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(Xt[b]), yt[b]).backward()
+            opt.step()
+        if track_loss:
+            model.eval()
+            with torch.no_grad():
+                losses.append(_batched(model, Xt, lambda out, sl: F.cross_entropy(out, yt[sl], reduction="none")))
+    model.eval()
+    return model, np.array(losses, dtype=np.float32)
+
+
+def _batched(model: torch.nn.Module, Xt: torch.Tensor, fn: Callable[[torch.Tensor, slice], torch.Tensor], batch: int = 1024) -> np.ndarray:
+    parts = []
+    with torch.no_grad():
+        for s in range(0, len(Xt), batch):
+            sl = slice(s, s + batch)
+            parts.append(fn(model(Xt[sl]), sl).numpy())
+    return np.concatenate(parts)
+
+
+def _softmax_of(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
+    return _batched(model, torch.from_numpy(X), lambda out, sl: torch.softmax(out, 1))
+
+
+def _features_of(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
+    Xt = torch.from_numpy(X)
+    with torch.no_grad():
+        return np.concatenate([model.features_of(Xt[s : s + 1024]).numpy() for s in range(0, len(X), 1024)])
+
+
+def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> np.ndarray:
+    """K-fold out-of-sample probabilities: mean of an RBF SVC and the screening network."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import SVC
+
+    folds = min(params.folds, int(np.bincount(y, minlength=num_classes)[np.bincount(y, minlength=num_classes) > 0].min()))
+    if folds < 2:
+        raise InvalidInput("label_issues needs at least 2 rows in every class")
+    flat = X.reshape(len(X), -1)
+    probs = np.zeros((len(X), num_classes), dtype=np.float64)
+    epochs = max(2, min(params.backdoor_epochs, 8))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.seed)
+    for fold, (tr, te) in enumerate(splitter.split(flat, y)):
+        present = np.unique(y[tr])
+        svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False).fit(flat[tr], y[tr])
+        p_svc = np.zeros((len(te), num_classes))
+        p_svc[:, present] = svc.predict_proba(flat[te])
+        model, _ = _train_net(X[tr], y[tr], num_classes, epochs=epochs, seed=params.seed + fold)
+        p_net = _softmax_of(model, X[te])
+        probs[te] = 0.5 * p_svc + 0.5 * p_net
+    probs = np.clip(probs, 1e-6, None)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def _train_screening_net(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> dict[str, np.ndarray]:
+    model, losses = _train_net(X, y, num_classes, epochs=params.backdoor_epochs, seed=params.seed, track_loss=True)
+    return {"losses": losses, "features": _features_of(model, X)}
+
+
+# --------------------------------------------------------------------------- maths helpers
+
+
+def _robust_z(v: np.ndarray) -> np.ndarray:
+    med = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - med))
+    return (v - med) / (mad + 1e-12)
+
+
+def _split_1d(p: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Best two-group split of a 1-D sample (Otsu); returns threshold, d' and the low mask."""
+    s = np.sort(p.astype(np.float64))
+    n = len(s)
+    cs, cs2 = np.cumsum(s), np.cumsum(s**2)
+    i = np.arange(1, n)
+    within = (cs2[:-1] - cs[:-1] ** 2 / i) + ((cs2[-1] - cs2[:-1]) - (cs[-1] - cs[:-1]) ** 2 / (n - i))
+    cut = int(np.argmin(within)) + 1
+    thr = 0.5 * (s[cut - 1] + s[cut])
+    low = p < thr
+    sd = math.sqrt(0.5 * (p[low].var() + p[~low].var())) + 1e-12
+    return float(thr), float((p[~low].mean() - p[low].mean()) / sd), low
+
+
+def _nearest_other_class(flat: np.ndarray, labels: np.ndarray, k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each class: its rows and their k nearest rows (Euclidean) among other classes."""
+    Z = flat.astype(np.float32)
+    sq = (Z**2).sum(1)
+    out = {}
+    for c in np.unique(labels):
+        ic = np.where(labels == c)[0]
+        io = np.where(labels != c)[0]
+        nn = np.empty((len(ic), k), dtype=np.int64)
+        for s in range(0, len(ic), 512):
+            q = ic[s : s + 512]
+            d = sq[q, None] + sq[None, io] - 2.0 * Z[q] @ Z[io].T
+            part = np.argpartition(d, k, axis=1)[:, :k]
+            nn[s : s + 512] = io[part]
+        out[int(c)] = (ic, nn)
+    return out
+
+
+def _cross_class_residuals(flat: np.ndarray, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class: rows, residuals ``x - mean(k nearest other-class rows)``, neighbour purity."""
+    out = {}
+    for c, (ic, nn) in _nearest_other_class(flat, labels, RESIDUAL_NEIGHBOURS).items():
+        residual = flat[ic] - flat[nn].mean(1)
+        nl = labels[nn]
+        purity = np.array([np.bincount(r).max() for r in nl]) / RESIDUAL_NEIGHBOURS
+        out[c] = (ic, residual, purity)
+    return out
+
+
+def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[int, dict[str, Any]]:
+    """Top singular direction of each class's residuals, split in two; see module docstring."""
+    out = {}
+    for c, (ic, R, purity) in residuals.items():
+        if len(ic) < 2 * SPLIT_MIN_SIDE + 2:
+            continue
+        Rc = R - R.mean(0)
+        _, _, vt = np.linalg.svd(Rc, full_matrices=False)
+        candidates = []  # (fires, strength, projection, suspect side, statistic text)
+        # rule 1 (large groups): the top direction splits the class in two well separated modes
+        p = Rc @ vt[0]
+        _, dprime, low = _split_1d(p)
+        side = low if purity[low].mean() > purity[~low].mean() else ~low
+        candidates.append((dprime >= SPLIT_MIN_DPRIME, dprime / SPLIT_MIN_DPRIME, p, side, f"d'={dprime:.1f}"))
+        # rule 2 (small groups, possibly along a later direction): the suspect group lies far
+        # outside the rest, measured in robust SDs of the rest
+        for v in vt[:SPLIT_DIRECTIONS]:
+            p = Rc @ v
+            _, _, low = _split_1d(p)
+            side = low if purity[low].mean() > purity[~low].mean() else ~low
+            if side.sum() < SPLIT_MIN_SIDE or (~side).sum() < SPLIT_MIN_SIDE:
+                continue
+            rest = p[~side]
+            med = np.median(rest)
+            mad = 1.4826 * np.median(np.abs(rest - med)) + 1e-12
+            gap = float(np.min(np.abs(p[side] - med)) / mad)
+            candidates.append((gap >= SPLIT_MIN_GAP, gap / SPLIT_MIN_GAP, p, side, f"gap={gap:.1f} robust SD"))
+        fires, strength, proj, suspect, stat = max(candidates, key=lambda t: (t[0], t[1]))
+        out[c] = {"rows": ic, "proj": proj, "fires": bool(fires), "strength": float(strength), "stat": stat, "suspect": suspect}
+    return out
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+@register_detector("label_issues")
+def detect_label_issues(ctx: ScreenContext) -> DetectorResult:
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    probs = ctx.pred_probs()
+    issues = find_label_issues(ctx.labels, probs, filter_by="prune_by_noise_rate")
+    quality = get_label_quality_scores(ctx.labels, probs)
+    idx = np.where(issues)[0]
+    reasons = [f"label {ctx.labels[i]} but out-of-sample model says {int(probs[i].argmax())} (p={probs[i].max():.2f})" for i in idx]
+    return DetectorResult(idx, 1.0 - quality[idx], "cleanlab prune_by_noise_rate", reasons)
+
+
+@register_detector("outliers")
+def detect_outliers(ctx: ScreenContext) -> DetectorResult:
+    from cleanlab.outlier import OutOfDistribution
+
+    k = int(min(10, len(ctx.X) - 1))
+    scores = OutOfDistribution(params={"k": k}).fit_score(features=ctx.flat, verbose=False)
+    q1, q3 = np.quantile(scores, [0.25, 0.75])
+    thr = float(q1 - OUTLIER_IQR * (q3 - q1))
+    idx = np.where(scores < thr)[0]
+    reasons = [f"far from every other row (kNN outlier score {scores[i]:.3f} < {thr:.3f})" for i in idx]
+    return DetectorResult(idx, 1.0 - scores[idx], thr, reasons)
+
+
+@register_detector("near_duplicates")
+def detect_near_duplicates(ctx: ScreenContext) -> DetectorResult:
+    from sklearn.neighbors import NearestNeighbors
+
+    flat = ctx.flat
+    nn = NearestNeighbors(n_neighbors=min(6, len(flat))).fit(flat)
+    dist, ind = nn.kneighbors(flat)
+    positive = dist[:, 1:][dist[:, 1:] > 0]
+    scale = float(np.median(dist[:, 1])) if positive.size == 0 else float(np.median(positive))
+    thr = DUPLICATE_RELATIVE_DISTANCE * scale
+    idx, scores, reasons = [], [], []
+    for i in range(len(flat)):
+        earlier = [j for d, j in zip(dist[i, 1:], ind[i, 1:]) if d <= thr and j < i]
+        if earlier:
+            j = int(min(earlier))
+            same = ctx.labels[i] == ctx.labels[j]
+            idx.append(i)
+            scores.append(float(np.linalg.norm(flat[i] - flat[j])))
+            reasons.append(f"near copy of row {j} ({'same label' if same else f'conflicting labels {ctx.labels[j]} vs {ctx.labels[i]}'})")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), thr, reasons)
+
+
+def _crowdlab(A: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    import pandas as pd
+    from cleanlab.multiannotator import get_label_quality_multiannotator
+
+    frame = pd.DataFrame(np.where(A < 0, np.nan, A.astype(np.float64)))
+    return get_label_quality_multiannotator(frame, probs, verbose=False)
+
+
+def _analyse_annotators(ctx: ScreenContext) -> None:
+    """CROWDLAB once with every annotator, then again with only those above the minimum."""
+    A = ctx.annotator_labels
+    if A is None:
+        return
+    has = (A >= 0).any(1)
+    probs = ctx.pred_probs()
+    rows = np.where(has)[0]
+    if len(rows) == 0:
+        raise InvalidInput("annotator_labels holds no label at all")
+    first = _crowdlab(A[rows], probs[rows])
+    stats = first["annotator_stats"]
+    quality = {int(a): float(stats.loc[a, "annotator_quality"]) for a in stats.index}
+    peer = float(np.median(list(quality.values()))) if quality else 0.0
+    good = [a for a in range(A.shape[1]) if quality.get(a, 0.0) >= max(ctx.params.min_annotator_quality, peer - ANNOTATOR_MAX_GAP)]
+    ctx.annotator_report = [
+        {"annotator": a, "quality": quality.get(a, float("nan")), "flagged": a not in good, "n_labels": int((A[:, a] >= 0).sum())}
+        for a in range(A.shape[1])
+    ]
+    consensus = ctx.y_given.copy()
+    if good:
+        Ag = A[:, good]
+        rows_g = np.where((Ag >= 0).any(1))[0]
+        second = _crowdlab(Ag[rows_g], probs[rows_g])
+        consensus[rows_g] = second["label_quality"]["consensus_label"].to_numpy().astype(np.int64)
+        no_trusted = np.setdiff1d(np.arange(len(A)), rows_g)
+    else:
+        no_trusted = np.arange(len(A))
+    ctx.labels = consensus
+    ctx.consensus_disagrees = consensus != ctx.y_given
+    ctx._cache["no_trusted_rows"] = no_trusted
+    for key in ("residuals", "net"):
+        ctx._cache.pop(key, None)
+
+
+@register_detector("annotators")
+def detect_annotators(ctx: ScreenContext) -> DetectorResult:
+    if ctx.annotator_labels is None:
+        return DetectorResult(np.array([], dtype=np.int64), np.array([]), "no annotator_labels given", [])
+    if ctx.annotator_report is None:
+        _analyse_annotators(ctx)
+    bad = [a["annotator"] for a in ctx.annotator_report if a["flagged"]]
+    idx = np.where(ctx.consensus_disagrees)[0]
+    reasons = [f"given label {ctx.y_given[i]} but trusted-annotator consensus is {ctx.labels[i]}" for i in idx]
+    no_trusted = ctx._cache.get("no_trusted_rows", np.array([], dtype=np.int64))
+    if bad and len(no_trusted):
+        extra = np.setdiff1d(no_trusted, idx)
+        idx = np.concatenate([idx, extra])
+        reasons += [f"labelled only by annotators below quality {ctx.params.min_annotator_quality}" for _ in extra]
+    return DetectorResult(idx, np.ones(len(idx)), ctx.params.min_annotator_quality, reasons, {"flagged_annotators": bad})
+
+
+def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], view: str) -> tuple[list[int], list[float], list[str], dict[int, str]]:
+    idx, scores, reasons, stats = [], [], [], {}
+    for c, split in _class_splits(groups).items():
+        stats[c] = split["stat"]
+        side = split["suspect"]
+        if not split["fires"] or side.sum() > 0.8 * len(side):
+            continue
+        for r in split["rows"][side]:
+            idx.append(int(r))
+            scores.append(split["strength"])
+            reasons.append(f"class {c}: {view} splits off a distinct group ({split['stat']})")
+    return idx, scores, reasons, stats
+
+
+@register_detector("spectral")
+def detect_spectral(ctx: ScreenContext) -> DetectorResult:
+    residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
+    idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
+    # Tran et al. on learned features, reported per class for the record; on small CNNs it
+    # splits clean classes too (measured on digits), so it does not flag on its own.
+    feats = ctx.screening_net()["features"]
+    feature_stats = {c: s["stat"] for c, s in _class_splits({c: (ic, feats[ic], pur) for c, (ic, _, pur) in residuals.items()}).items()}
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"d' >= {SPLIT_MIN_DPRIME} or gap >= {SPLIT_MIN_GAP}", reasons, {"residual_split": stats, "feature_split": feature_stats})
+
+
+@register_detector("activation_clustering")
+def detect_activation_clustering(ctx: ScreenContext) -> DetectorResult:
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import silhouette_score
+    from sklearn.svm import SVC
+
+    feats = ctx.screening_net()["features"]
+    idx, scores, reasons = [], [], []
+    for c in np.unique(ctx.labels):
+        ic = np.where(ctx.labels == c)[0]
+        if len(ic) < 20:
+            continue
+        f = feats[ic] - feats[ic].mean(0)
+        dims = int(min(10, f.shape[1], len(ic) - 1))
+        Z = PCA(dims, random_state=ctx.params.seed).fit_transform(f)
+        lab = KMeans(2, n_init=5, random_state=ctx.params.seed).fit_predict(Z)
+        small = int(np.argmin(np.bincount(lab, minlength=2)))
+        members = ic[lab == small]
+        rel = len(members) / len(ic)
+        if len(members) < SPLIT_MIN_SIDE or rel > AC_MAX_RELATIVE_SIZE:
+            continue
+        sil = float(silhouette_score(Z, lab))
+        if sil < AC_MIN_SILHOUETTE:
+            continue
+        # exclusionary reclassification: train without the cluster, classify the cluster
+        keep = np.ones(len(ctx.X), dtype=bool)
+        keep[members] = False
+        clf = SVC(C=10.0, gamma="scale", random_state=ctx.params.seed).fit(ctx.flat[keep], ctx.labels[keep])
+        same = float((clf.predict(ctx.flat[members]) == c).mean())
+        if same < AC_MAX_SAME_CLASS:
+            for r in members:
+                idx.append(int(r))
+                scores.append(1.0 - same)
+                reasons.append(f"class {c}: small activation cluster ({rel:.0%}, silhouette {sil:.2f}); without it only {same:.0%} of it is classed {c}")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"size <= {AC_MAX_RELATIVE_SIZE}, silhouette >= {AC_MIN_SILHOUETTE}, reclassified < {AC_MAX_SAME_CLASS}", reasons)
+
+
+@register_detector("loss_isolation")
+def detect_loss_isolation(ctx: ScreenContext) -> DetectorResult:
+    losses = ctx.screening_net()["losses"]
+    early = losses[: max(1, len(losses) // 2)]
+    area = np.log(early.mean(0) + 1e-8)
+    idx, scores, reasons = [], [], []
+    for c in np.unique(ctx.labels):
+        ic = np.where(ctx.labels == c)[0]
+        z = _robust_z(area[ic])
+        hit = z < LOSS_Z
+        for r, v in zip(ic[hit], z[hit]):
+            idx.append(int(r))
+            scores.append(float(-v))
+            reasons.append(f"class {c}: learned abnormally fast (robust z of early log-loss {v:.1f})")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"robust z < {LOSS_Z}", reasons)
+
+
+# --------------------------------------------------------------------------- the core
+
+
+def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annotator_labels: np.ndarray | None = None, progress: bool = False) -> ScreenFindings:
+    """Run the detectors in ``params.detectors`` and gather their flags.
+
+    Parameters
+    ----------
+    X : float array, N x C x H x W or N x F, values on the [0, 1] scale.
+    y : int array (N,), labels 0..K-1.
+    params : ScreenParams; ``detectors`` names registered detectors, run in that order.
+    annotator_labels : optional int array (N, A), -1 = no label. When given, ``labels`` in
+        the result is the consensus of annotators whose quality >= ``min_annotator_quality``.
+
+    Raises
+    ------
+    InvalidInput for bad inputs or unknown detector names; PipelineError when a detector
+    fails (fail closed).
+    """
+    start = time.perf_counter()
+    unknown = [d for d in params.detectors if d not in DETECTORS]
+    if unknown:
+        raise InvalidInput(f"unknown detector(s) {unknown}; known: {sorted(DETECTORS)}")
+    if not params.detectors:
+        raise InvalidInput("screen.detectors is empty: screening that checks nothing would pass everything")
+    X, y, annotator_labels, k = _check_inputs(X, y, annotator_labels)
+    ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    per_detector: dict[str, dict[str, Any]] = {}
+    merged: dict[int, dict[str, Any]] = {}
+    if annotator_labels is not None:
+        t0 = time.perf_counter()
+        try:
+            _analyse_annotators(ctx)
+        except PipelineError:
+            raise
+        except Exception as err:  # fail closed
+            raise PipelineError(f"screening check 'annotators' could not run: {type(err).__name__}: {err}") from err
+        first_seconds = {"annotators": time.perf_counter() - t0}
+    else:
+        first_seconds = {}
+
+    for name in dict.fromkeys(params.detectors):
+        t0 = time.perf_counter()
+        if progress:
+            print(f"[screen] {name} ...", file=sys.stderr, flush=True)
+        try:
+            res = DETECTORS[name](ctx)
+        except PipelineError:
+            raise
+        except Exception as err:  # fail closed: a check that cannot run is a failed check
+            raise PipelineError(f"screening check {name!r} could not run: {type(err).__name__}: {err}") from err
+        if not isinstance(res, DetectorResult) or len(res.indices) != len(res.reasons) or len(res.indices) != len(res.scores):
+            raise PipelineError(f"screening check {name!r} returned a malformed result")
+        seconds = time.perf_counter() - t0 + first_seconds.pop(name, 0.0)
+        per_detector[name] = {"flagged": int(len(res.indices)), "threshold": res.threshold, "seconds": round(seconds, 3), **res.extra}
+        for i, s, r in zip(res.indices.tolist(), res.scores.tolist(), res.reasons):
+            entry = merged.setdefault(int(i), {"index": int(i), "detectors": [], "scores": {}, "reasons": []})
+            if name not in entry["detectors"]:
+                entry["detectors"].append(name)
+                entry["scores"][name] = float(s)
+                entry["reasons"].append(r)
+        if progress:
+            print(f"[screen] {name}: {len(res.indices)} flagged in {seconds:.1f}s", file=sys.stderr, flush=True)
+
+    flags = []
+    for i in sorted(merged):
+        e = merged[i]
+        flags.append({"index": e["index"], "detectors": e["detectors"], "scores": e["scores"], "reason": "; ".join(e["reasons"])})
+    return ScreenFindings(
+        labels=ctx.labels,
+        flags=flags,
+        per_detector=per_detector,
+        annotators=ctx.annotator_report,
+        seconds=round(time.perf_counter() - start, 3),
+        n_rows=len(X),
+    )
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_suspects(X: np.ndarray, findings: ScreenFindings, path: str, *, per_detector: int = 8) -> None:
+    """Write a PNG grid: one row per detector, its ``per_detector`` highest-scored rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    X = np.asarray(X)
+    names = list(findings.per_detector) or ["(none)"]
+    cols = max(1, per_detector)
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.4 * cols, 1.6 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        rows = sorted((f for f in findings.flags if name in f["detectors"]), key=lambda f: -f["scores"][name])[:cols]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if c >= len(rows):
+                ax.axis("off") if c else None
+                continue
+            i = rows[c]["index"]
+            img = X[i]
+            if img.ndim == 3:
+                img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+            elif img.ndim == 1:
+                side = int(math.isqrt(img.size))
+                img = img[: side * side].reshape(side, side)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"#{i} y={findings.labels[i]}", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

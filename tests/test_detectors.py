@@ -1,0 +1,124 @@
+"""Screening cores: label flips, backdoors, annotators, registry and fail-closed behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from stages import detectors as det
+from stages.errors import InvalidInput, PipelineError
+from stages.params import ScreenParams
+
+ALL = ["label_issues", "outliers", "near_duplicates", "annotators", "spectral", "activation_clustering", "loss_isolation"]
+
+
+def _params(detectors: list[str], **kw) -> ScreenParams:
+    base = dict(folds=3, max_flagged_fraction=0.2, min_annotator_quality=0.6, detectors=detectors, backdoor_epochs=4, seed=0)
+    base.update(kw)
+    return ScreenParams(**base)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32)[:, None]
+    pick = np.random.default_rng(0).permutation(len(X))[:600]
+    return X[pick], d.target[pick].astype(np.int64)
+
+
+def _flip(y: np.ndarray, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(y), int(rate * len(y)), replace=False)
+    yn = y.copy()
+    yn[idx] = (yn[idx] + rng.integers(1, 10, len(idx))) % 10
+    return yn, yn != y
+
+
+def _f1(flagged: np.ndarray, truth: np.ndarray) -> float:
+    tp = (flagged & truth).sum()
+    p, r = tp / max(1, flagged.sum()), tp / max(1, truth.sum())
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _mask(findings: det.ScreenFindings, n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[findings.flagged_indices] = True
+    return m
+
+
+def test_label_flips_found_with_high_f1(digits):
+    X, y = digits
+    yn, truth = _flip(y, 0.1, seed=1)
+    f = det.screen_dataset(X, yn, params=_params(["label_issues"]))
+    assert _f1(_mask(f, len(y)), truth) >= 0.85
+    row = f.flags[0]
+    assert set(row) == {"index", "detectors", "scores", "reason"} and row["detectors"] == ["label_issues"]
+
+
+def test_patch_backdoor_is_flagged(digits):
+    X, y = digits
+    rng = np.random.default_rng(2)
+    idx = rng.choice(np.where(y != 7)[0], 40, replace=False)  # 5% poisoning
+    Xp, yp = X.copy(), y.copy()
+    Xp[idx, :, :3, :3] = 1.0
+    yp[idx] = 7
+    f = det.screen_dataset(Xp, yp, params=_params(["spectral"]))
+    flagged = _mask(f, len(yp))
+    truth = np.zeros(len(yp), dtype=bool)
+    truth[idx] = True
+    assert flagged[truth].mean() == 1.0
+    assert (flagged & ~truth).sum() <= 5
+
+
+def test_malicious_annotator_flagged_and_excluded(digits):
+    X, y = digits
+    rng = np.random.default_rng(3)
+    A = np.repeat(y[:, None], 5, axis=1)
+    for a, noise in enumerate([0.3, 0.05, 0.05, 0.05, 0.05]):
+        m = rng.random(len(y)) < noise
+        A[m, a] = (A[m, a] + rng.integers(1, 10, m.sum())) % 10
+    given = A[:, 1].copy()
+    A[:, 2:][rng.random((len(y), 3)) < 0.1] = -1  # some rows unlabelled by some annotators
+    f = det.screen_dataset(X, given, params=_params(["annotators"]), annotator_labels=A)
+    flagged = {a["annotator"] for a in f.annotators if a["flagged"]}
+    assert flagged == {0}
+    assert (f.labels == y).mean() >= 0.98  # consensus of the trusted annotators
+    assert f.per_detector["annotators"]["flagged"] > 0
+
+
+def test_unknown_detector_raises(digits):
+    X, y = digits
+    with pytest.raises(InvalidInput, match="unknown detector"):
+        det.screen_dataset(X, y, params=_params(["label_issues", "no_such_check"]))
+
+
+def test_failing_detector_fails_closed(digits, monkeypatch):
+    X, y = digits
+
+    def broken(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(det.DETECTORS, "broken", broken)
+    with pytest.raises(PipelineError, match="'broken' could not run"):
+        det.screen_dataset(X, y, params=_params(["outliers", "broken"]))
+
+
+def test_bad_input_rejected(digits):
+    X, y = digits
+    with pytest.raises(InvalidInput, match=r"\[0, 1\]"):
+        det.screen_dataset(X * 2, y, params=_params(["outliers"]))
+    with pytest.raises(InvalidInput, match="same length"):
+        det.screen_dataset(X, y[:-1], params=_params(["outliers"]))
+
+
+def test_clean_data_has_few_flags(digits, tmp_path):
+    X, y = digits
+    f = det.screen_dataset(X, y, params=_params(ALL))
+    assert f.flagged_fraction < 0.05, f.per_detector
+    assert set(f.per_detector) == set(ALL)
+    d = f.to_dict()
+    assert d["n_rows"] == len(y) and len(d["labels"]) == len(y)
+    out = tmp_path / "suspects.png"
+    det.plot_suspects(X, f, str(out), per_detector=4)
+    assert out.stat().st_size > 0
