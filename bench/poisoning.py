@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--mnist-rows", type=int, default=None, help="MNIST subset size (default 3000 quick, 10000 full)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # small nets: one thread beats several on a small shared CPU
     screen = load_params(args.params).screen
     seed = screen.seed
     if args.dataset == "digits":
