@@ -80,7 +80,12 @@ def _wait_for_approval(params: Params, summary: dict[str, Any]) -> dict[str, Any
     logger = get_run_logger()
     logger.info("waiting for approval of %s (evidence: verdict and model card in MLflow run %s)",
                 summary["model"]["uri"], summary["mlflow_run_id"])
-    answer = pause_flow_run(wait_for_input=Approval, timeout=params.promotion.approval_timeout_s)
+    try:
+        answer = pause_flow_run(wait_for_input=Approval, timeout=params.promotion.approval_timeout_s)
+    except Exception as err:  # noqa: BLE001 - FlowPauseTimeout and friends: no decision, stays challenger
+        logger.warning("no approval within %s s (%s): the model stays challenger; promote it with 'mlsec promote'",
+                       params.promotion.approval_timeout_s, type(err).__name__)
+        return None
     return answer.model_dump()
 
 
