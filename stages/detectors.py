@@ -73,6 +73,7 @@ RESIDUAL_NEIGHBOURS = 5
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
+AC_MAX_ONE_CLASS = 0.6  # ... and no single other class takes over 60% of it
 LOSS_Z = -4.0
 ANNOTATOR_MAX_GAP = 0.15  # also drop annotators this far below the median annotator quality
 OUTLIER_IQR = 3.0
@@ -288,7 +289,7 @@ def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: Scre
         raise InvalidInput("label_issues needs at least 2 rows in every class")
     flat = X.reshape(len(X), -1)
     probs = np.zeros((len(X), num_classes), dtype=np.float64)
-    epochs = max(2, min(params.backdoor_epochs, 8))
+    epochs = max(2, min(params.backdoor_epochs, 5))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.seed)
     for fold, (tr, te) in enumerate(splitter.split(flat, y)):
         present = np.unique(y[tr])
@@ -556,8 +557,12 @@ def detect_activation_clustering(ctx: ScreenContext) -> DetectorResult:
         keep = np.ones(len(ctx.X), dtype=bool)
         keep[members] = False
         clf = SVC(C=10.0, gamma="scale", random_state=ctx.params.seed).fit(ctx.flat[keep], ctx.labels[keep])
-        same = float((clf.predict(ctx.flat[members]) == c).mean())
-        if same < AC_MAX_SAME_CLASS:
+        pred = clf.predict(ctx.flat[members])
+        same = float((pred == c).mean())
+        # a legitimate sub-style of class c, once removed, is read as one look-alike class;
+        # a dirty-label cluster is read as the several classes its content came from
+        top_other = float(np.bincount(pred[pred != c]).max() / len(pred)) if (pred != c).any() else 0.0
+        if same < AC_MAX_SAME_CLASS and top_other < AC_MAX_ONE_CLASS:
             for r in members:
                 idx.append(int(r))
                 scores.append(1.0 - same)
