@@ -119,7 +119,8 @@ def attack_pgd(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, alpha:
     ``epsilon`` (budget) and ``alpha`` (step size) are on the [0, 1] input scale; each
     restart starts uniformly in the epsilon ball when ``random_start``. Per sample, the
     restart kept is the one that fools the model, or failing that the one with the highest
-    loss. Pass a seeded ``generator`` for reproducible starts.
+    loss; once a sample is fooled, later restarts skip it. Pass a seeded ``generator`` for
+    reproducible starts.
     """
     check_attack_inputs(X, y, epsilon=epsilon)
     if not (alpha > 0 and isinstance(steps, int) and steps >= 1 and isinstance(restarts, int) and restarts >= 1):
@@ -128,16 +129,21 @@ def attack_pgd(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, alpha:
         best = torch.zeros_like(X)
         best_key = torch.full((len(X),), -math.inf, device=X.device)
         for _ in range(restarts):
-            delta = pgd_delta(model, X, y, epsilon=epsilon, alpha=alpha, steps=steps,
+            # a fooled sample keeps its perturbation, so later restarts attack only the others
+            active = torch.nonzero(best_key < math.inf).squeeze(1)
+            if len(active) == 0:
+                break
+            Xa, ya = X[active], y[active]
+            delta = pgd_delta(model, Xa, ya, epsilon=epsilon, alpha=alpha, steps=steps,
                               random_start=random_start, generator=generator)
             if restarts == 1:
                 return (X + delta).detach()
             with torch.no_grad():
-                logits = model(X + delta)
-                loss = F.cross_entropy(logits, y, reduction="none").float()
+                logits = model(Xa + delta)
+                loss = F.cross_entropy(logits, ya, reduction="none").float()
                 # fooled samples rank above any loss; among equals, higher loss wins
-                key = torch.where(logits.argmax(1) != y, torch.full_like(loss, math.inf), loss)
-                better = key > best_key
-                best[better] = delta[better]
-                best_key = torch.maximum(best_key, key)
+                key = torch.where(logits.argmax(1) != ya, torch.full_like(loss, math.inf), loss)
+                better = key > best_key[active]
+                best[active[better]] = delta[better]
+                best_key[active] = torch.maximum(best_key[active], key)
     return (X + best).detach()
