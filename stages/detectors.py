@@ -401,7 +401,7 @@ def detect_label_issues(ctx: ScreenContext) -> DetectorResult:
     from cleanlab.rank import get_label_quality_scores
 
     probs = ctx.pred_probs()
-    issues = find_label_issues(ctx.labels, probs, filter_by="prune_by_noise_rate")
+    issues = find_label_issues(ctx.labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)  # no fork: the flow process has threads
     quality = get_label_quality_scores(ctx.labels, probs)
     idx = np.where(issues)[0]
     reasons = [f"label {ctx.labels[i]} but out-of-sample model says {int(probs[i].argmax())} (p={probs[i].max():.2f})" for i in idx]
