@@ -44,7 +44,7 @@ from stages.nets import build_model, default_model_name
 from stages.params import TrainParams
 
 CHECKPOINT_FORMAT = 1
-SMALL_INPUT = 1024  # per-sample input size up to which CPU work runs on one intra-op thread
+SMALL_INPUT = 256  # per-sample input size up to which CPU work runs on one intra-op thread
 PEAK_FRACTION = 0.4  # one-cycle learning rate peaks after this fraction of all steps
 
 
