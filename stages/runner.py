@@ -21,7 +21,6 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
-    "PREFECT_LOGGING_TO_API_ENABLED": "true",
 }
 
 

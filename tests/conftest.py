@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
     os.environ.setdefault(_k, _v)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # the session server stops before the last log flush
 
 
 @pytest.fixture(scope="session", autouse=True)
