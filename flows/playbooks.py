@@ -8,7 +8,6 @@ restorable), roll the model back, and optionally retrain on the purged data.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -89,7 +89,7 @@ def verify_all_recorded(ctx: RunContext) -> bool:
 
 def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False) -> dict[str, Any]:
     from stages.keys import sign_document
-    from stages.workspace import read_json, write_json
+    from stages.workspace import read_json
 
     integrity = verify_all_recorded(ctx)
     inputs = ctx.inputs("validation", "screen_report", "evaluation", "weights", where=STAGE)

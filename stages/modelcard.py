@@ -21,7 +21,6 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
                     evaluation: dict[str, Any], screen: dict[str, Any]) -> str:
     p = params.project
     m = evaluation["metrics"]
-    rob = evaluation["robustness"]
     eps_rows = []
     for eps in params.evaluate.epsilons:
         key = f"{eps:g}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.context import RunContext
-from stages.errors import GateRejected, IntegrityError, InvalidInput, SecurityError
+from stages.errors import IntegrityError, InvalidInput, SecurityError
 from stages.params import Params
 from stages.workspace import Workspace, actor, read_json, write_json
 
