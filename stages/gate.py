@@ -45,7 +45,7 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     if policy.min_clean_accuracy is not None:
         checks.append(_at_least("clean_accuracy", metrics.get("clean_accuracy"), policy.min_clean_accuracy))
     for eps, threshold in sorted(policy.min_robust_accuracy.items()):
-        checks.append(_at_least(f"robust_accuracy@{eps:g}", metrics.get(f"pgd_accuracy_eps_{eps:g}"), threshold))
+        checks.append(_at_least(f"robust_accuracy@{eps:g}", metrics.get(f"robust_accuracy_eps_{eps:g}"), threshold))
     if policy.max_dp_epsilon is not None:
         checks.append(_at_most("dp_epsilon", metrics.get("dp_epsilon"), policy.max_dp_epsilon))
     if policy.max_mia_auc is not None:

@@ -96,7 +96,8 @@ def test_moved_alias_is_noticed(promoted, tmp_path):
     shutil.copytree(ws, work, symlinks=True)
     import mlflow
 
-    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     c.set_registered_model_alias(s["model"]["name"], "champion", s["model"]["version"])  # same target: no drift
     c.set_registered_model_alias(s["model"]["name"], "shadow", s["model"]["version"])  # an alias the pipeline never set
     models = run_cli(["models", "--json"], cwd=work, env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"})
