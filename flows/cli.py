@@ -42,6 +42,26 @@ def _ws():
 
 
 # --------------------------------------------------------------------------- commands
+def _quiet_expected_failures() -> None:
+    """Expected failures (bad input, rejection, integrity) are one line: drop the traceback
+    Prefect's engine attaches to its log records (``--debug`` keeps them)."""
+    import logging
+
+    from stages.errors import PipelineError
+
+    class DropTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, PipelineError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    drop = DropTraceback()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(drop)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stages.errors import InvalidInput
     from stages.params import load_params
@@ -53,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"data source not found: {args.data}")
     from flows.pipeline import secure_training
 
+    if not args.debug:
+        _quiet_expected_failures()
     summary = secure_training(params_path=params_path, overrides=list(args.overrides), data=args.data,
                               paranoid=args.paranoid, triggered_by=args.actor)
 

@@ -30,6 +30,18 @@ Detectors (names as in ``params.yaml``):
   splits the class in two well separated groups. A class is flagged only when that split
   is strongly bimodal (d' >= ``SPLIT_MIN_DPRIME``), and the side flagged is the one whose
   nearest other-class neighbours agree most on one class (content of another class).
+  A third rule catches small poisoning rates (about 1%), where a trigger group is too small
+  to move a class's top direction: *trimmed* nearest neighbours (the ``TRIM_FRACTION`` of
+  pixels that differ most are left out of each distance, so a local trigger no longer
+  counts) show which rows' content belongs to another class (majority of their trimmed
+  neighbours carry another label). Among those rows of one class, a trigger group is a set
+  of at least ``GROUP_MIN_SIZE`` rows each of whose residuals points the same way as those
+  of at least ``GROUP_MIN_PARTNERS`` others (cosine >= ``GROUP_MIN_COS``); ambiguous clean
+  rows have residuals that point in unrelated directions. The group's mean residual gives
+  the trigger's pixels (mask) and values (pattern), and every row of that class that
+  carries the pattern on the mask (mean absolute deviation <= ``TRIGGER_MAX_DEVIATION``)
+  is flagged too, so that poisoned rows whose content happens to look like the target
+  class are not left behind (two poisoned rows left suffice for a working backdoor).
 - ``activation_clustering``: Chen et al. 2018: per class 2-means on PCA-reduced
   penultimate features; the smaller cluster is confirmed by exclusionary reclassification
   (a model trained without it assigns most of it to other classes).
@@ -70,6 +82,14 @@ SPLIT_MIN_GAP = 6.0  # robust SDs between a small suspect group and the rest, cl
 SPLIT_DIRECTIONS = 3  # top singular directions examined per class
 SPLIT_MIN_SIDE = 3  # smallest group the spectral split may flag
 RESIDUAL_NEIGHBOURS = 5
+TRIM_FRACTION = 0.15  # pixels left out of trimmed distances; a local trigger hides in them
+TRIM_CANDIDATES = 50  # Euclidean nearest rows re-ranked by trimmed distance
+TRIM_VOTERS = 10  # trimmed nearest rows that vote on whose content a row shows
+GROUP_MIN_COS = 0.7  # residuals of one trigger group point the same way
+GROUP_MIN_PARTNERS = 2
+GROUP_MIN_SIZE = 4
+TRIGGER_MASK_ENERGY = 0.25  # mask = pixels holding >= 25% of the peak squared signature weight
+TRIGGER_MAX_DEVIATION = 0.1  # mean |x - pattern| on the mask for a row to carry the trigger
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
@@ -392,6 +412,78 @@ def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]
     return out
 
 
+def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: share of its trimmed nearest rows with its label, and its residual against
+    the mean of its trimmed-nearest rows of other classes (zero when none is close)."""
+    Z = flat.astype(np.float32)
+    n, f = Z.shape
+    cand = int(min(TRIM_CANDIDATES, n - 1))
+    voters = int(min(TRIM_VOTERS, cand))
+    keep = max(1, f - int(round(TRIM_FRACTION * f)))
+    sq = (Z**2).sum(1)
+    agree = np.empty(n, dtype=np.float64)
+    residual = np.zeros_like(Z)
+    step = max(1, min(512, int(2e7 // max(1, cand * f))))
+    for s in range(0, n, step):
+        q = np.arange(s, min(n, s + step))
+        d = sq[q, None] + sq[None, :] - 2.0 * Z[q] @ Z.T
+        d[np.arange(len(q)), q] = np.inf
+        nn = np.argpartition(d, cand - 1, axis=1)[:, :cand]
+        diff = (Z[q, None, :] - Z[nn]) ** 2
+        trimmed = np.partition(diff, keep - 1, axis=2)[:, :, :keep].sum(2) if keep < f else diff.sum(2)
+        nn = np.take_along_axis(nn, np.argsort(trimmed, axis=1), 1)
+        agree[q] = (labels[nn[:, :voters]] == labels[q, None]).mean(1)
+        for j, i in enumerate(q):
+            other = nn[j][labels[nn[j]] != labels[i]][:RESIDUAL_NEIGHBOURS]
+            if len(other):
+                residual[i] = Z[i] - Z[other].mean(0)
+    return agree, residual
+
+
+def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+    """Small groups of rows per class that share a trigger; see the module docstring."""
+    agree, residual = _trimmed_neighbours(flat, labels)
+    norm = np.linalg.norm(residual, axis=1) + 1e-12
+    groups = []
+    for c in np.unique(labels):
+        suspects = np.where((labels == c) & (agree < 0.5))[0]
+        if len(suspects) < GROUP_MIN_SIZE:
+            continue
+        U = residual[suspects] / norm[suspects, None]
+        link = (U @ U.T) >= GROUP_MIN_COS
+        np.fill_diagonal(link, False)
+        core = link.sum(1) >= GROUP_MIN_PARTNERS
+        # connected components of the core rows: one per trigger
+        left = set(np.where(core)[0].tolist())
+        while left:
+            todo, comp = [left.pop()], []
+            while todo:
+                a = todo.pop()
+                comp.append(a)
+                nxt = [b for b in np.where(link[a] & core)[0].tolist() if b in left]
+                left.difference_update(nxt)
+                todo.extend(nxt)
+            if len(comp) < GROUP_MIN_SIZE:
+                continue
+            members = suspects[np.array(sorted(comp))]
+            signature = residual[members].mean(0)
+            weight = signature**2
+            mask = weight >= TRIGGER_MASK_ENERGY * weight.max()
+            pattern = np.median(flat[members][:, mask], axis=0)
+            ic = np.where(labels == c)[0]
+            deviation = np.abs(flat[ic][:, mask] - pattern).mean(1)
+            carriers = np.union1d(members, ic[deviation <= TRIGGER_MAX_DEVIATION])
+            cos = (residual[members] @ signature) / (norm[members] * np.linalg.norm(signature) + 1e-12)
+            groups.append({
+                "class": int(c),
+                "members": members,
+                "carriers": carriers,
+                "mask_pixels": int(mask.sum()),
+                "stat": f"{len(members)} of {len(suspects)} rows with other-class content share one residual (mean cosine {cos.mean():.2f}); trigger on {int(mask.sum())} pixels carried by {len(carriers)} rows",
+            })
+    return groups
+
+
 # --------------------------------------------------------------------------- detectors
 
 
@@ -482,7 +574,7 @@ def _analyse_annotators(ctx: ScreenContext) -> None:
     ctx.labels = consensus
     ctx.consensus_disagrees = consensus != ctx.y_given
     ctx._cache["no_trusted_rows"] = no_trusted
-    for key in ("residuals", "net"):
+    for key in ("residuals", "trigger_groups", "net"):
         ctx._cache.pop(key, None)
 
 
@@ -521,11 +613,17 @@ def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], v
 def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
     idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
+    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels))
+    for g in groups:
+        for r in g["carriers"]:
+            idx.append(int(r))
+            scores.append(1.0)
+            reasons.append(f"class {g['class']}: carries a trigger shared by a small group ({g['stat']})")
     # Tran et al. on learned features, reported per class for the record; on small CNNs it
     # splits clean classes too (measured on digits), so it does not flag on its own.
     feats = ctx.screening_net()["features"]
     feature_stats = {c: s["stat"] for c, s in _class_splits({c: (ic, feats[ic], pur) for c, (ic, _, pur) in residuals.items()}).items()}
-    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"d' >= {SPLIT_MIN_DPRIME} or gap >= {SPLIT_MIN_GAP}", reasons, {"residual_split": stats, "feature_split": feature_stats})
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"d' >= {SPLIT_MIN_DPRIME} or gap >= {SPLIT_MIN_GAP}", reasons, {"residual_split": stats, "feature_split": feature_stats, "trigger_groups": {str(g["class"]): g["stat"] for g in groups}})
 
 
 @register_detector("activation_clustering")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from tests.conftest import run_cli
 
 
 def _snapshot(ws: Path) -> dict[str, str]:
@@ -52,12 +53,11 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, workspace, pr
     elif case == "wrong_type":
         args += ["--set", "train.epochs=many"]
     before = _snapshot(workspace)
-    code = main(args)
-    out, err = capsys.readouterr()
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("mlsec:")]
-    assert len(lines) == 1 and "Traceback" not in err
-    assert json.loads(out.strip().splitlines()[-1])["exit_code"] == 2
+    proc = run_cli(args, cwd=workspace)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("mlsec:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["exit_code"] == 2
     assert _snapshot(workspace) == before
 
 

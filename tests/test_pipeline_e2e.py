@@ -109,47 +109,6 @@ def test_moved_alias_is_noticed(promoted, tmp_path):
     assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
 
 
-def test_replaced_weights_in_the_artifact_store_are_refused(promoted, tmp_path, monkeypatch):
-    ws, s = promoted
-    work = tmp_path / "copy"
-    shutil.copytree(ws, work, symlinks=True)
-    monkeypatch.setenv("MLSEC_ROOT", str(work))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    # The copied store still points at the original artifact folder; repoint it is not needed:
-    # find the weights under the copy's artifact root and rewrite the store's paths instead.
-    import sqlite3
-
-    db = sqlite3.connect(work / "mlflow.db")
-    for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
-                       ("logged_models", "artifact_location")):
-        try:
-            db.execute(f"UPDATE {table} SET {col} = REPLACE({col}, ?, ?)", (str(ws), str(work)))
-        except sqlite3.OperationalError:
-            pass
-    db.commit()
-    db.close()
-    weights = [p for p in (work / "mlartifacts").rglob("model.safetensors") if "artifacts/weights" in str(p)]
-    assert weights
-    from safetensors.torch import load_file, save_file
-
-    for path in weights:
-        state = load_file(str(path))
-        key = next(iter(state))
-        state[key] = state[key] + 0.01
-        save_file(state, str(path), metadata={"format": "pt", "architecture": "cnn_small"})
-    from stages.errors import IntegrityError
-    from stages.register import load_verified_model
-
-    with pytest.raises(IntegrityError):
-        load_verified_model(s["model"]["uri"])
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    lin = run_cli(["lineage", f"{s['model']['name']}@champion", "--verify", "--json"], cwd=work, env_extra=env)
-    assert lin.returncode == 4
-    promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--approver", "eve", "--reason", "x"],
-                      cwd=work, env_extra=env)
-    assert promote.returncode == 4, promote.stderr
-
-
 def test_edited_ledger_is_caught_by_audit(promoted, tmp_path):
     ws, s = promoted
     work = tmp_path / "copy"
@@ -163,3 +122,27 @@ def test_edited_ledger_is_caught_by_audit(promoted, tmp_path):
     audit = run_cli(["audit", "verify", "--json"], cwd=work, env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"})
     assert audit.returncode == 4
     assert json.loads(audit.stdout)["first_bad_line"] == 6
+
+
+def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatch):
+    """Runs last: it tampers with the shared workspace's artifact store in place."""
+    ws, s = promoted
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    weights = [p for p in (ws / "mlartifacts").rglob("model.safetensors") if p.parent.name == "weights"]
+    assert weights
+    from safetensors.torch import load_file, save_file
+
+    for path in weights:
+        state = load_file(str(path))
+        key = next(iter(state))
+        state[key] = state[key] + 0.01
+        save_file(state, str(path), metadata={"format": "pt", "architecture": "cnn_small"})
+    from stages.errors import IntegrityError
+    from stages.register import load_verified_model
+
+    with pytest.raises(IntegrityError, match="signature"):
+        load_verified_model(s["model"]["uri"])
+    lin = run_cli(["lineage", f"{s['model']['name']}@champion", "--verify", "--json"], cwd=ws)
+    assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
+    promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--approver", "eve", "--reason", "x"], cwd=ws)
+    assert promote.returncode == 4, promote.stderr
