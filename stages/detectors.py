@@ -85,11 +85,12 @@ RESIDUAL_NEIGHBOURS = 5
 TRIM_FRACTION = 0.15  # pixels left out of trimmed distances; a local trigger hides in them
 TRIM_CANDIDATES = 50  # Euclidean nearest rows re-ranked by trimmed distance
 TRIM_VOTERS = 10  # trimmed nearest rows that vote on whose content a row shows
-GROUP_MIN_COS = 0.7  # residuals of one trigger group point the same way
+GROUP_MIN_COS = float(__import__("os").environ.get("GMC","0.5"))  # residuals of one trigger group point the same way
 GROUP_MIN_PARTNERS = 2
 GROUP_MIN_SIZE = 4
 TRIGGER_MASK_ENERGY = 0.25  # mask = pixels holding >= 25% of the peak squared signature weight
 TRIGGER_MAX_DEVIATION = 0.1  # mean |x - pattern| on the mask for a row to carry the trigger
+TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign trigger
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
@@ -470,15 +471,19 @@ def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]
             weight = signature**2
             mask = weight >= TRIGGER_MASK_ENERGY * weight.max()
             pattern = np.median(flat[members][:, mask], axis=0)
-            ic = np.where(labels == c)[0]
-            deviation = np.abs(flat[ic][:, mask] - pattern).mean(1)
-            carriers = np.union1d(members, ic[deviation <= TRIGGER_MAX_DEVIATION])
+            carries = np.abs(flat[:, mask] - pattern).mean(1) <= TRIGGER_MAX_DEVIATION
+            in_class = labels == c
+            # a pattern that other classes also show (ink where digits have ink) is content,
+            # not a foreign trigger: then only rows that also show other-class content count
+            common = carries[~in_class].mean() > TRIGGER_MAX_OTHER_CLASS
+            carriers = np.union1d(members, np.where(in_class & carries & ((agree < 0.5) | (not common)))[0])
             cos = (residual[members] @ signature) / (norm[members] * np.linalg.norm(signature) + 1e-12)
             groups.append({
                 "class": int(c),
                 "members": members,
                 "carriers": carriers,
                 "mask_pixels": int(mask.sum()),
+                "common_pattern": bool(common),
                 "stat": f"{len(members)} of {len(suspects)} rows with other-class content share one residual (mean cosine {cos.mean():.2f}); trigger on {int(mask.sum())} pixels carried by {len(carriers)} rows",
             })
     return groups
@@ -614,8 +619,12 @@ def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
     idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
     groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels))
+    seen = set(idx)
     for g in groups:
         for r in g["carriers"]:
+            if int(r) in seen:
+                continue
+            seen.add(int(r))
             idx.append(int(r))
             scores.append(1.0)
             reasons.append(f"class {g['class']}: carries a trigger shared by a small group ({g['stat']})")

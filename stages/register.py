@@ -271,11 +271,8 @@ def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, ver
         name="model", python_model=str(code),
         artifacts={"weights": str(pkg / "weights"), "signature": str(pkg / "model.sig"), "verdict": str(pkg / "verdict.json"),
                    "attestation": str(pkg / "attestation.json")},
-        code_paths=None, signature=signature, input_example=None,
+        code_paths=None, signature=signature, input_example=example,
         pip_requirements=["torch==2.13.0", "safetensors", "numpy", "mlflow"])
-    example_path = ctx.path("package_example", "input_example.json")
-    example_path.write_text(json.dumps({"inputs": example.tolist()}))
-    mlflow.log_artifact(str(example_path), artifact_path="model_input_example")
     mv = mlflow.register_model(info.model_uri, name)
     c = client(ctx.ws)
     metrics = evaluation["metrics"]

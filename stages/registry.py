@@ -35,9 +35,18 @@ def client(ws: Workspace):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(ws.mlflow_uri)
-    mlflow.set_registry_uri(ws.mlflow_uri)
-    return mlflow.MlflowClient(tracking_uri=ws.mlflow_uri, registry_uri=ws.mlflow_uri)
+    uri = ws.mlflow_uri
+    # mlflow.set_*_uri also export MLFLOW_*_URI; keep the user's environment as it was, so a
+    # later Workspace in the same process resolves its own store.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(ws: Workspace, name: str) -> str:
