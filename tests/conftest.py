@@ -42,11 +42,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Prefect reads its settings once, at import: name the session server's address now, so the
+# flows run in this process and the commands run as subprocesses share one server.
+_PORT = _free_port()
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real Prefect server on loopback, shared by every test of the session."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = _PORT
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
