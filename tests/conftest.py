@@ -4,7 +4,6 @@ and a ready workspace (git + DVC + local remote, MLflow on SQLite) per test that
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.runner import TELEMETRY_OFF
+from tests.support import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
@@ -44,7 +44,8 @@ def _free_port() -> int:
 
 # Prefect reads its settings once, at import: name the session server's address now, so the
 # flows run in this process and the commands run as subprocesses share one server.
-_PORT = _free_port()
+os.environ.setdefault("MLSEC_TEST_PREFECT_PORT", str(_free_port()))
+_PORT = int(os.environ["MLSEC_TEST_PREFECT_PORT"])
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 
 
@@ -90,15 +91,6 @@ def prefect_server(tmp_path_factory):
     log.close()
 
 
-def make_workspace(path: Path, params_text: str | None = None) -> Path:
-    from stages.provenance import init_repo
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "params.yaml").write_text(params_text if params_text is not None else (ROOT / "params.yaml").read_text())
-    init_repo(path)
-    return path
-
-
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A fresh workspace (git + DVC + local remote; MLflow on SQLite inside it)."""
@@ -107,10 +99,3 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(ws)
     return ws
-
-
-def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = None, timeout: int = 600):
-    """Run the installed ``mlsec`` command as a user would."""
-    env = {**os.environ, "MLSEC_ROOT": str(cwd), **(env_extra or {})}
-    exe = shutil.which("mlsec", path=str(Path(sys.executable).parent)) or "mlsec"
-    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

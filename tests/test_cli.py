@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 
 def _snapshot(ws: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_workspace, run_cli
+from tests.support import make_workspace, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from flows.cli import main
 from stages.errors import GateRejected
 from stages.ledger import Ledger
-from tests.conftest import make_workspace
+from tests.support import make_workspace
 
 pytestmark = pytest.mark.slow
 
