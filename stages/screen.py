@@ -10,6 +10,7 @@ scores; nothing is dropped silently. Training uses the accepted rows only. Above
 from __future__ import annotations
 
 import hashlib
+import shutil
 from typing import Any
 
 import numpy as np
@@ -72,11 +73,9 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         outputs["suspects_png"] = png
     except Exception:  # noqa: BLE001 - a plot is a convenience, not a check
         pass
-    ctx.record_outputs(STAGE, outputs)
-    import shutil
-
     shutil.copy2(qpath, ctx.path("screen", "quarantine.json"))
-    ctx.record_outputs(STAGE, {"quarantine": ctx.run_dir / "screen" / "quarantine.json"})
+    outputs["quarantine"] = ctx.run_dir / "screen" / "quarantine.json"
+    ctx.record_outputs(STAGE, outputs)
     ctx.log("screen.quarantine", {"flagged": len(quarantine), "fraction": report["flagged_fraction"],
                                   "quarantine": report["quarantine"], "accepted_sha256": accepted_digest,
                                   "annotators": findings.to_dict().get("annotators")})
