@@ -211,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     triggers: dict[str, Trigger] = {
         "patch 3x3 bottom-right": patch_trigger("br"),
         "patch 3x3 top-left": patch_trigger("tl"),
+        "patch 3x3 bottom-left": patch_trigger("bl"),
         "patch 3x3 centre": patch_trigger("mm"),
         "blend 20% noise": blend_trigger(),
         "sparse 3 pixels": sparse_trigger(),
     }
-    targets = {"patch 3x3 bottom-right": 0, "patch 3x3 top-left": 7, "patch 3x3 centre": 3, "blend 20% noise": 5, "sparse 3 pixels": 9}
+    targets = {"patch 3x3 bottom-right": 0, "patch 3x3 top-left": 7, "patch 3x3 bottom-left": 2, "patch 3x3 centre": 3, "blend 20% noise": 5, "sparse 3 pixels": 9}
     if args.quick:
         triggers = {k: triggers[k] for k in ("patch 3x3 bottom-right", "blend 20% noise", "sparse 3 pixels")}
     print(f"## Backdoors (clean-data model: acc {clean_acc:.3f})\n")

@@ -85,7 +85,7 @@ RESIDUAL_NEIGHBOURS = 5
 TRIM_FRACTION = 0.15  # pixels left out of trimmed distances; a local trigger hides in them
 TRIM_CANDIDATES = 50  # Euclidean nearest rows re-ranked by trimmed distance
 TRIM_VOTERS = 10  # trimmed nearest rows that vote on whose content a row shows
-GROUP_MIN_COS = float(__import__("os").environ.get("GMC","0.5"))  # residuals of one trigger group point the same way
+GROUP_MIN_COS = 0.6  # residuals of one trigger group point the same way (0.5 linked clean rows on digits)
 GROUP_MIN_PARTNERS = 2
 GROUP_MIN_SIZE = 4
 TRIGGER_MASK_ENERGY = 0.25  # mask = pixels holding >= 25% of the peak squared signature weight

@@ -71,6 +71,25 @@ def test_patch_backdoor_is_flagged(digits):
     assert (flagged & ~truth).sum() <= 5
 
 
+@pytest.mark.parametrize("corner,target", [((slice(5, 8), slice(5, 8)), 0), ((slice(5, 8), slice(0, 3)), 2)])
+def test_one_percent_corner_patch_is_flagged(digits, corner, target):
+    """At 1% the trigger group is too small for the spectral split; the trimmed-neighbour
+    trigger-group rule must still find every poisoned row (two left suffice for a backdoor)."""
+    X, y = digits
+    rng = np.random.default_rng(4)
+    idx = rng.choice(np.where(y != target)[0], 6, replace=False)  # 1% poisoning
+    Xp, yp = X.copy(), y.copy()
+    Xp[(idx, slice(None)) + corner] = 1.0
+    yp[idx] = target
+    f = det.screen_dataset(Xp, yp, params=_params(["spectral"]))
+    flagged = _mask(f, len(yp))
+    truth = np.zeros(len(yp), dtype=bool)
+    truth[idx] = True
+    assert flagged[truth].all(), f.per_detector["spectral"]
+    assert (flagged & ~truth).sum() <= 5
+    assert str(target) in f.per_detector["spectral"]["trigger_groups"]
+
+
 def test_malicious_annotator_flagged_and_excluded(digits):
     X, y = digits
     rng = np.random.default_rng(3)
