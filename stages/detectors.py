@@ -91,6 +91,7 @@ GROUP_MIN_SIZE = 4
 TRIGGER_MASK_ENERGY = 0.25  # mask = pixels holding >= 25% of the peak squared signature weight
 TRIGGER_MAX_DEVIATION = 0.1  # mean |x - pattern| on the mask for a row to carry the trigger
 TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign trigger
+TRIGGER_PASSES = 3
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
@@ -413,9 +414,10 @@ def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]
     return out
 
 
-def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row: share of its trimmed nearest rows with its label, and its residual against
-    the mean of its trimmed-nearest rows of other classes (zero when none is close)."""
+    the mean of its trimmed-nearest rows of other classes (zero when none is close).
+    Rows in ``excluded`` are never neighbours."""
     Z = flat.astype(np.float32)
     n, f = Z.shape
     cand = int(min(TRIM_CANDIDATES, n - 1))
@@ -429,6 +431,8 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
         q = np.arange(s, min(n, s + step))
         d = sq[q, None] + sq[None, :] - 2.0 * Z[q] @ Z.T
         d[np.arange(len(q)), q] = np.inf
+        if excluded is not None:
+            d[:, excluded] = np.inf
         nn = np.argpartition(d, cand - 1, axis=1)[:, :cand]
         diff = (Z[q, None, :] - Z[nn]) ** 2
         trimmed = np.partition(diff, keep - 1, axis=2)[:, :, :keep].sum(2) if keep < f else diff.sum(2)
@@ -442,8 +446,31 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
 
 
 def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
-    """Small groups of rows per class that share a trigger; see the module docstring."""
-    agree, residual = _trimmed_neighbours(flat, labels)
+    """Small groups of rows per class that share a trigger; see the module docstring.
+
+    At higher rates poisoned rows outvote the clean rows among each other's neighbours; so
+    the search is repeated with the rows found so far left out of the neighbours, until a
+    pass adds nothing (at most ``TRIGGER_PASSES``)."""
+    flagged = np.zeros(len(labels), dtype=bool)
+    groups: list[dict[str, Any]] = []
+    for _ in range(TRIGGER_PASSES):
+        found = _trigger_groups_once(flat, labels, np.where(flagged)[0] if flagged.any() else None)
+        if not found:
+            break
+        groups = found
+        new = np.zeros(len(labels), dtype=bool)
+        for g in found:
+            new[g["carriers"]] = True
+        if not (new & ~flagged).any():
+            break
+        flagged |= new
+    for g in groups:
+        g["carriers"] = np.where(flagged & (labels == g["class"]))[0]
+    return groups
+
+
+def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None) -> list[dict[str, Any]]:
+    agree, residual = _trimmed_neighbours(flat, labels, excluded)
     norm = np.linalg.norm(residual, axis=1) + 1e-12
     groups = []
     for c in np.unique(labels):
