@@ -19,10 +19,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stages.detectors import screen_dataset
-from stages.nets import build_model
 from stages.params import load_params
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -108,20 +106,10 @@ def poison(X, y, *, rate: float, trigger: Trigger, target: int, seed: int):
 
 
 def train_cnn(X, y, *, num_classes: int, epochs: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_model("auto", input_shape=X.shape[1:], num_classes=num_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(X), generator=gen)
-        for s in range(0, len(X), batch_size):
-            b = perm[s : s + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(Xt[b]), yt[b]).backward()
-            opt.step()
-    return model.eval()
+    """The final model of the bench: the same plain Adam loop the screening nets use."""
+    from stages.detectors import _train_net
+
+    return _train_net(X, y, num_classes, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)[0]
 
 
 def predict(model, X):
