@@ -42,6 +42,9 @@ Detectors (names as in ``params.yaml``):
   carries the pattern on the mask (mean absolute deviation <= ``TRIGGER_MAX_DEVIATION``)
   is flagged too, so that poisoned rows whose content happens to look like the target
   class are not left behind (two poisoned rows left suffice for a working backdoor).
+- ``stamps``: triggers stamped on the background: a set of background pixels (blank in
+  almost every row of the other classes) that rows of one class all mark with the same
+  exact value; see ``detect_stamps``.
 - ``activation_clustering``: Chen et al. 2018: per class 2-means on PCA-reduced
   penultimate features; the smaller cluster is confirmed by exclusionary reclassification
   (a model trained without it assigns most of it to other classes).
@@ -94,6 +97,11 @@ TRIGGER_CONSTANT_UNUSUAL = 0.25  # ... at a value this far from the median row t
 TRIGGER_MAX_DEVIATION = 0.1  # mean |x - pattern| on the mask for a row to carry the trigger
 TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign trigger
 TRIGGER_PASSES = 3
+STAMP_QUIET_FRACTION = 0.99  # a background pixel: this share of other classes' rows sit at its median
+STAMP_QUIET_DEVIATION = 0.05
+STAMP_MARK = 0.25  # a row marks a background pixel when it differs this much from the median there
+STAMP_MAX_SPREAD = 0.02  # stamped values are exact: median |v - median| among a class's marks
+STAMP_MIN_PIXELS = 2  # one saturated stroke pixel is handwriting; a stamp covers two or more
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
@@ -693,6 +701,51 @@ def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     feats = ctx.screening_net()["features"]
     feature_stats = {c: s["stat"] for c, s in _class_splits({c: (ic, feats[ic], pur) for c, (ic, _, pur) in residuals.items()}).items()}
     return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"d' >= {SPLIT_MIN_DPRIME} or gap >= {SPLIT_MIN_GAP}", reasons, {"residual_split": stats, "feature_split": feature_stats, "trigger_groups": {str(g["class"]): g["stat"] for g in groups}})
+
+
+def _background_stamps(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+    """Per class: background pixels that at least ``GROUP_MIN_SIZE`` of its rows mark with one
+    exact value, and the rows of that class carrying most of them; see ``stamps``."""
+    typical = np.median(flat, axis=0)
+    off = np.abs(flat - typical)
+    found = []
+    for c in np.unique(labels):
+        in_class = labels == c
+        quiet = (off[~in_class] <= STAMP_QUIET_DEVIATION).mean(0) >= STAMP_QUIET_FRACTION
+        marked = (off >= STAMP_MARK) & quiet
+        counts = marked[in_class].sum(0)
+        pixels = []
+        for j in np.where(counts >= GROUP_MIN_SIZE)[0]:
+            v = flat[in_class & marked[:, j], j]
+            if np.median(np.abs(v - np.median(v))) <= STAMP_MAX_SPREAD:
+                pixels.append(int(j))
+        if len(pixels) < STAMP_MIN_PIXELS:
+            continue
+        need = max(STAMP_MIN_PIXELS, len(pixels) / 2)
+        carriers = np.where(in_class & (marked[:, pixels].sum(1) >= need))[0]
+        if len(carriers) >= GROUP_MIN_SIZE:
+            found.append({"class": int(c), "pixels": pixels, "carriers": carriers,
+                          "stat": f"{len(carriers)} rows mark {len(pixels)} background pixels with one exact value each"})
+    return found
+
+
+@register_detector("stamps")
+def detect_stamps(ctx: ScreenContext) -> DetectorResult:
+    """Triggers stamped on the background. Where almost every row of the other classes is
+    blank (``STAMP_QUIET_FRACTION`` at the pixel's median), ink is rare and handwritten
+    ink varies in value; a trigger puts the same value on the same background pixels of
+    every poisoned row. Rows of one class that carry most of a set of at least
+    ``STAMP_MIN_PIXELS`` such pixels are flagged. A pixel-space check: it catches small
+    corner triggers on 28x28 images at 1%, where neighbours and residuals are dominated by
+    handwriting."""
+    groups = _background_stamps(ctx.flat, ctx.labels)
+    idx, reasons = [], []
+    for g in groups:
+        for r in g["carriers"]:
+            idx.append(int(r))
+            reasons.append(f"class {g['class']}: {g['stat']}")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.ones(len(idx)), f"{STAMP_MIN_PIXELS}+ background pixels stamped alike by {GROUP_MIN_SIZE}+ rows of one class", reasons,
+                          {"stamps": {str(g["class"]): g["stat"] for g in groups}})
 
 
 @register_detector("activation_clustering")

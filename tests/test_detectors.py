@@ -10,7 +10,7 @@ from stages import detectors as det
 from stages.errors import InvalidInput, PipelineError
 from stages.params import ScreenParams
 
-ALL = ["label_issues", "outliers", "near_duplicates", "annotators", "spectral", "activation_clustering", "loss_isolation"]
+ALL = ["label_issues", "outliers", "near_duplicates", "annotators", "spectral", "stamps", "activation_clustering", "loss_isolation"]
 
 
 def _params(detectors: list[str], **kw) -> ScreenParams:
@@ -88,6 +88,31 @@ def test_one_percent_corner_patch_is_flagged(digits, corner, target):
     assert flagged[truth].all(), f.per_detector["spectral"]
     assert (flagged & ~truth).sum() <= 5
     assert str(target) in f.per_detector["spectral"]["trigger_groups"]
+
+
+def _padded(X: np.ndarray) -> np.ndarray:
+    """Digits upsampled to 16x16 inside a blank 4-pixel border: MNIST-like background."""
+    big = np.kron(X, np.ones((1, 1, 2, 2), dtype=X.dtype))
+    return np.pad(big, ((0, 0), (0, 0), (4, 4), (4, 4)))
+
+
+def test_sparse_background_stamp_is_flagged_at_one_percent(digits):
+    """Three pixels stamped on the blank border of 1% of the rows: handwriting dominates
+    every distance there, the stamp rule must still find each poisoned row."""
+    X, y = digits
+    X = _padded(X)
+    assert det.detect_stamps(det.ScreenContext(X, y, params=_params(["stamps"]), num_classes=10, annotator_labels=None)).indices.size == 0
+    rng = np.random.default_rng(5)
+    idx = rng.choice(np.where(y != 9)[0], 6, replace=False)
+    Xp, yp = X.copy(), y.copy()
+    Xp[idx, 0, 0, 0] = Xp[idx, 0, 1, 23] = Xp[idx, 0, 23, 1] = 1.0
+    yp[idx] = 9
+    f = det.screen_dataset(Xp, yp, params=_params(["stamps"]))
+    truth = np.zeros(len(yp), dtype=bool)
+    truth[idx] = True
+    flagged = _mask(f, len(yp))
+    assert flagged[truth].all(), f.per_detector["stamps"]
+    assert not (flagged & ~truth).any()
 
 
 def test_malicious_annotator_flagged_and_excluded(digits):
