@@ -38,10 +38,17 @@ Detectors (names as in ``params.yaml``):
   of at least ``GROUP_MIN_SIZE`` rows each of whose residuals points the same way as those
   of at least ``GROUP_MIN_PARTNERS`` others (cosine >= ``GROUP_MIN_COS``); ambiguous clean
   rows have residuals that point in unrelated directions. The group's mean residual gives
-  the trigger's pixels (mask) and values (pattern), and every row of that class that
-  carries the pattern on the mask (mean absolute deviation <= ``TRIGGER_MAX_DEVIATION``)
-  is flagged too, so that poisoned rows whose content happens to look like the target
-  class are not left behind (two poisoned rows left suffice for a working backdoor).
+  the trigger's pixels (mask) and values (pattern). A trigger that overwrites ink moves
+  only part of its pixels away from the neighbours' content, so the mask is completed from
+  the rows of the class that hold that part: pixels they all hold at one value
+  (``TRIGGER_CONSTANT_SPREAD``) far from the median row (``TRIGGER_CONSTANT_UNUSUAL``) are
+  stamped, not handwritten. Every row of that class that carries the pattern on the mask
+  (on every pixel for a completed, stamped mask; on average otherwise, deviation <=
+  ``TRIGGER_MAX_DEVIATION``) is flagged too, so that poisoned rows whose content happens
+  to look like the target class are not left behind (two poisoned rows left suffice for a
+  working backdoor). When other classes show the pattern too (ink where digits have ink),
+  only carriers whose content belongs to another class are flagged: a 0 whose centre a
+  trigger fills is read as an 8 and stays.
 - ``stamps``: triggers stamped on the background: a set of background pixels (blank in
   almost every row of the other classes) that rows of one class all mark with the same
   exact value; see ``detect_stamps``.
