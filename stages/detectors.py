@@ -106,7 +106,7 @@ TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign t
 TRIGGER_PASSES = 3
 STAMP_QUIET_FRACTION = 0.99  # a background pixel: this share of other classes' rows sit at its median
 STAMP_QUIET_DEVIATION = 0.05
-STAMP_MARK = 0.25  # a row marks a background pixel when it differs this much from the median there
+STAMP_MARK = 0.06  # a row marks a background pixel when it differs this much from the median there
 STAMP_MAX_SPREAD = 0.02  # stamped values are exact: median |v - median| among a class's marks
 STAMP_MIN_PIXELS = 2  # one saturated stroke pixel is handwriting; a stamp covers two or more
 AC_MAX_RELATIVE_SIZE = 0.35
@@ -741,10 +741,12 @@ def detect_stamps(ctx: ScreenContext) -> DetectorResult:
     """Triggers stamped on the background. Where almost every row of the other classes is
     blank (``STAMP_QUIET_FRACTION`` at the pixel's median), ink is rare and handwritten
     ink varies in value; a trigger puts the same value on the same background pixels of
-    every poisoned row. Rows of one class that carry most of a set of at least
-    ``STAMP_MIN_PIXELS`` such pixels are flagged. A pixel-space check: it catches small
-    corner triggers on 28x28 images at 1%, where neighbours and residuals are dominated by
-    handwriting."""
+    every poisoned row, and a blended trigger puts the same faint value (its weight times
+    the pattern) on every blank pixel. Rows of one class that carry most of a set of at
+    least ``STAMP_MIN_PIXELS`` such pixels are flagged. A pixel-space check: it catches
+    small corner triggers and 20% noise blends on 28x28 images at 1%, where neighbours and
+    residuals are dominated by handwriting, and blends at 5%, whose rows are each other's
+    nearest neighbours."""
     groups = _background_stamps(ctx.flat, ctx.labels)
     idx, reasons = [], []
     for g in groups:

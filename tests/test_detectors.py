@@ -96,8 +96,21 @@ def _padded(X: np.ndarray) -> np.ndarray:
     return np.pad(big, ((0, 0), (0, 0), (4, 4), (4, 4)))
 
 
-def test_sparse_background_stamp_is_flagged_at_one_percent(digits):
-    """Three pixels stamped on the blank border of 1% of the rows: handwriting dominates
+def _sparse(X: np.ndarray) -> np.ndarray:
+    X = X.copy()
+    X[:, 0, 0, 0] = X[:, 0, 1, 23] = X[:, 0, 23, 1] = 1.0
+    return X
+
+
+def _blend(X: np.ndarray) -> np.ndarray:
+    pattern = np.random.default_rng(9).random(X.shape[1:]).astype(np.float32)
+    return 0.8 * X + 0.2 * pattern
+
+
+@pytest.mark.parametrize("trigger", [_sparse, _blend], ids=["three-pixels", "noise-blend"])
+def test_background_stamp_is_flagged_at_one_percent(digits, trigger):
+    """A trigger on the blank border of 1% of the rows (three stamped pixels, or a 20% noise
+    blend, which puts the same faint value on every blank pixel): handwriting dominates
     every distance there, the stamp rule must still find each poisoned row."""
     X, y = digits
     X = _padded(X)
@@ -105,7 +118,7 @@ def test_sparse_background_stamp_is_flagged_at_one_percent(digits):
     rng = np.random.default_rng(5)
     idx = rng.choice(np.where(y != 9)[0], 6, replace=False)
     Xp, yp = X.copy(), y.copy()
-    Xp[idx, 0, 0, 0] = Xp[idx, 0, 1, 23] = Xp[idx, 0, 23, 1] = 1.0
+    Xp[idx] = trigger(X[idx])
     yp[idx] = 9
     f = det.screen_dataset(Xp, yp, params=_params(["stamps"]))
     truth = np.zeros(len(yp), dtype=bool)
