@@ -144,6 +144,24 @@ def test_malicious_annotator_flagged_and_excluded(digits):
     assert f.per_detector["annotators"]["flagged"] > 0
 
 
+def test_datalab_near_duplicates_and_outliers(digits):
+    """Copies are flagged and their originals kept; a random-noise row is an outlier."""
+    X, y = digits
+    rng = np.random.default_rng(6)
+    src = rng.choice(len(X), 5, replace=False)
+    copies = X[src] + rng.normal(0, 1e-4, X[src].shape).astype(np.float32).clip(0, None)
+    noise = rng.random((1,) + X.shape[1:]).astype(np.float32)
+    Xa = np.clip(np.concatenate([X, copies, noise]), 0, 1)
+    ya = np.concatenate([y, (y[src] + np.array([0, 0, 1, 2, 3])) % 10, [1]])
+    f = det.screen_dataset(Xa, ya, params=_params(["near_duplicates", "outliers"]))
+    by = {name: {g["index"] for g in f.flags if name in g["detectors"]} for name in ("near_duplicates", "outliers")}
+    n = len(X)
+    assert by["near_duplicates"] == set(range(n, n + 5))
+    assert n + 5 in by["outliers"] and len(by["outliers"]) <= 3
+    conflicting = [g["reason"] for g in f.flags if g["index"] == n + 2]
+    assert "conflicting labels" in conflicting[0]
+
+
 def test_unknown_detector_raises(digits):
     X, y = digits
     with pytest.raises(InvalidInput, match="unknown detector"):
