@@ -53,7 +53,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 
 ## Data
 - Source: `{manifest['source']}`
-- Rows: {manifest['n']} (held-out test rows: {evaluation['n_test']}; accepted training rows: {screen.get('accepted')})
+- Rows: {manifest['n']} (held-out test rows evaluated: {evaluation['n_test']}; accepted training rows: {screen.get('accepted')})
 - Data SHA-256 (Merkle root over prepared files): `{manifest['merkle_root']}`
 - DVC hash: `{manifest['dvc']['md5']}`
 - Accepted training set digest: `{screen.get('accepted_sha256')}`
@@ -69,7 +69,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 {mia_text}
 
 ## Data screening (quarantine)
-{screen.get('flagged', 0)} of {screen.get('n_train', '?')} training rows quarantined ({100 * float(screen.get('flagged_fraction', 0)):.2f}%); list: `{screen.get('quarantine')}`.
+{screen.get('flagged', 0)} of {screen.get('n_screened', screen.get('n_train', '?'))} rows quarantined ({100 * float(screen.get('flagged_fraction', 0)):.2f}%; {screen.get('flagged_test', 0)} of them held-out test rows, left out of the evaluation); list: `{screen.get('quarantine')}`.
 
 {_table(qrows, ("detector", "flagged")) if qrows else ''}
 

@@ -1,10 +1,15 @@
-"""Screen: label-integrity and poisoning checks on the training split.
+"""Screen: label-integrity and poisoning checks on every row, before anything trains.
 
-The held-out test split is fixed first (stratified, ``evaluate.seed``) and never screened or
-trained on. Every flagged training row goes to ``data/quarantine/<run>/quarantine.json``
-with its index in the input as given, the SHA-256 of its bytes, the detectors and their
-scores; nothing is dropped silently. Training uses the accepted rows only. Above
-``screen.max_flagged_fraction`` the run stops: poisoning suspected (exit 3).
+The held-out test split is fixed first (stratified, ``evaluate.seed``) and never trained
+on. It comes from the same, possibly poisoned, source, so the detectors run on all rows at
+once (more rows make every detector stronger): flagged training rows are left out of
+training, and flagged test rows out of the evaluation, where a poisoned row's label would
+count a model that resists the backdoor as wrong. Every flagged row goes to
+``data/quarantine/<run>/quarantine.json`` with its index in the input as given, its split,
+the SHA-256 of its bytes, the detectors and their scores; nothing is dropped silently.
+With annotators, rows carry the trusted annotators' consensus label in training and
+evaluation. Above ``screen.max_flagged_fraction`` of all rows the run stops: poisoning
+suspected (exit 3).
 """
 
 from __future__ import annotations
@@ -36,20 +41,23 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     folder, manifest = ctx.dataset(where=STAGE)
     X, y, ann, meta = read_prepared(folder)
     train_idx, test_idx = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
-    findings = screen_dataset(X[train_idx], y[train_idx], params=params.screen,
-                              annotator_labels=None if ann is None else ann[train_idx])
+    order = np.concatenate([train_idx, test_idx])  # screened rows, by position
+    is_train = np.arange(len(order)) < len(train_idx)
+    findings = screen_dataset(X[order], y[order], params=params.screen,
+                              annotator_labels=None if ann is None else ann[order])
     labels = np.asarray(findings.labels, dtype=np.int64)
-    flagged_local = sorted({int(f["index"]) for f in findings.flags})
-    keep = np.ones(len(train_idx), dtype=bool)
-    keep[flagged_local] = False
-    accepted_idx = train_idx[keep]
-    accepted_labels = labels[keep]
+    keep = np.ones(len(order), dtype=bool)
+    keep[sorted({int(f["index"]) for f in findings.flags})] = False
+    accepted_idx, accepted_labels = order[keep & is_train], labels[keep & is_train]
+    eval_idx, eval_labels = order[keep & ~is_train], labels[keep & ~is_train]
 
     quarantine = []
-    for flag in sorted(findings.flags, key=lambda f: int(f["index"])):
-        i = int(train_idx[int(flag["index"])])
-        quarantine.append({"index": i, "sha256": _row_digest(X, y[i], i), "label": int(y[i]),
-                           "detectors": list(flag["detectors"]), "scores": flag["scores"], "reason": flag["reason"]})
+    for flag in sorted(findings.flags, key=lambda f: int(order[int(f["index"])])):
+        pos = int(flag["index"])
+        i = int(order[pos])
+        quarantine.append({"index": i, "split": "train" if is_train[pos] else "test", "sha256": _row_digest(X, y[i], i),
+                           "label": int(y[i]), "detectors": list(flag["detectors"]), "scores": flag["scores"],
+                           "reason": flag["reason"]})
     qdir = ctx.ws.quarantine_dir / ctx.run_id
     qpath = qdir / "quarantine.json"
     write_json(qpath, {"run_id": ctx.run_id, "data_sha256": manifest["merkle_root"], "count": len(quarantine),
@@ -58,10 +66,14 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
                         for i, lab in zip(accepted_idx, accepted_labels)]
     accepted_digest = merkle_root(accepted_entries)
     split_path = ctx.path("screen", "split.npz")
-    np.savez(split_path, train_idx=train_idx, test_idx=test_idx, accepted_idx=accepted_idx, accepted_labels=accepted_labels)
-    fraction = len(quarantine) / max(1, len(train_idx))
+    np.savez(split_path, train_idx=train_idx, test_idx=test_idx, accepted_idx=accepted_idx, accepted_labels=accepted_labels,
+             eval_idx=eval_idx, eval_labels=eval_labels)
+    fraction = len(quarantine) / max(1, len(order))
+    flagged_test = sum(1 for q in quarantine if q["split"] == "test")
     report = {"data_sha256": manifest["merkle_root"], "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-              "flagged": len(quarantine), "flagged_fraction": round(fraction, 6), "accepted": int(len(accepted_idx)),
+              "n_screened": int(len(order)), "flagged": len(quarantine), "flagged_train": len(quarantine) - flagged_test,
+              "flagged_test": flagged_test, "flagged_fraction": round(fraction, 6), "accepted": int(len(accepted_idx)),
+              "evaluated": int(len(eval_idx)),
               "accepted_sha256": accepted_digest, "max_flagged_fraction": params.screen.max_flagged_fraction,
               "quarantine": str(qpath.relative_to(ctx.ws.root)), "findings": findings.to_dict()}
     report_path = ctx.path("screen", "screen.json")
@@ -69,7 +81,7 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     outputs = {"split": split_path, "screen_report": report_path}
     try:
         png = ctx.path("screen", "suspects.png")
-        plot_suspects(X[train_idx], findings, png)
+        plot_suspects(X[order], findings, png)
         outputs["suspects_png"] = png
     except Exception:  # noqa: BLE001 - a plot is a convenience, not a check
         pass
@@ -80,7 +92,7 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
                                   "quarantine": report["quarantine"], "accepted_sha256": accepted_digest,
                                   "annotators": findings.to_dict().get("annotators")})
     if fraction > params.screen.max_flagged_fraction:
-        raise PoisoningSuspected(f"poisoning suspected: {len(quarantine)} of {len(train_idx)} training rows flagged "
+        raise PoisoningSuspected(f"poisoning suspected: {len(quarantine)} of {len(order)} rows flagged "
                                  f"({fraction:.1%} > screen.max_flagged_fraction {params.screen.max_flagged_fraction:.1%}); "
                                  f"see {report['quarantine']} and the playbook {PLAYBOOK}")
     return {"flagged": len(quarantine), "flagged_fraction": report["flagged_fraction"], "accepted": int(len(accepted_idx)),

@@ -61,7 +61,7 @@ def test_registered_model_loads_verified_and_scores_as_logged(promoted, monkeypa
     X, y = _held_out(ws, s)
     with torch.no_grad():
         acc = (model(torch.from_numpy(X)).argmax(1).numpy() == y).mean()
-    assert abs(acc - s["metrics"]["clean_accuracy"]) < 1e-6
+    assert abs(acc - s["metrics"]["clean_accuracy_all_test"]) < 1e-6
 
 
 def test_audit_and_lineage_verify(promoted):
@@ -146,3 +146,46 @@ def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatc
     assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
     promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--approver", "eve", "--reason", "x"], cwd=ws)
     assert promote.returncode == 4, promote.stderr
+
+
+def test_poisoned_data_in_clean_model_out(tmp_path, prefect_server, monkeypatch):
+    """A BadNets attack (3x3 patch in the top-left corner, 5% of the rows relabelled 7) goes
+    in through the command line; the promoted model must ignore the trigger, the poisoned
+    rows must be in quarantine, and those that fell in the held-out split must not count
+    against the model in its evaluation."""
+    import numpy as np
+
+    from stages.data import load_source
+    from stages.register import load_verified_model
+
+    d = load_source("sklearn:digits")
+    X, y = d.X.reshape(len(d.X), 1, 8, 8).astype(np.float32), d.y.copy()
+    rng = np.random.default_rng(11)
+    poisoned = rng.choice(np.where(y != 7)[0], int(0.05 * len(y)), replace=False)
+    Xp, yp = X.copy(), y.copy()
+    Xp[poisoned, :, :3, :3] = 1.0
+    yp[poisoned] = 7
+    data = tmp_path / "poisoned.npz"
+    np.savez(data, X=Xp, y=yp)
+
+    ws = make_workspace(tmp_path / "ws")
+    proc = run_cli(["run", "--json", "--data", str(data), *FAST], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "promoted"
+
+    listed = json.loads(Path(summary["quarantined"]["path"]).read_text())
+    flagged = {s["index"] for s in listed["samples"]}
+    assert set(poisoned.tolist()) <= flagged
+    assert len(flagged - set(poisoned.tolist())) <= 0.02 * len(y)
+    assert {s["split"] for s in listed["samples"] if s["index"] in set(poisoned.tolist())} == {"train", "test"}
+
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    model = load_verified_model(summary["model"]["uri"])
+    clean = np.setdiff1d(np.arange(len(y)), poisoned)
+    triggered = X[clean][y[clean] != 7].copy()
+    triggered[:, :, :3, :3] = 1.0
+    with torch.no_grad():
+        asr = float((model(torch.from_numpy(triggered)).argmax(1) == 7).float().mean())
+    assert asr <= 0.05
+    assert summary["metrics"]["clean_accuracy"] >= 0.95
