@@ -213,6 +213,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {rate:.0%} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {prf(li, truth)[2]:.3f} | {f.seconds:.1f} |")
     print()
 
+    # targeted flips: rows of two source classes relabelled as one target class
+    print("## Targeted label flips (rows of classes 1 and 4 relabelled 7)\n")
+    print("| rate | flipped | flagged | precision | recall | F1 | screening s |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in ([0.05] if args.quick else [0.01, 0.05, 0.1]):
+        rng = np.random.default_rng(seed + 4)
+        src = np.where(np.isin(ytr, [1, 4]))[0]
+        idx = rng.choice(src, min(len(src) // 2, int(rate * len(ytr))), replace=False)
+        yn = ytr.copy()
+        yn[idx] = 7
+        truth = yn != ytr
+        f = screen_dataset(Xtr, yn, params=screen)
+        p, r, f1 = prf(flag_mask(f, len(yn)), truth)
+        print(f"| {rate:.0%} | {int(truth.sum())} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {f.seconds:.1f} |")
+    print()
+
     # annotators
     print("## Annotators (5 annotators, each labels every row; #0 flips 30%, the rest 5%)\n")
     rng = np.random.default_rng(seed + 2)
