@@ -244,27 +244,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nconsensus accuracy vs true labels: {(f.labels == ytr).mean():.4f}; given-label (annotator 1) accuracy: {(A[:, 1] == ytr).mean():.4f}\n")
 
     # backdoors
-    triggers: dict[str, Trigger] = {
-        "patch 3x3 bottom-right": patch_trigger("br"),
-        "patch 3x3 top-left": patch_trigger("tl"),
-        "patch 3x3 bottom-left": patch_trigger("bl"),
-        "patch 3x3 centre": patch_trigger("mm"),
-        "blend 20% noise": blend_trigger(),
-        "sparse 3 pixels": sparse_trigger(),
-        "checkerboard 3x3 top-right": checker_trigger(),
-        "patch 2x2 centre": patch_trigger("mm", size=2),
+    attacks: dict[str, tuple[Trigger, int]] = {  # name: (trigger, target class)
+        "patch 3x3 bottom-right": (patch_trigger("br"), 0),
+        "patch 3x3 top-left": (patch_trigger("tl"), 7),
+        "patch 3x3 bottom-left": (patch_trigger("bl"), 2),
+        "patch 3x3 centre": (patch_trigger("mm"), 3),
+        "blend 20% noise": (blend_trigger(), 5),
+        "sparse 3 pixels": (sparse_trigger(), 9),
+        "checkerboard 3x3 top-right": (checker_trigger(), 4),
+        "patch 2x2 centre": (patch_trigger("mm", size=2), 8),
     }
-    targets = {"patch 3x3 bottom-right": 0, "patch 3x3 top-left": 7, "patch 3x3 bottom-left": 2, "patch 3x3 centre": 3,
-               "blend 20% noise": 5, "sparse 3 pixels": 9, "checkerboard 3x3 top-right": 4, "patch 2x2 centre": 8}
     if args.quick:
-        triggers = {k: triggers[k] for k in ("patch 3x3 bottom-right", "blend 20% noise", "sparse 3 pixels", "checkerboard 3x3 top-right")}
+        attacks = {k: attacks[k] for k in ("patch 3x3 bottom-right", "blend 20% noise", "sparse 3 pixels", "checkerboard 3x3 top-right")}
     print(f"## Backdoors (clean-data model: acc {clean_acc:.3f})\n")
     print("ASR clean: the same triggered test images on the model trained on clean data (what the")
     print("trigger does without any poisoning, e.g. filling a 0's centre makes an 8).\n")
     print("| trigger | target | rate | poisoned | flagged | precision | recall | F1 | ASR clean | ASR undefended | ASR defended | acc undefended | acc defended | screening s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, trig in triggers.items():
-        t = targets[name]
+    for name, (trig, t) in attacks.items():
         Xtrig = trig(Xte[yte != t])
         asr_c = float((predict(clean_model, Xtrig) == t).mean())
         for rate in [0.01, 0.05, 0.1]:

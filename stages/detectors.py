@@ -478,9 +478,10 @@ def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]
     the search is repeated with the rows found so far left out of the neighbours, until a
     pass adds nothing (at most ``TRIGGER_PASSES``)."""
     flagged = np.zeros(len(labels), dtype=bool)
+    typical = np.median(flat, axis=0)
     groups: list[dict[str, Any]] = []
     for _ in range(TRIGGER_PASSES):
-        found = _trigger_groups_once(flat, labels, np.where(flagged)[0] if flagged.any() else None)
+        found = _trigger_groups_once(flat, labels, typical, np.where(flagged)[0] if flagged.any() else None)
         if not found:
             break
         groups = found
@@ -495,13 +496,14 @@ def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]
     return groups
 
 
-def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None) -> list[dict[str, Any]]:
+def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, excluded: np.ndarray | None) -> list[dict[str, Any]]:
+    """One search pass; ``typical`` is the median row."""
     agree, residual = _trimmed_neighbours(flat, labels, excluded)
     norm = np.linalg.norm(residual, axis=1) + 1e-12
-    typical = np.median(flat, axis=0)
     groups = []
     for c in np.unique(labels):
-        suspects = np.where((labels == c) & (agree < 0.5))[0]
+        in_class = labels == c
+        suspects = np.where(in_class & (agree < 0.5))[0]
         if len(suspects) < GROUP_MIN_SIZE:
             continue
         U = residual[suspects] / norm[suspects, None]
@@ -530,7 +532,7 @@ def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, excluded: np.ndar
             # value complete the trigger's mask (the core alone can be a part of it)
             stamped = False
             core_pattern = np.median(flat[members][:, mask], axis=0)
-            holders = (labels == c) & (np.abs(flat[:, mask] - core_pattern).max(1) <= TRIGGER_MAX_DEVIATION)
+            holders = in_class & (np.abs(flat[:, mask] - core_pattern).max(1) <= TRIGGER_MAX_DEVIATION)
             if holders.sum() >= GROUP_MIN_SIZE:
                 centre = np.median(flat[holders], axis=0)
                 spread = np.median(np.abs(flat[holders] - centre), axis=0)
@@ -541,7 +543,6 @@ def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, excluded: np.ndar
             deviation = np.abs(flat[:, mask] - pattern)
             # a stamped pattern is carried exactly on every pixel; otherwise on average
             carries = (deviation.max(1) if stamped else deviation.mean(1)) <= TRIGGER_MAX_DEVIATION
-            in_class = labels == c
             # a pattern that other classes also show (ink where digits have ink) is content,
             # not a foreign trigger: then only rows that also show other-class content count
             common = carries[~in_class].mean() > TRIGGER_MAX_OTHER_CLASS
@@ -551,8 +552,6 @@ def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, excluded: np.ndar
                 "class": int(c),
                 "members": members,
                 "carriers": carriers,
-                "mask": mask,
-                "pattern": pattern.astype(np.float32),
                 "mask_pixels": int(mask.sum()),
                 "common_pattern": bool(common),
                 "stat": f"{len(members)} of {len(suspects)} rows with other-class content share one residual (mean cosine {cos.mean():.2f}); trigger on {int(mask.sum())} pixels carried by {len(carriers)} rows",
@@ -730,12 +729,14 @@ def detect_spectral(ctx: ScreenContext) -> DetectorResult:
 def _background_stamps(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
     """Per class: background pixels that at least ``GROUP_MIN_SIZE`` of its rows mark with one
     exact value, and the rows of that class carrying most of them; see ``stamps``."""
-    typical = np.median(flat, axis=0)
-    off = np.abs(flat - typical)
+    off = np.abs(flat - np.median(flat, axis=0))
+    near = off <= STAMP_QUIET_DEVIATION
+    near_total = near.sum(0)
     found = []
     for c in np.unique(labels):
         in_class = labels == c
-        quiet = (off[~in_class] <= STAMP_QUIET_DEVIATION).mean(0) >= STAMP_QUIET_FRACTION
+        others = max(1, int((~in_class).sum()))
+        quiet = (near_total - near[in_class].sum(0)) / others >= STAMP_QUIET_FRACTION
         marked = (off >= STAMP_MARK) & quiet
         counts = marked[in_class].sum(0)
         pixels = []

@@ -43,8 +43,10 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     train_idx, test_idx = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
     order = np.concatenate([train_idx, test_idx])  # screened rows, by position
     is_train = np.arange(len(order)) < len(train_idx)
-    findings = screen_dataset(X[order], y[order], params=params.screen,
+    X_screened = X[order]
+    findings = screen_dataset(X_screened, y[order], params=params.screen,
                               annotator_labels=None if ann is None else ann[order])
+    findings_dict = findings.to_dict()
     labels = np.asarray(findings.labels, dtype=np.int64)
     keep = np.ones(len(order), dtype=bool)
     keep[sorted({int(f["index"]) for f in findings.flags})] = False
@@ -75,13 +77,13 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
               "flagged_test": flagged_test, "flagged_fraction": round(fraction, 6), "accepted": int(len(accepted_idx)),
               "evaluated": int(len(eval_idx)),
               "accepted_sha256": accepted_digest, "max_flagged_fraction": params.screen.max_flagged_fraction,
-              "quarantine": str(qpath.relative_to(ctx.ws.root)), "findings": findings.to_dict()}
+              "quarantine": str(qpath.relative_to(ctx.ws.root)), "findings": findings_dict}
     report_path = ctx.path("screen", "screen.json")
     write_json(report_path, report)
     outputs = {"split": split_path, "screen_report": report_path}
     try:
         png = ctx.path("screen", "suspects.png")
-        plot_suspects(X[order], findings, png)
+        plot_suspects(X_screened, findings, png)
         outputs["suspects_png"] = png
     except Exception:  # noqa: BLE001 - a plot is a convenience, not a check
         pass
@@ -90,7 +92,7 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     ctx.record_outputs(STAGE, outputs)
     ctx.log("screen.quarantine", {"flagged": len(quarantine), "fraction": report["flagged_fraction"],
                                   "quarantine": report["quarantine"], "accepted_sha256": accepted_digest,
-                                  "annotators": findings.to_dict().get("annotators")})
+                                  "annotators": findings_dict.get("annotators")})
     if fraction > params.screen.max_flagged_fraction:
         raise PoisoningSuspected(f"poisoning suspected: {len(quarantine)} of {len(order)} rows flagged "
                                  f"({fraction:.1%} > screen.max_flagged_fraction {params.screen.max_flagged_fraction:.1%}); "
