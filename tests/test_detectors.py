@@ -56,6 +56,32 @@ def test_label_flips_found_with_high_f1(digits):
     assert set(row) == {"index", "detectors", "scores", "reason"} and row["detectors"] == ["label_issues"]
 
 
+@pytest.mark.parametrize("share", [0.5, 0.7])
+def test_targeted_flip_of_most_of_a_class_is_undone(share):
+    """Once half a class is relabelled, the out-of-sample models learn the flip and row-level
+    rules flag the unflipped rows instead; the lost-class rule must find the flipped ones."""
+    d = load_digits()
+    X, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    ones = np.where(y == 1)[0]
+    flipped = np.random.default_rng(3).choice(ones, int(share * len(ones)), replace=False)
+    yn = y.copy()
+    yn[flipped] = 7
+    truth = yn != y
+    f = det.screen_dataset(X, yn, params=_params(["label_issues"], folds=5))
+    flagged = _mask(f, len(y))
+    assert flagged[truth].mean() >= 0.95 and truth[flagged].mean() >= 0.8
+    assert flagged[np.setdiff1d(ones, flipped)].mean() <= 0.05, "the 1s still labelled 1 must be kept"
+    lost = f.per_detector["label_issues"]["lost_classes"]
+    assert [(c["class"], c["absorbed_by"]) for c in lost] == [(1, 7)]
+
+
+def test_no_lost_class_on_clean_or_randomly_flipped_data(digits):
+    X, y = digits
+    for labels in (y, _flip(y, 0.2, seed=4)[0]):
+        f = det.screen_dataset(X, labels, params=_params(["label_issues"]))
+        assert f.per_detector["label_issues"]["lost_classes"] == []
+
+
 def test_patch_backdoor_is_flagged(digits):
     X, y = digits
     rng = np.random.default_rng(2)
