@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from stages.errors import InvalidInput, PipelineError
 from stages.nets import build_model
 from stages.params import ScreenParams
+from stages.training import resolve_device
 
 __all__ = [
     "DETECTORS",
@@ -132,6 +133,7 @@ LOST_CORE_GAP = 0.2  # ... whose own rows are confident this much more often
 LOST_PAIR_MASS = 0.5  # a row of the lost class's mode puts most of its probability on the pair
 LOST_ABSORBER_CONFIDENT = 0.9
 LOSS_Z = -4.0
+SVC_MAX_ROWS = 10_000  # rows an RBF SVC is fitted on (a seeded random subset above this)
 ANNOTATOR_MAX_GAP = 0.15  # also drop annotators this far below the median annotator quality
 OUTLIER_IQR = 2.0  # clean digits and MNIST: none below; a uniform-noise image in digits: below
 DUPLICATE_RELATIVE_DISTANCE = 0.02  # of the median nearest-neighbour distance
@@ -299,10 +301,13 @@ def _net_for(X: np.ndarray, num_classes: int) -> torch.nn.Module:
     return build_model(name, input_shape=shape, num_classes=num_classes)
 
 
-def _train_net(X: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, seed: int, track_loss: bool = False, lr: float = 3e-3, batch_size: int = 64) -> tuple[torch.nn.Module, np.ndarray]:
-    """Plain Adam training; returns the model (eval mode) and per-epoch per-row losses."""
+def _train_net(X: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, seed: int, track_loss: bool = False, lr: float = 3e-3, batch_size: int = 64,
+               device: torch.device | None = None) -> tuple[torch.nn.Module, np.ndarray]:
+    """Plain Adam training; returns the model (eval mode, on ``device``, CPU by default) and
+    per-epoch per-row losses. The data stay on the CPU; each batch moves to ``device``."""
     gen = _torch_seed(seed)
-    model = _net_for(X, num_classes)
+    device = device or torch.device("cpu")
+    model = _net_for(X, num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     losses = []
@@ -312,7 +317,7 @@ def _train_net(X: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, s
         for start in range(0, len(X), batch_size):
             b = perm[start : start + batch_size]
             opt.zero_grad()
-            F.cross_entropy(model(Xt[b]), yt[b]).backward()
+            F.cross_entropy(model(Xt[b].to(device)), yt[b].to(device)).backward()
             opt.step()
         if track_loss:
             model.eval()
@@ -322,12 +327,15 @@ def _train_net(X: np.ndarray, y: np.ndarray, num_classes: int, *, epochs: int, s
     return model, np.array(losses, dtype=np.float32)
 
 
-def _batched(model: torch.nn.Module, Xt: torch.Tensor, fn: Callable[[torch.Tensor, slice], torch.Tensor], batch: int = 1024) -> np.ndarray:
+def _batched(model: torch.nn.Module, Xt: torch.Tensor, fn: Callable[[torch.Tensor, slice], torch.Tensor], batch: int = 1024, *, forward: str = "forward") -> np.ndarray:
+    """``fn(model.<forward>(batch) on the CPU, slice)`` over CPU tensor ``Xt``, concatenated."""
+    device = next(model.parameters()).device
+    call = getattr(model, forward)
     parts = []
     with torch.no_grad():
         for s in range(0, len(Xt), batch):
             sl = slice(s, s + batch)
-            parts.append(fn(model(Xt[sl]), sl).numpy())
+            parts.append(fn(call(Xt[sl].to(device)).float().cpu(), sl).numpy())
     return np.concatenate(parts)
 
 
@@ -336,9 +344,16 @@ def _softmax_of(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
 
 
 def _features_of(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
-    Xt = torch.from_numpy(X)
-    with torch.no_grad():
-        return np.concatenate([model.features_of(Xt[s : s + 1024]).numpy() for s in range(0, len(X), 1024)])
+    return _batched(model, torch.from_numpy(X), lambda out, sl: out, forward="features_of")
+
+
+def _svc_rows(rows: np.ndarray, seed: int) -> np.ndarray:
+    """At most ``SVC_MAX_ROWS`` of ``rows`` (a seeded random subset) for fitting an RBF SVC,
+    whose cost grows about as n^1.9 (8,000 MNIST rows: 18 s; 48,000 would take minutes per
+    fit). The network still learns from every row."""
+    if len(rows) <= SVC_MAX_ROWS:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, SVC_MAX_ROWS, replace=False))
 
 
 def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> np.ndarray:
@@ -353,13 +368,15 @@ def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: Scre
     flat = X.reshape(len(X), -1)
     probs = np.zeros((len(X), num_classes), dtype=np.float64)
     epochs = max(2, min(params.backdoor_epochs, 5))
+    device = resolve_device(params.device, "screen.device")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.seed)
     for fold, (tr, te) in enumerate(splitter.split(flat, y)):
-        present = np.unique(y[tr])
-        svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False).fit(flat[tr], y[tr])
+        sub = _svc_rows(tr, params.seed + fold)
+        present = np.unique(y[sub])
+        svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False).fit(flat[sub], y[sub])
         p_svc = np.zeros((len(te), num_classes))
         p_svc[:, present] = svc.predict_proba(flat[te])
-        model, _ = _train_net(X[tr], y[tr], num_classes, epochs=epochs, seed=params.seed + fold)
+        model, _ = _train_net(X[tr], y[tr], num_classes, epochs=epochs, seed=params.seed + fold, device=device)
         p_net = _softmax_of(model, X[te])
         probs[te] = 0.5 * p_svc + 0.5 * p_net
     probs = np.clip(probs, 1e-6, None)
@@ -367,7 +384,8 @@ def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: Scre
 
 
 def _train_screening_net(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> dict[str, np.ndarray]:
-    model, losses = _train_net(X, y, num_classes, epochs=params.backdoor_epochs, seed=params.seed, track_loss=True)
+    model, losses = _train_net(X, y, num_classes, epochs=params.backdoor_epochs, seed=params.seed, track_loss=True,
+                               device=resolve_device(params.device, "screen.device"))
     return {"losses": losses, "features": _features_of(model, X)}
 
 
@@ -866,7 +884,8 @@ def detect_activation_clustering(ctx: ScreenContext) -> DetectorResult:
         # exclusionary reclassification: train without the cluster, classify the cluster
         keep = np.ones(len(ctx.X), dtype=bool)
         keep[members] = False
-        clf = SVC(C=10.0, gamma="scale", random_state=ctx.params.seed).fit(ctx.flat[keep], ctx.labels[keep])
+        rows = _svc_rows(np.where(keep)[0], ctx.params.seed)
+        clf = SVC(C=10.0, gamma="scale", random_state=ctx.params.seed).fit(ctx.flat[rows], ctx.labels[rows])
         pred = clf.predict(ctx.flat[members])
         same = float((pred == c).mean())
         # a legitimate sub-style of class c, once removed, is read as one look-alike class;

@@ -38,6 +38,10 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
     findings = screen.get("findings", {})
     per_det = findings.get("per_detector", {})
     qrows = [(name, str(info.get("count", info.get("flagged", "")))) for name, info in per_det.items()]
+    notes = [f"- Class {c['class']} was largely relabelled as {c['absorbed_by']} (targeted flip): the relabelled rows are quarantined."
+             for c in per_det.get("label_issues", {}).get("lost_classes", [])]
+    notes += [f"- Annotator {a} scored below the quality bar; their labels were left out of the consensus."
+              for a in per_det.get("annotators", {}).get("flagged_annotators", [])]
     checks = [(c["name"], f"{'pass' if c['passed'] else 'FAIL'}: {c['reason']}") for c in verdict["checks"]]
     limits = "\n".join(f"- {item}" for item in p.known_limits) or "- None recorded."
     return f"""# Model card: {p.name}
@@ -72,6 +76,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 {screen.get('flagged', 0)} of {screen.get('n_screened', screen.get('n_train', '?'))} rows quarantined ({100 * float(screen.get('flagged_fraction', 0)):.2f}%; {screen.get('flagged_test', 0)} of them held-out test rows, left out of the evaluation); list: `{screen.get('quarantine')}`.
 
 {_table(qrows, ("detector", "flagged")) if qrows else ''}
+{chr(10).join(notes)}
 
 ## Gate verdict: {verdict['verdict']}
 {_table(checks, ("check", "result"))}

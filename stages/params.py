@@ -63,6 +63,7 @@ class ScreenParams(_Section):
     detectors: list[str]
     backdoor_epochs: int = Field(default=8, ge=1)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class AdversarialParams(_Section):

@@ -59,13 +59,14 @@ class FitResult:
     device: str
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; ``"cuda"`` without a GPU raises ``InvalidInput``."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; ``"cuda"`` without a GPU raises ``InvalidInput``
+    naming ``setting``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidInput("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+            raise InvalidInput(f"{setting} is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
         return torch.device("cuda")
     if name == "cpu":
         return torch.device("cpu")

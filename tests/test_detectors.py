@@ -223,3 +223,23 @@ def test_clean_data_has_few_flags(digits, tmp_path):
     out = tmp_path / "suspects.png"
     det.plot_suspects(X, f, str(out), per_detector=4)
     assert out.stat().st_size > 0
+
+
+def test_svc_is_fitted_on_a_bounded_subset(digits, monkeypatch):
+    """The RBF SVC's cost grows about as n^1.9; above SVC_MAX_ROWS it sees a seeded subset
+    and label screening still finds the flips."""
+    X, y = digits
+    monkeypatch.setattr(det, "SVC_MAX_ROWS", 200)
+    rows = det._svc_rows(np.arange(480), seed=0)
+    assert len(rows) == 200 and len(np.unique(rows)) == 200
+    assert np.array_equal(rows, det._svc_rows(np.arange(480), seed=0))
+    yn, truth = _flip(y, 0.1, seed=1)
+    f = det.screen_dataset(X, yn, params=_params(["label_issues"]))
+    assert _f1(_mask(f, len(y)), truth) >= 0.8
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_screen_device_cuda_without_gpu_is_a_clear_error(digits):
+    X, y = digits
+    with pytest.raises(InvalidInput, match="screen.device is 'cuda'"):
+        det.screen_dataset(X, y, params=_params(["label_issues"], device="cuda"))

@@ -189,3 +189,41 @@ def test_poisoned_data_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
         asr = float((model(torch.from_numpy(triggered)).argmax(1) == 7).float().mean())
     assert asr <= 0.05
     assert summary["metrics"]["clean_accuracy"] >= 0.95
+
+
+def test_targeted_flip_in_clean_model_out(tmp_path, prefect_server, monkeypatch):
+    """Half of the 1s relabelled 7 go in through the command line. Models trained on such
+    data learn that a 1 is a coin toss between 1 and 7; the promoted model must read 1s as
+    1s, the relabelled rows must be in quarantine and the model card must say what happened."""
+    import numpy as np
+
+    from stages.data import load_source
+    from stages.register import load_verified_model
+
+    d = load_source("sklearn:digits")
+    X, y = d.X.reshape(len(d.X), 1, 8, 8).astype(np.float32), d.y.copy()
+    ones = np.where(y == 1)[0]
+    flipped = np.random.default_rng(12).choice(ones, len(ones) // 2, replace=False)
+    yp = y.copy()
+    yp[flipped] = 7
+    data = tmp_path / "flipped.npz"
+    np.savez(data, X=X, y=yp)
+
+    ws = make_workspace(tmp_path / "ws")
+    proc = run_cli(["run", "--json", "--data", str(data), *FAST], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "promoted"
+
+    listed = json.loads(Path(summary["quarantined"]["path"]).read_text())
+    flagged = {s["index"] for s in listed["samples"]}
+    assert len(flagged & set(flipped.tolist())) >= 0.95 * len(flipped)
+    assert len(flagged & set(np.setdiff1d(ones, flipped).tolist())) <= 0.05 * len(ones)
+
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    model = load_verified_model(summary["model"]["uri"])
+    with torch.no_grad():
+        read_as_one = float((model(torch.from_numpy(X[flipped])).argmax(1) == 1).float().mean())
+    assert read_as_one >= 0.9  # the relabelled images, which it never trained on
+    card = (ws / "runs" / summary["run_id"] / "card" / "model_card.md").read_text()
+    assert "Class 1 was largely relabelled as 7" in card
