@@ -61,7 +61,9 @@ Detectors (names as in ``params.yaml``):
   trigger fills is read as an 8 and stays.
 - ``stamps``: triggers stamped on the background: a set of background pixels (blank in
   almost every row of the other classes) that rows of one class all mark with the same
-  exact value; see ``detect_stamps``.
+  exact value; and triggers stamped anywhere, ink included: pixels that rows of one class,
+  mostly showing other classes' content, hold at one exact value far more often than other
+  classes' rows; see ``detect_stamps``.
 - ``activation_clustering``: Chen et al. 2018: per class 2-means on PCA-reduced
   penultimate features; the smaller cluster is confirmed by exclusionary reclassification
   (a model trained without it assigns most of it to other classes).
@@ -120,6 +122,10 @@ STAMP_QUIET_DEVIATION = 0.05
 STAMP_MARK = 0.06  # a row marks a background pixel when it differs this much from the median there
 STAMP_MAX_SPREAD = 0.02  # stamped values are exact: median |v - median| among a class's marks
 STAMP_MIN_PIXELS = 2  # one saturated stroke pixel is handwriting; a stamp covers two or more
+INK_STAMP_MIN_SHARE = 0.2  # share of a row set holding one exact unusual value on a pixel ...
+INK_STAMP_ENRICHMENT = 4.0  # ... this many times more often than the other classes' rows do
+INK_STAMP_MIN_FOREIGN = 0.5  # carriers mostly show another class's content
+INK_STAMP_MAX_OTHER_CLASS = 0.05  # other classes' rows holding the whole stamp (MNIST centre 2x2 at 1.0: 1%)
 AC_MAX_RELATIVE_SIZE = 0.35
 AC_MIN_SILHOUETTE = 0.25
 AC_MAX_SAME_CLASS = 0.2  # exclusionary reclassification: poison when < 20% keeps its label
@@ -276,6 +282,10 @@ class ScreenContext:
     # ---- out-of-sample probabilities
     def pred_probs(self) -> np.ndarray:
         return self.cached("pred_probs", lambda: _oos_pred_probs(self.X, self.labels, self.num_classes, self.params))
+
+    # ---- trimmed nearest neighbours in input space (share agreeing with each row's label, residuals)
+    def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.cached("trimmed", lambda: _trimmed_neighbours(self.flat, self.labels))
 
     # ---- a briefly trained network on all rows: loss curves and penultimate features
     def screening_net(self) -> dict[str, np.ndarray]:
@@ -504,7 +514,7 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarr
     return agree, residual
 
 
-def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+def _trigger_groups(flat: np.ndarray, labels: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Small groups of rows per class that share a trigger; see the module docstring.
 
     At higher rates poisoned rows outvote the clean rows among each other's neighbours; so
@@ -514,7 +524,8 @@ def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]
     typical = np.median(flat, axis=0)
     groups: list[dict[str, Any]] = []
     for _ in range(TRIGGER_PASSES):
-        found = _trigger_groups_once(flat, labels, typical, np.where(flagged)[0] if flagged.any() else None)
+        found = _trigger_groups_once(flat, labels, typical, np.where(flagged)[0] if flagged.any() else None, first)
+        first = None
         if not found:
             break
         groups = found
@@ -529,9 +540,11 @@ def _trigger_groups(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]
     return groups
 
 
-def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, excluded: np.ndarray | None) -> list[dict[str, Any]]:
-    """One search pass; ``typical`` is the median row."""
-    agree, residual = _trimmed_neighbours(flat, labels, excluded)
+def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, excluded: np.ndarray | None,
+                         neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """One search pass; ``typical`` is the median row; ``neighbours``: this pass's
+    ``_trimmed_neighbours`` when already computed."""
+    agree, residual = neighbours if neighbours is not None else _trimmed_neighbours(flat, labels, excluded)
     norm = np.linalg.norm(residual, axis=1) + 1e-12
     groups = []
     for c in np.unique(labels):
@@ -751,7 +764,7 @@ def _analyse_annotators(ctx: ScreenContext) -> None:
     ctx.labels = consensus
     ctx.consensus_disagrees = consensus != ctx.y_given
     ctx._cache["no_trusted_rows"] = no_trusted
-    for key in ("residuals", "trigger_groups", "net", "datalab"):
+    for key in ("residuals", "trimmed", "trigger_groups", "net", "datalab"):
         ctx._cache.pop(key, None)
 
 
@@ -790,7 +803,7 @@ def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], v
 def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
     idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
-    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels))
+    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels, ctx.trimmed()))
     seen = set(idx)
     for g in groups:
         for r in g["carriers"]:
@@ -835,6 +848,64 @@ def _background_stamps(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, A
     return found
 
 
+def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray) -> list[dict[str, Any]]:
+    """Per class: pixels anywhere (ink included) that the class's rows hold at one exact
+    unusual value far more often than other classes' rows, and the rows holding all of them.
+
+    Handwriting gives a pixel many values; a stamped trigger gives every poisoned row the
+    same value on the same pixels, even where digits have ink (a centre patch). Candidate
+    pixels are read twice per class: on the rows whose trimmed neighbours carry another
+    label (``agree`` < 0.5: the poisoned rows' content is another class's) and on all rows
+    of the class. A pixel counts when at least ``INK_STAMP_MIN_SHARE`` of those rows hold
+    its modal unusual value (>= ``STAMP_MARK`` from the median row) and that is
+    ``INK_STAMP_ENRICHMENT`` times the share of other classes' rows holding it. Rows of the
+    class holding every such pixel (>= ``STAMP_MIN_PIXELS``) exactly are a stamp group when
+    there are ``GROUP_MIN_SIZE`` or more, at most ``INK_STAMP_MAX_OTHER_CLASS`` of the other
+    classes' rows hold the same (and the class holds it ``INK_STAMP_ENRICHMENT`` times as
+    often), and most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content: a
+    class's own style (0s with a blank centre) fails the last checks."""
+    unusual = np.abs(flat - np.median(flat, axis=0)) >= STAMP_MARK
+    found: list[dict[str, Any]] = []
+    for c in np.unique(labels):
+        in_class = labels == c
+        seen: list[frozenset[int]] = []
+        for rows in (in_class & (agree < 0.5), in_class):
+            if rows.sum() < GROUP_MIN_SIZE:
+                continue
+            F, U = flat[rows], unusual[rows]
+            pixels, values = [], []
+            for j in np.where(U.sum(0) >= GROUP_MIN_SIZE)[0]:
+                v, n = np.unique(F[U[:, j], j], return_counts=True)
+                k = int(n.argmax())
+                share = n[k] / len(F)
+                if n[k] >= GROUP_MIN_SIZE and share >= INK_STAMP_MIN_SHARE and share >= INK_STAMP_ENRICHMENT * max((flat[~in_class, j] == v[k]).mean(), 1e-3):
+                    pixels.append(int(j))
+                    values.append(v[k])
+            if len(pixels) < STAMP_MIN_PIXELS:
+                continue
+            # candidate pixels can include a class's own style; the stamp is the part that
+            # the rows holding most candidates all hold
+            holds = flat[:, pixels] == np.array(values, dtype=flat.dtype)
+            most = in_class & (holds.sum(1) >= max(STAMP_MIN_PIXELS, len(pixels) / 2))
+            if most.sum() < GROUP_MIN_SIZE:
+                continue
+            core = holds[most].mean(0) >= 0.9
+            if core.sum() < STAMP_MIN_PIXELS or frozenset(np.array(pixels)[core].tolist()) in seen:
+                continue
+            pixels = np.array(pixels)[core].tolist()
+            seen.append(frozenset(pixels))
+            carries = holds[:, core].all(1)
+            carriers = np.where(in_class & carries)[0]
+            other = carries[~in_class].mean()
+            if (len(carriers) < GROUP_MIN_SIZE or other > INK_STAMP_MAX_OTHER_CLASS
+                    or len(carriers) / in_class.sum() < INK_STAMP_ENRICHMENT * other
+                    or (agree[carriers] < 0.5).mean() < INK_STAMP_MIN_FOREIGN):
+                continue
+            found.append({"class": int(c), "pixels": pixels, "carriers": carriers,
+                          "stat": f"{len(carriers)} rows, mostly with other classes' content, hold {len(pixels)} pixels at one exact value each"})
+    return found
+
+
 @register_detector("stamps")
 def detect_stamps(ctx: ScreenContext) -> DetectorResult:
     """Triggers stamped on the background. Where almost every row of the other classes is
@@ -845,15 +916,19 @@ def detect_stamps(ctx: ScreenContext) -> DetectorResult:
     least ``STAMP_MIN_PIXELS`` such pixels are flagged. A pixel-space check: it catches
     small corner triggers and 20% noise blends on 28x28 images at 1%, where neighbours and
     residuals are dominated by handwriting, and blends at 5%, whose rows are each other's
-    nearest neighbours."""
-    groups = _background_stamps(ctx.flat, ctx.labels)
+    nearest neighbours.
+
+    Triggers stamped on ink (a centre patch on 28x28 digits: one pixel set in 100, much of
+    it already inked) are found by exact values instead (``_ink_stamps``)."""
+    groups = _background_stamps(ctx.flat, ctx.labels) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0])
     idx, reasons = [], []
     for g in groups:
         for r in g["carriers"]:
-            idx.append(int(r))
-            reasons.append(f"class {g['class']}: {g['stat']}")
-    return DetectorResult(np.array(idx, dtype=np.int64), np.ones(len(idx)), f"{STAMP_MIN_PIXELS}+ background pixels stamped alike by {GROUP_MIN_SIZE}+ rows of one class", reasons,
-                          {"stamps": {str(g["class"]): g["stat"] for g in groups}})
+            if int(r) not in idx:
+                idx.append(int(r))
+                reasons.append(f"class {g['class']}: {g['stat']}")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.ones(len(idx)), f"{STAMP_MIN_PIXELS}+ pixels stamped alike by {GROUP_MIN_SIZE}+ rows of one class", reasons,
+                          {"stamps": [{"class": g["class"], "stat": g["stat"]} for g in groups]})
 
 
 @register_detector("activation_clustering")

@@ -243,3 +243,43 @@ def test_screen_device_cuda_without_gpu_is_a_clear_error(digits):
     X, y = digits
     with pytest.raises(InvalidInput, match="screen.device is 'cuda'"):
         det.screen_dataset(X, y, params=_params(["label_issues"], device="cuda"))
+
+
+@pytest.fixture(scope="module")
+def digits_24():
+    """The digits fixture smoothly upscaled to 24x24: ink with continuous values, as in
+    scanned handwriting, so that a centre patch lands on strokes."""
+    from scipy.ndimage import zoom
+
+    d = load_digits()
+    pick = np.random.default_rng(0).permutation(len(d.images))[:600]
+    X = np.clip(zoom(d.images[pick] / 16.0, (1, 3, 3), order=1), 0, 1).astype(np.float32)[:, None]
+    return X, d.target[pick].astype(np.int64)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1])
+def test_patch_stamped_on_ink_is_flagged(digits_24, rate):
+    """A white 3x3 patch in the centre of 24x24 digits overwrites strokes, so the background
+    rule cannot see it; the poisoned rows hold its nine pixels at exactly 1.0, which clean
+    rows of the other classes rarely do."""
+    X, y = digits_24
+    rng = np.random.default_rng(5)
+    idx = rng.choice(np.where(y != 3)[0], int(rate * len(y)), replace=False)
+    Xp, yp = X.copy(), y.copy()
+    Xp[idx, :, 10:13, 10:13] = 1.0
+    yp[idx] = 3
+    f = det.screen_dataset(Xp, yp, params=_params(["stamps"]))
+    flagged = _mask(f, len(y))
+    truth = np.zeros(len(y), dtype=bool)
+    truth[idx] = True
+    assert flagged[truth].all()
+    assert (flagged & ~truth).sum() <= 0.01 * len(y)
+    ink = [g for g in f.per_detector["stamps"]["stamps"] if "other classes' content" in g["stat"]]
+    assert [g["class"] for g in ink] == [3]
+
+
+def test_no_ink_stamp_on_clean_images(digits, digits_24):
+    for X, y in (digits, digits_24):
+        flat = X.reshape(len(X), -1)
+        agree, _ = det._trimmed_neighbours(flat, y)
+        assert det._ink_stamps(flat, y, agree) == []
