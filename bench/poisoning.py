@@ -265,7 +265,7 @@ class Bench:
             "patch 2x2 centre": (patch_trigger("mm", size=2), 8),
         }
         if self.quick:
-            attacks = {k: attacks[k] for k in ("patch 3x3 bottom-right", "blend 20% noise", "sparse 3 pixels", "checkerboard 3x3 top-right")}
+            attacks = {k: attacks[k] for k in ("patch 3x3 bottom-right", "patch 3x3 centre", "blend 20% noise", "sparse 3 pixels", "checkerboard 3x3 top-right")}
         print(f"## Backdoors (clean-data model: acc {self.clean_acc:.3f})\n")
         print("ASR clean: the same triggered test images on the model trained on clean data (what the")
         print("trigger does without any poisoning, e.g. filling a 0's centre makes an 8).\n")
