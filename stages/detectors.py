@@ -115,6 +115,7 @@ TRIGGER_MASK_ENERGY = 0.25  # mask = pixels holding >= 25% of the peak squared s
 TRIGGER_CONSTANT_SPREAD = 0.02  # median |x - median| across trigger holders on a stamped pixel
 TRIGGER_CONSTANT_UNUSUAL = 0.25  # ... at a value this far from the median row there
 TRIGGER_MAX_DEVIATION = 0.1  # mean |x - pattern| on the mask for a row to carry the trigger
+TRIGGER_MAX_SPREAD = 0.05  # median |x - pattern| of a group's members on its mask: a trigger is stamped alike
 TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign trigger
 TRIGGER_PASSES = 3
 STAMP_QUIET_FRACTION = 0.99  # a background pixel: this share of other classes' rows sit at its median
@@ -586,6 +587,8 @@ def _trigger_groups_once(flat: np.ndarray, labels: np.ndarray, typical: np.ndarr
                 if full.sum() >= mask.sum() and (full & mask).sum() == mask.sum():
                     mask, stamped = full, True
             pattern = np.median(flat[members][:, mask], axis=0)
+            if np.median(np.abs(flat[members][:, mask] - pattern)) > TRIGGER_MAX_SPREAD:
+                continue  # the members vary on the mask: a handwriting sub-style, not a stamp
             deviation = np.abs(flat[:, mask] - pattern)
             # a stamped pattern is carried exactly on every pixel; otherwise on average
             carries = (deviation.max(1) if stamped else deviation.mean(1)) <= TRIGGER_MAX_DEVIATION
