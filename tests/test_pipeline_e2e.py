@@ -148,6 +148,21 @@ def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatc
     assert promote.returncode == 4, promote.stderr
 
 
+def _promoted_run_on(tmp_path: Path, X, y) -> tuple[Path, dict, dict]:
+    """Run the CLI on (X, y) in a fresh workspace; it must promote. Returns the workspace,
+    the run summary and the quarantine list."""
+    import numpy as np
+
+    data = tmp_path / "data.npz"
+    np.savez(data, X=X, y=y)
+    ws = make_workspace(tmp_path / "ws")
+    proc = run_cli(["run", "--json", "--data", str(data), *FAST], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "promoted"
+    return ws, summary, json.loads(Path(summary["quarantined"]["path"]).read_text())
+
+
 def test_poisoned_data_in_clean_model_out(tmp_path, prefect_server, monkeypatch):
     """A BadNets attack (3x3 patch in the top-left corner, 5% of the rows relabelled 7) goes
     in through the command line; the promoted model must ignore the trigger, the poisoned
@@ -165,16 +180,7 @@ def test_poisoned_data_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
     Xp, yp = X.copy(), y.copy()
     Xp[poisoned, :, :3, :3] = 1.0
     yp[poisoned] = 7
-    data = tmp_path / "poisoned.npz"
-    np.savez(data, X=Xp, y=yp)
-
-    ws = make_workspace(tmp_path / "ws")
-    proc = run_cli(["run", "--json", "--data", str(data), *FAST], cwd=ws)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
-    assert summary["status"] == "promoted"
-
-    listed = json.loads(Path(summary["quarantined"]["path"]).read_text())
+    ws, summary, listed = _promoted_run_on(tmp_path, Xp, yp)
     flagged = {s["index"] for s in listed["samples"]}
     assert set(poisoned.tolist()) <= flagged
     assert len(flagged - set(poisoned.tolist())) <= 0.02 * len(y)
@@ -206,16 +212,7 @@ def test_targeted_flip_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
     flipped = np.random.default_rng(12).choice(ones, len(ones) // 2, replace=False)
     yp = y.copy()
     yp[flipped] = 7
-    data = tmp_path / "flipped.npz"
-    np.savez(data, X=X, y=yp)
-
-    ws = make_workspace(tmp_path / "ws")
-    proc = run_cli(["run", "--json", "--data", str(data), *FAST], cwd=ws)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
-    assert summary["status"] == "promoted"
-
-    listed = json.loads(Path(summary["quarantined"]["path"]).read_text())
+    ws, summary, listed = _promoted_run_on(tmp_path, X, yp)
     flagged = {s["index"] for s in listed["samples"]}
     assert len(flagged & set(flipped.tolist())) >= 0.95 * len(flipped)
     assert len(flagged & set(np.setdiff1d(ones, flipped).tolist())) <= 0.05 * len(ones)
