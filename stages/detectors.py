@@ -284,6 +284,11 @@ class ScreenContext:
     def pred_probs(self) -> np.ndarray:
         return self.cached("pred_probs", lambda: _oos_pred_probs(self.X, self.labels, self.num_classes, self.params))
 
+    @property
+    def typical(self) -> np.ndarray:
+        """The median row (per feature), the reference for unusual pixel values."""
+        return self.cached("typical", lambda: np.median(self.flat, axis=0))
+
     # ---- trimmed nearest neighbours in input space (share agreeing with each row's label, residuals)
     def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
         return self.cached("trimmed", lambda: _trimmed_neighbours(self.flat, self.labels))
@@ -515,14 +520,13 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarr
     return agree, residual
 
 
-def _trigger_groups(flat: np.ndarray, labels: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+def _trigger_groups(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Small groups of rows per class that share a trigger; see the module docstring.
 
     At higher rates poisoned rows outvote the clean rows among each other's neighbours; so
     the search is repeated with the rows found so far left out of the neighbours, until a
     pass adds nothing (at most ``TRIGGER_PASSES``)."""
     flagged = np.zeros(len(labels), dtype=bool)
-    typical = np.median(flat, axis=0)
     groups: list[dict[str, Any]] = []
     for _ in range(TRIGGER_PASSES):
         found = _trigger_groups_once(flat, labels, typical, np.where(flagged)[0] if flagged.any() else None, first)
@@ -806,7 +810,7 @@ def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], v
 def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
     idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
-    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels, ctx.trimmed()))
+    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels, ctx.typical, ctx.trimmed()))
     seen = set(idx)
     for g in groups:
         for r in g["carriers"]:
@@ -823,10 +827,9 @@ def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"d' >= {SPLIT_MIN_DPRIME} or gap >= {SPLIT_MIN_GAP}", reasons, {"residual_split": stats, "feature_split": feature_stats, "trigger_groups": {str(g["class"]): g["stat"] for g in groups}})
 
 
-def _background_stamps(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+def _background_stamps(flat: np.ndarray, labels: np.ndarray, off: np.ndarray) -> list[dict[str, Any]]:
     """Per class: background pixels that at least ``GROUP_MIN_SIZE`` of its rows mark with one
     exact value, and the rows of that class carrying most of them; see ``stamps``."""
-    off = np.abs(flat - np.median(flat, axis=0))
     near = off <= STAMP_QUIET_DEVIATION
     near_total = near.sum(0)
     found = []
@@ -851,7 +854,7 @@ def _background_stamps(flat: np.ndarray, labels: np.ndarray) -> list[dict[str, A
     return found
 
 
-def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray) -> list[dict[str, Any]]:
+def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, off: np.ndarray) -> list[dict[str, Any]]:
     """Per class: pixels anywhere (ink included) that the class's rows hold at one exact
     unusual value far more often than other classes' rows, and the rows holding all of them.
 
@@ -867,10 +870,11 @@ def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray) -> list
     classes' rows hold the same (and the class holds it ``INK_STAMP_ENRICHMENT`` times as
     often), and most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content: a
     class's own style (0s with a blank centre) fails the last checks."""
-    unusual = np.abs(flat - np.median(flat, axis=0)) >= STAMP_MARK
+    unusual = off >= STAMP_MARK
     found: list[dict[str, Any]] = []
     for c in np.unique(labels):
         in_class = labels == c
+        others = flat[~in_class]
         seen: list[frozenset[int]] = []
         for rows in (in_class & (agree < 0.5), in_class):
             if rows.sum() < GROUP_MIN_SIZE:
@@ -881,7 +885,7 @@ def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray) -> list
                 v, n = np.unique(F[U[:, j], j], return_counts=True)
                 k = int(n.argmax())
                 share = n[k] / len(F)
-                if n[k] >= GROUP_MIN_SIZE and share >= INK_STAMP_MIN_SHARE and share >= INK_STAMP_ENRICHMENT * max((flat[~in_class, j] == v[k]).mean(), 1e-3):
+                if n[k] >= GROUP_MIN_SIZE and share >= INK_STAMP_MIN_SHARE and share >= INK_STAMP_ENRICHMENT * max((others[:, j] == v[k]).mean(), 1e-3):
                     pixels.append(int(j))
                     values.append(v[k])
             if len(pixels) < STAMP_MIN_PIXELS:
@@ -923,7 +927,8 @@ def detect_stamps(ctx: ScreenContext) -> DetectorResult:
 
     Triggers stamped on ink (a centre patch on 28x28 digits: one pixel set in 100, much of
     it already inked) are found by exact values instead (``_ink_stamps``)."""
-    groups = _background_stamps(ctx.flat, ctx.labels) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0])
+    off = np.abs(ctx.flat - ctx.typical)  # distance of every pixel from the median row
+    groups = _background_stamps(ctx.flat, ctx.labels, off) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0], off)
     idx, reasons = [], []
     for g in groups:
         for r in g["carriers"]:

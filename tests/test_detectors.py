@@ -282,4 +282,4 @@ def test_no_ink_stamp_on_clean_images(digits, digits_24):
     for X, y in (digits, digits_24):
         flat = X.reshape(len(X), -1)
         agree, _ = det._trimmed_neighbours(flat, y)
-        assert det._ink_stamps(flat, y, agree) == []
+        assert det._ink_stamps(flat, y, agree, np.abs(flat - np.median(flat, axis=0))) == []
