@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.hashing import StatCache, hash_files, safe_files, sha256_file, verify_files  # noqa: E402
+from stages.trust.hashing import StatCache, hash_files, safe_files, sha256_file, verify_files  # noqa: E402
 
 MiB = 1 << 20
 DVC = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dvc"

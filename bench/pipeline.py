@@ -30,10 +30,10 @@ def main() -> int:
     os.environ.update({"MLSEC_ROOT": str(tmp / "ws"), "MLSEC_KEY_DIR": str(tmp / "keys"), "PREFECT_HOME": str(tmp / "prefect")})
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from stages.runner import telemetry_off
+    from stages.core.telemetry import telemetry_off
 
     telemetry_off()
-    from stages.provenance import init_repo
+    from stages.trust.provenance import init_repo
 
     (tmp / "ws").mkdir()
     shutil.copy(ROOT / "params.yaml", tmp / "ws" / "params.yaml")

@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from stages.detectors import screen_dataset
-from stages.params import ScreenParams, load_params
+from stages.screening import screen_dataset
+from stages.core.params import ScreenParams, load_params
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 Trigger = Callable[[np.ndarray], np.ndarray]
@@ -126,7 +126,7 @@ def poison(X, y, *, rate: float, trigger: Trigger, target: int, seed: int):
 
 def train_cnn(X, y, *, num_classes: int, epochs: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64) -> torch.nn.Module:
     """A quick final model: the same plain Adam loop the screening nets use."""
-    from stages.detectors import _train_net
+    from stages.screening.evidence import _train_net
 
     return _train_net(X, y, num_classes, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)[0]
 
@@ -136,7 +136,7 @@ def final_trainer(mode: str, train_params, *, epochs: int, seed: int) -> Callabl
     users promote); ``plain``: the quick Adam loop, for large benches on a CPU."""
     if mode == "plain":
         return lambda X, y, num_classes: train_cnn(X, y, num_classes=num_classes, epochs=epochs, seed=seed)
-    from stages.training import fit
+    from stages.ml.training import fit
 
     return lambda X, y, num_classes: fit(X, y, params=train_params, num_classes=num_classes, progress=False).model
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.errors import InvalidInput  # noqa: E402
+from stages.core.errors import InvalidInput  # noqa: E402
 
 EPSILON = 0.3
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from stages.params import TrainParams
-    from stages.robustness import evaluate_robustness
-    from stages.training import fit, predict_logits, resolve_device
+    from stages.core.params import TrainParams
+    from stages.ml.robustness import evaluate_robustness
+    from stages.ml.runtime import predict_logits, resolve_device
+    from stages.ml.training import fit
 
     Xtr, ytr, Xte, yte = load_mnist(args.data)
     epochs = args.epochs or (1 if args.quick else 10)

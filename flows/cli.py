@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
 from typing import Any, Callable
 
-from stages.runner import telemetry_off
+from stages.core.errors import InvalidInput, PipelineError
+from stages.core.params import load_params
+from stages.core.telemetry import telemetry_off
+from stages.core.workspace import Workspace
+from stages.models.inventory import inventory
+from stages.models.lineage import audit_verify, lineage, render_lineage
+from stages.models.promotion import promote, rollback
+from stages.trust.keys import rotate_keys
+from stages.trust.ledger import Ledger
+from stages.trust.provenance import init_repo
 
 telemetry_off()
 
@@ -34,20 +44,14 @@ def _print(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
 
 
 def _ws():
-    from stages.workspace import Workspace
-
     ws = Workspace.from_env()
     os.environ.setdefault("PREFECT_HOME", str(ws.root / ".prefect"))
     return ws
 
 
-# --------------------------------------------------------------------------- commands
 def _quiet_expected_failures() -> None:
     """Expected failures (bad input, rejection, integrity) are one line: drop the traceback
     Prefect's engine attaches to its log records (``--debug`` keeps them)."""
-    import logging
-
-    from stages.errors import PipelineError
 
     class DropTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -63,15 +67,14 @@ def _quiet_expected_failures() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stages.errors import InvalidInput
-    from stages.params import load_params
-
     ws = _ws()
     params_path = args.params if os.path.isabs(args.params) else str(ws.root / args.params)
     load_params(params_path, args.overrides)  # bad settings fail here, before any service starts
     if args.data and args.data != "sklearn:digits" and not os.path.exists(args.data):
         raise InvalidInput(f"data source not found: {args.data}")
-    from flows.pipeline import secure_training
+    from flows.pipeline import (
+        secure_training,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
+    )
 
     if not args.debug:
         _quiet_expected_failures()
@@ -90,8 +93,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from stages.lineage import audit_verify
-
     report = audit_verify(_ws())
     _print(report, args.json, lambda r: ("ledger OK: " if r["ok"] else "LEDGER BROKEN: ") +
            (f"{r['entries']} entries, head seq {r['head']['seq'] if r['head'] else '-'}" if r["ok"] else
@@ -100,32 +101,24 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from stages.lineage import lineage, render_lineage
-
     result = lineage(_ws(), args.ref, verify=args.verify, restore=args.restore)
     _print(result, args.json, render_lineage)
     return 4 if args.verify and not result["verified"] else 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from stages.registry import promote
-
     result = promote(_ws(), args.ref, approver=args.approver, reason=args.reason)
     _print(result, args.json, lambda r: f"{r['model']}@champion -> version {r['version']} (was {r['previous']}), approved by {r['approver']}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from stages.registry import rollback
-
     result = rollback(_ws(), args.model, reason=args.reason)
     _print(result, args.json, lambda r: f"{r['model']}@champion rolled back to version {r['version']} (was {r['previous']})")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from stages.registry import inventory
-
     models = inventory(_ws())
 
     def text(items: list[dict[str, Any]]) -> str:
@@ -146,17 +139,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from stages.provenance import init_repo
-
     result = init_repo(_ws().root)
     _print(result, args.json, lambda r: f"initialised {r['root']} (git: {r['git']}, dvc: {r['dvc']}, remote: {r['remote']})")
     return 0
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from stages.keys import rotate_keys
-    from stages.ledger import Ledger
-
     old, new = rotate_keys()
     Ledger(_ws().ledger_path).append("keys.rotate", {"old_key_id": old, "new_key_id": new})
     _print({"old_key_id": old, "new_key_id": new}, args.json, lambda r: f"rotated signing keys: {old[:16]} -> {new[:16]}")
@@ -164,7 +152,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from flows.schedule import serve_schedule
+    from flows.schedule import (
+        serve_schedule,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
+    )
 
     serve_schedule(cron=args.cron, interval=args.interval, on_change=args.on_change, data=args.data,
                    overrides=list(args.overrides), name=args.name)
@@ -172,7 +162,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_playbook(args: argparse.Namespace) -> int:
-    from flows.playbooks import run_playbook
+    from flows.playbooks import (
+        run_playbook,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
+    )
 
     result = run_playbook(_ws(), args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
                           retrain=args.retrain)
@@ -180,7 +172,6 @@ def cmd_playbook(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
@@ -250,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.errors import PipelineError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

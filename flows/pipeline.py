@@ -12,18 +12,22 @@ import os
 import time
 from typing import Any
 
-from stages.runner import telemetry_off
+from stages.core.telemetry import telemetry_off
 
-telemetry_off()
+telemetry_off()  # before Prefect reads its settings at import
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.flow_runs import pause_flow_run  # noqa: E402
+from prefect.input import RunInput  # noqa: E402
 
 from stages import evaluate, gate, ingest, register, screen, train, validate  # noqa: E402
-from stages.context import RunContext  # noqa: E402
-from stages.errors import GateRejected, PipelineError  # noqa: E402
-from stages.params import Params, load_params  # noqa: E402
+from stages.core.errors import GateRejected, PipelineError  # noqa: E402
+from stages.core.params import Params, load_params  # noqa: E402
+from stages.core.workspace import Workspace, actor, new_run_id, read_json  # noqa: E402
+from stages.models.promotion import champion_summary, promote  # noqa: E402
 from stages.runner import run_stage  # noqa: E402
-from stages.workspace import Workspace, actor, new_run_id  # noqa: E402
+from stages.trust.context import RunContext  # noqa: E402
+from stages.trust.signing import verify_document  # noqa: E402
 
 STAGES = ("ingest", "validate", "screen", "train", "evaluate", "gate", "register")
 
@@ -51,16 +55,12 @@ register_task = _stage_task("register", register.run)
 @task(name="champion", retries=2, retry_delay_seconds=[1, 3])
 def champion_task(ws: Workspace, name: str) -> dict[str, Any] | None:
     """The current champion's metrics, for the no-regression check."""
-    from stages.registry import champion_summary
-
     return champion_summary(ws, name)
 
 
 @task(name="promote")
 def promote_task(ws: Workspace, params: Params, version: str, *, approver: str, reason: str) -> dict[str, Any]:
     """Move the champion alias to the new version (ledger entry with actor and reason)."""
-    from stages.registry import promote
-
     return promote(ws, f"{params.project.name}/{version}", approver=approver, reason=reason,
                    four_eyes=params.promotion.four_eyes)
 
@@ -69,8 +69,6 @@ def _wait_for_approval(params: Params, summary: dict[str, Any]) -> dict[str, Any
     """Pause the flow run for an approver when a real Prefect server is configured."""
     if not os.environ.get("PREFECT_API_URL"):
         return None
-    from prefect.flow_runs import pause_flow_run
-    from prefect.input import RunInput
 
     class Approval(RunInput):
         approve: bool
@@ -160,9 +158,6 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
 
 
 def _verdict(ctx: RunContext) -> dict[str, Any]:
-    from stages.keys import verify_document
-    from stages.workspace import read_json
-
     return verify_document(read_json(ctx.inputs("verdict", where="flow")["verdict"]))
 
 

@@ -12,16 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import InvalidInput, PipelineError
-from stages.ledger import Ledger
-from stages.workspace import Workspace, read_json
+from stages.core.errors import InvalidInput, PipelineError
+from stages.core.workspace import Workspace, read_json
+from stages.data.prepared import read_prepared
+from stages.models.promotion import rollback
+from stages.models.store import mlflow_aliases
+from stages.trust.context import RunContext
+from stages.trust.ledger import Ledger
 
 
 def purge_quarantined(ws: Workspace, run_id: str) -> dict[str, Any]:
     """Write the run's data minus its quarantined rows to ``data/purged/<run>.npz``."""
-    from stages.context import RunContext
-    from stages.data import read_prepared
-
     ctx = RunContext(ws, run_id, paranoid=True)
     folder, manifest = ctx.dataset(where="playbook")
     qpath = ws.quarantine_dir / run_id / "quarantine.json"
@@ -42,8 +43,6 @@ def purge_quarantined(ws: Workspace, run_id: str) -> dict[str, Any]:
 
 
 def run_playbook(ws: Workspace, playbook: str, *, model: str, run_id: str | None, reason: str, retrain: bool) -> dict[str, Any]:
-    from stages.registry import mlflow_aliases, rollback
-
     ledger = Ledger(ws.ledger_path)
     ledger.append("playbook.start", {"playbook": playbook, "model": model, "run_id": run_id, "reason": reason})
     result: dict[str, Any] = {"playbook": playbook, "model": model}
@@ -59,7 +58,9 @@ def run_playbook(ws: Workspace, playbook: str, *, model: str, run_id: str | None
             except PipelineError as err:
                 result["rollback"] = {"skipped": str(err)}
         if retrain:
-            from flows.pipeline import secure_training
+            from flows.pipeline import (
+                secure_training,  # the flow module imports every stage: only for a retrain
+            )
 
             try:
                 result["retrain"] = secure_training(data=result["purge"]["source"], triggered_by=f"playbook:{playbook}")

@@ -14,21 +14,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.runner import telemetry_off
+from stages.core.telemetry import telemetry_off
 
-telemetry_off()
+telemetry_off()  # before Prefect reads its settings at import
 
 from prefect import flow, get_run_logger  # noqa: E402
 
 from flows.pipeline import secure_training  # noqa: E402
-from stages.errors import InvalidInput, PipelineError  # noqa: E402
-from stages.workspace import Workspace, write_json  # noqa: E402
+from stages.core.errors import InvalidInput, PipelineError  # noqa: E402
+from stages.core.params import load_params  # noqa: E402
+from stages.core.workspace import Workspace, write_json  # noqa: E402
+from stages.trust.hashing import hash_files, merkle_root, safe_files, sha256_file  # noqa: E402
 
 
 def source_digest(source: str) -> str:
     """SHA-256 over a source file, or over the sorted files of a source folder."""
-    from stages.hashing import hash_files, merkle_root, safe_files
-
     if source.startswith("sklearn:"):
         return hashlib.sha256(source.encode()).hexdigest()
     path = Path(source)
@@ -39,7 +39,6 @@ def source_digest(source: str) -> str:
                             for p in files])
     if not path.is_file():
         raise InvalidInput(f"data source not found: {source}")
-    from stages.hashing import sha256_file
 
     return sha256_file(path)
 
@@ -47,8 +46,6 @@ def source_digest(source: str) -> str:
 @flow(name="retrain-on-change")
 def retrain_on_change(data: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run secure-training when the data source changed since the last check."""
-    from stages.params import load_params
-
     ws = Workspace.from_env()
     params = load_params(ws.params_path, overrides or [])
     source = data or params.data.source

@@ -16,19 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from stages.context import RunContext
-from stages.errors import ValidationFailed
-from stages.params import Params
+from stages.core.errors import ValidationFailed
+from stages.core.params import Params
+from stages.core.workspace import read_json, write_json
+from stages.data.prepared import read_prepared
+from stages.models.weights import load_model_folder
+from stages.runner import stage_main
+from stages.trust.context import RunContext
 
 STAGE = "evaluate"
 
 
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
-    from stages.data import read_prepared
-    from stages.robustness import evaluate_robustness, membership_inference_audit, plot_robustness_curve
-    from stages.train import load_model_folder
-    from stages.training import predict_logits
-    from stages.workspace import read_json, write_json
+    # torch: slow to import, kept off the command line's start
+    from stages.ml.privacy import membership_inference_audit
+    from stages.ml.robustness import evaluate_robustness, plot_robustness_curve
+    from stages.ml.runtime import predict_logits
 
     folder, manifest = ctx.dataset(where=STAGE)
     inputs = ctx.inputs("split", "weights", "model_config", "train_report", where=STAGE)
@@ -80,8 +83,6 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     return stage_main(STAGE, run, argv)
 
 

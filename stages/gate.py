@@ -12,9 +12,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from stages.context import RunContext
-from stages.errors import GateRejected, IntegrityError
-from stages.params import GateParams, Params
+from stages.core.errors import GateRejected
+from stages.core.params import GateParams, Params
+from stages.core.workspace import read_json
+from stages.runner import stage_main
+from stages.trust.context import RunContext
+from stages.trust.signing import sign_document
+from stages.trust.verdict import VERDICT_SCHEMA
 
 STAGE = "gate"
 
@@ -80,18 +84,8 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     return {"passed": passed, "checks": checks, "failed": [c["name"] for c in checks if not c["passed"]]}
 
 
-def verify_all_recorded(ctx: RunContext) -> bool:
-    """Re-verify the data and every recorded artifact of the run; raises on a mismatch."""
-    ctx.dataset(where=STAGE)
-    ctx.inputs(*ctx.recorded().keys(), where=STAGE)
-    return True
-
-
 def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False) -> dict[str, Any]:
-    from stages.keys import sign_document
-    from stages.workspace import read_json
-
-    integrity = verify_all_recorded(ctx)
+    integrity = ctx.verify_all(where=STAGE)
     inputs = ctx.inputs("validation", "screen_report", "evaluation", "weights", where=STAGE)
     evaluation = read_json(inputs["evaluation"])
     records = ctx.recorded()
@@ -103,7 +97,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {
-        "schema": "mlsec.verdict/v1",
+        "schema": VERDICT_SCHEMA,
         "run_id": ctx.run_id,
         "verdict": "BLESSED" if decision["passed"] else "NOT_BLESSED",
         **decision,
@@ -129,23 +123,9 @@ def rejection_message(verdict: dict[str, Any]) -> str:
     return f"gate rejected the model: {'; '.join(parts)}{more}"
 
 
-def load_verdict(doc: dict[str, Any], *, weights_sha256: str) -> dict[str, Any]:
-    """Verify a signed verdict and that it blesses exactly these weights."""
-    from stages.keys import verify_document
-
-    verdict = verify_document(doc)
-    if verdict.get("schema") != "mlsec.verdict/v1":
-        raise IntegrityError("verdict has an unknown schema")
-    if verdict.get("weights_sha256") != weights_sha256:
-        raise IntegrityError(f"verdict is for weights {str(verdict.get('weights_sha256'))[:16]}..., not {weights_sha256[:16]}...")
-    return verdict
-
-
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     def gate_and_raise(ctx: RunContext, params: Params) -> dict[str, Any]:
-        from stages.registry import champion_summary
+        from stages.models.promotion import champion_summary  # MLflow: slow to import
 
         return run(ctx, params, champion=champion_summary(ctx.ws, params.project.name), raise_on_reject=True)
 

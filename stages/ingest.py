@@ -14,16 +14,20 @@ from typing import Any
 
 from filelock import FileLock
 
-from stages.context import RunContext
-from stages.data import load_source, write_prepared
-from stages.params import Params
+from stages.core.params import Params
+from stages.core.workspace import write_json
+from stages.data.io import load_source
+from stages.data.prepared import write_prepared
+from stages.runner import stage_main
+from stages.trust.context import RunContext
+from stages.trust.hashing import hash_files, merkle_root, safe_files
+from stages.trust.provenance import dvc_add, environment_lock, git_state
+from stages.trust.signing import sign_document
 
 STAGE = "ingest"
 
 
 def _digests(folder: Path, *, workers: int) -> tuple[list[dict[str, Any]], str]:
-    from stages.hashing import hash_files, merkle_root, safe_files
-
     files = safe_files(folder)
     digests = hash_files([str(p) for p in files], workers=workers)
     entries = sorted(({"path": str(p.relative_to(folder)), "sha256": digests[str(p)].sha256, "size": digests[str(p)].size}
@@ -33,10 +37,6 @@ def _digests(folder: Path, *, workers: int) -> tuple[list[dict[str, Any]], str]:
 
 def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[str, Any]:
     """Ingest ``source`` (default ``params.data.source``) for run ``ctx``; return the manifest summary."""
-    from stages.keys import sign_document
-    from stages.provenance import dvc_add, environment_lock, git_state
-    from stages.workspace import write_json
-
     started = time.time()
     src = source or params.data.source
     dataset = load_source(src, label_column=params.data.label_column,
@@ -93,8 +93,6 @@ def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     return stage_main(STAGE, run, argv, source_arg=True)
 
 

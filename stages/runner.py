@@ -10,28 +10,11 @@ import sys
 import time
 from typing import Any, Callable
 
-from stages.context import RunContext
-from stages.errors import PipelineError
-from stages.params import Params, load_params
-from stages.workspace import Workspace
-
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    # cleanlab's Datalab imports Hugging Face datasets: no hub calls, no telemetry
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-}
-
-
-def telemetry_off() -> None:
-    """Nothing the pipeline runs may call home; set before the libraries are imported."""
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
+from stages.core.errors import PipelineError
+from stages.core.params import Params, load_params
+from stages.core.telemetry import telemetry_off
+from stages.core.workspace import Workspace
+from stages.trust.context import RunContext
 
 
 def run_stage(name: str, fn: Callable[..., dict[str, Any]], ctx: RunContext, params: Params, **kwargs: Any) -> dict[str, Any]:

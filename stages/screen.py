@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from stages.context import RunContext
-from stages.errors import PoisoningSuspected
-from stages.params import Params
+from stages.core.errors import PoisoningSuspected
+from stages.core.params import Params
+from stages.core.workspace import write_json
+from stages.data.prepared import read_prepared, split_indices
+from stages.runner import stage_main
+from stages.trust.context import RunContext
+from stages.trust.hashing import merkle_root
 
 STAGE = "screen"
 PLAYBOOK = "docs/playbooks.md#poisoning-suspected"
@@ -33,10 +37,10 @@ def _row_digest(X: np.ndarray, y: int, i: int) -> str:
 
 
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
-    from stages.data import read_prepared, split_indices
-    from stages.detectors import plot_suspects, screen_dataset
-    from stages.hashing import merkle_root
-    from stages.workspace import write_json
+    from stages.screening import (  # torch, sklearn, cleanlab: slow to import
+        plot_suspects,
+        screen_dataset,
+    )
 
     folder, manifest = ctx.dataset(where=STAGE)
     X, y, ann, meta = read_prepared(folder)
@@ -102,8 +106,6 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     return stage_main(STAGE, run, argv)
 
 

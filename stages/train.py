@@ -7,35 +7,23 @@ architecture name and shapes needed to rebuild it), plus ``train.json`` (history
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.context import RunContext
-from stages.params import Params
+from stages.core.params import Params
+from stages.core.workspace import write_json
+from stages.data.prepared import read_prepared
+from stages.models.weights import save_model
+from stages.runner import stage_main
+from stages.trust.context import RunContext
 
 STAGE = "train"
 
 
-def save_model(model, folder: Path, config: dict[str, Any]) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    from stages.workspace import write_json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = folder / "model.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt", "architecture": config["architecture"]})
-    cfg = folder / "model.json"
-    write_json(cfg, config)
-    return {"weights": weights, "model_config": cfg}
-
-
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
-    from stages.data import read_prepared
-    from stages.training import fit
-    from stages.workspace import write_json
+    # torch and Opacus: slow to import, kept off the command line's start
+    from stages.ml.training import fit
 
     folder, manifest = ctx.dataset(where=STAGE)
     split_path = ctx.inputs("split", where=STAGE)["split"]
@@ -61,24 +49,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     return stage_main(STAGE, run, argv)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def load_model_folder(folder: Path):
-    """Rebuild a model from ``model.json`` + ``model.safetensors`` (callers verify the bytes first)."""
-    import json
-
-    from stages.modelsafety import load_safetensors
-    from stages.nets import build_model
-
-    config = json.loads((folder / "model.json").read_text())
-    model = build_model(config["architecture"], input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"],
-                        dropout=float(config.get("dropout", 0.0)))
-    model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True)
-    return model.eval()

@@ -2,60 +2,39 @@
 
 Drift is measured against the statistics of the last accepted dataset of this project
 (``data/reference/<project>.json``, signed; written when a model trained on that data is
-promoted), so an attacker cannot ratchet the reference by submitting rejected data.
+promoted, ``stages.data.reference``), so an attacker cannot ratchet the reference by
+submitting rejected data.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from stages.context import RunContext
-from stages.errors import IntegrityError, ValidationFailed
-from stages.params import Params
+from stages.core.errors import ValidationFailed
+from stages.core.params import Params
+from stages.data.prepared import read_prepared
+from stages.data.reference import load_reference, reference_path
+from stages.runner import stage_main
+from stages.trust.context import RunContext
 
 STAGE = "validate"
 
 
-def reference_path(ctx: RunContext, params: Params) -> Path:
-    return ctx.ws.reference_dir / f"{params.project.name}.json"
-
-
-def load_reference(ctx: RunContext, params: Params) -> dict[str, Any] | None:
-    from stages.keys import verify_document
-
-    path = reference_path(ctx, params)
-    if not path.exists():
-        return None
-    try:
-        return verify_document(json.loads(path.read_text()))["statistics"]
-    except (ValueError, KeyError):
-        raise IntegrityError(f"drift reference {path} is unreadable; restore it or remove it to start a new baseline") from None
-
-
-def save_reference(ctx: RunContext, params: Params, statistics: dict[str, Any], *, data_sha256: str) -> Path:
-    from stages.keys import sign_document
-    from stages.workspace import write_json
-
-    path = reference_path(ctx, params)
-    write_json(path, sign_document({"project": params.project.name, "data_sha256": data_sha256, "statistics": statistics}))
-    return path
-
-
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
-    from stages.data import read_prepared
-    from stages.expectations import validate_arrays
+    from stages.data.expectations import (
+        validate_arrays,  # pandas and Great Expectations: slow to import
+    )
 
     folder, manifest = ctx.dataset(where=STAGE)
     X, y, _, meta = read_prepared(folder)
-    reference = load_reference(ctx, params)
+    reference = load_reference(ctx.ws, params.project.name)
     docs_dir = ctx.run_dir / "data_docs"
     report = validate_arrays(X, y, params=params.validate_, num_classes=int(meta["num_classes"]), reference=reference,
                              docs_dir=docs_dir)
     body = report.to_dict()
     body["data_sha256"] = manifest["merkle_root"]
-    body["drift_reference"] = "none (first accepted version)" if reference is None else str(reference_path(ctx, params).relative_to(ctx.ws.root))
+    body["drift_reference"] = "none (first accepted version)" if reference is None else str(reference_path(ctx.ws, params.project.name).relative_to(ctx.ws.root))
     path = ctx.write_output_json(STAGE, "validation", "validation.json", body)
     outputs = {}
     if report.docs_path and Path(report.docs_path).exists():
@@ -68,8 +47,6 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.runner import stage_main
-
     return stage_main(STAGE, run, argv)
 
 

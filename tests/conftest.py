@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.runner import TELEMETRY_OFF
+from stages.core.telemetry import TELEMETRY_OFF
 from tests.support import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_workspace(path: Path, params_text: str | None = None) -> Path:
-    from stages.provenance import init_repo
+    from stages.trust.provenance import init_repo
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.yaml").write_text(params_text if params_text is not None else (ROOT / "params.yaml").read_text())

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from stages.attacks import ATTACKS, attack_fgsm, attack_pgd, get_attack
-from stages.errors import InvalidInput
-from stages.params import TrainParams
-from stages.training import fit
+from stages.ml.attacks import ATTACKS, attack_fgsm, attack_pgd, get_attack
+from stages.core.errors import InvalidInput
+from stages.core.params import TrainParams
+from stages.ml.training import fit
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -72,7 +72,7 @@ def test_promote_unknown_version_is_refused_and_recorded(workspace, capsys):
     code = main(["promote", "mlsec-digits/99", "--approver", "alice", "--reason", "test"])
     err = capsys.readouterr().err
     assert code == 2 and "no version 99" in err
-    from stages.ledger import Ledger
+    from stages.trust.ledger import Ledger
 
     events = [e["event"] for e in Ledger(workspace / "audit" / "ledger.jsonl").entries()]
     assert events[-1] == "promotion.refused"

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.data import load_source, split_indices
-from stages.errors import InvalidInput
+from stages.data.io import load_source
+from stages.data.prepared import split_indices
+from stages.core.errors import InvalidInput
 
 
 def test_digits_normal_form():

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from stages import detectors as det
-from stages.errors import InvalidInput, PipelineError
-from stages.params import ScreenParams
+from stages import screening as det
+from stages.screening import context, evidence, neighbours
+from stages.screening.backdoor import stamps
+from stages.core.errors import InvalidInput, PipelineError
+from stages.core.params import ScreenParams
 
 ALL = ["label_issues", "outliers", "near_duplicates", "annotators", "spectral", "stamps", "activation_clustering", "loss_isolation"]
 
@@ -140,7 +142,7 @@ def test_background_stamp_is_flagged_at_one_percent(digits, trigger):
     every distance there, the stamp rule must still find each poisoned row."""
     X, y = digits
     X = _padded(X)
-    assert det.detect_stamps(det.ScreenContext(X, y, params=_params(["stamps"]), num_classes=10, annotator_labels=None)).indices.size == 0
+    assert stamps.detect_stamps(context.ScreenContext(X, y, params=_params(["stamps"]), num_classes=10, annotator_labels=None)).indices.size == 0
     rng = np.random.default_rng(5)
     idx = rng.choice(np.where(y != 9)[0], 6, replace=False)
     Xp, yp = X.copy(), y.copy()
@@ -229,10 +231,10 @@ def test_svc_is_fitted_on_a_bounded_subset(digits, monkeypatch):
     """The RBF SVC's cost grows about as n^1.9; above SVC_MAX_ROWS it sees a seeded subset
     and label screening still finds the flips."""
     X, y = digits
-    monkeypatch.setattr(det, "SVC_MAX_ROWS", 200)
-    rows = det._svc_rows(np.arange(480), seed=0)
+    monkeypatch.setattr(evidence, "SVC_MAX_ROWS", 200)
+    rows = evidence._svc_rows(np.arange(480), seed=0)
     assert len(rows) == 200 and len(np.unique(rows)) == 200
-    assert np.array_equal(rows, det._svc_rows(np.arange(480), seed=0))
+    assert np.array_equal(rows, evidence._svc_rows(np.arange(480), seed=0))
     yn, truth = _flip(y, 0.1, seed=1)
     f = det.screen_dataset(X, yn, params=_params(["label_issues"]))
     assert _f1(_mask(f, len(y)), truth) >= 0.8
@@ -281,5 +283,5 @@ def test_patch_stamped_on_ink_is_flagged(digits_24, rate):
 def test_no_ink_stamp_on_clean_images(digits, digits_24):
     for X, y in (digits, digits_24):
         flat = X.reshape(len(X), -1)
-        agree, _ = det._trimmed_neighbours(flat, y)
-        assert det._ink_stamps(flat, y, agree, np.abs(flat - np.median(flat, axis=0))) == []
+        agree, _ = neighbours._trimmed_neighbours(flat, y)
+        assert stamps._ink_stamps(flat, y, agree, np.abs(flat - np.median(flat, axis=0))) == []

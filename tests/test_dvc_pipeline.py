@@ -24,7 +24,7 @@ def test_dvc_and_prefect_stage_lists_match():
 
 
 def test_dvc_params_name_real_sections():
-    from stages.params import load_params
+    from stages.core.params import load_params
 
     params = load_params(ROOT / "params.yaml").as_dict()
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

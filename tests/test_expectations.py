@@ -1,4 +1,4 @@
-"""Tests for stages.expectations: the GX validation suite passes clean digits and names
+"""Tests for stages.data.expectations: the GX validation suite passes clean digits and names
 each kind of bad data in a readable failure; it fails closed when GX cannot run."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from stages import expectations
-from stages.errors import InvalidInput
-from stages.expectations import dataset_statistics, validate_arrays
-from stages.params import ValidateParams
+from stages.data.expectations import checks, validation
+from stages.core.errors import InvalidInput
+from stages.data.expectations import dataset_statistics, validate_arrays
+from stages.core.params import ValidateParams
 
 PARAMS = ValidateParams(min_class_fraction=0.02, max_class_fraction=0.5, max_duplicate_fraction=0.05,
                         drift_mean_tolerance=0.1, drift_std_tolerance=0.1, min_rows=50)
@@ -188,22 +188,22 @@ def test_gx_error_fails_closed(digits, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("store unavailable")
 
-    monkeypatch.setattr(expectations, "_run_suites", broken)
+    monkeypatch.setattr(validation, "_run_suites", broken)
     report = run(*digits)
     assert not report.success
     assert "store unavailable" in report.failures[0]["observed"]
 
 
 def test_expectation_that_cannot_evaluate_fails_closed(digits, monkeypatch):
-    real = expectations._build_checks
+    real = checks._build_checks
 
     def with_bad_column(gxe, **kwargs):
-        checks = real(gxe, **kwargs)
-        checks.append(expectations._Check("rows", "bogus", gxe.ExpectColumnValuesToNotBeNull(column="no_such"),
-                                          "never", lambda r: (None, "")))
-        return checks
+        built = real(gxe, **kwargs)
+        built.append(checks._Check("rows", "bogus", gxe.ExpectColumnValuesToNotBeNull(column="no_such"),
+                                   "never", lambda r: (None, "")))
+        return built
 
-    monkeypatch.setattr(expectations, "_build_checks", with_bad_column)
+    monkeypatch.setattr(validation, "_build_checks", with_bad_column)
     report = run(*digits)
     assert not report.success
     assert failed(report, "bogus")["observed"].startswith("could not be evaluated")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stages.gate import decide
-from stages.params import GateParams, RegressionTolerance
+from stages.core.params import GateParams, RegressionTolerance
 
 GOOD = {"metrics": {"clean_accuracy": 0.97, "robust_accuracy": 0.7, "robust_accuracy_eps_0.1": 0.7, "mia_auc": 0.52},
         "validation_passed": True, "integrity_verified": True, "flagged_fraction": 0.02}

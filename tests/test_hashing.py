@@ -15,18 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.errors import InvalidInput, SecurityError
-from stages.hashing import (
-    FileDigest,
-    StatCache,
-    check_relative_path,
-    hash_files,
-    merkle_leaf,
-    merkle_root,
-    safe_files,
-    sha256_file,
-    verify_files,
-)
+from stages.core.errors import InvalidInput, SecurityError
+from stages.trust.hashing import FileDigest, StatCache, check_relative_path, hash_files, merkle_leaf, merkle_root, safe_files, sha256_file, verify_files
 
 SMALL_CHUNK = 4096
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from stages import ingest, validate
-from stages.context import RunContext
-from stages.errors import IntegrityError, SecurityError
-from stages.params import load_params
+from stages.trust.context import RunContext
+from stages.core.errors import IntegrityError, SecurityError
+from stages.core.params import load_params
 from stages.runner import run_stage
-from stages.workspace import Workspace
+from stages.core.workspace import Workspace
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import keys
-from stages.errors import IntegrityError
+from stages.core import canonical
+from stages.trust import keys, signing
+from stages.core.errors import IntegrityError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_keys_created_private_and_reused(kdir):
 
 
 def test_concurrent_first_use_makes_one_key_pair(kdir):
-    code = "from stages import keys; print(keys.load_signer().key_id, keys.model_key().key_id)"
+    code = "from stages.trust import keys; print(keys.load_signer().key_id, keys.model_key().key_id)"
     env = {**os.environ, "MLSEC_KEY_DIR": str(kdir), "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
@@ -108,44 +109,44 @@ def test_missing_private_with_public_present_is_not_silently_replaced(kdir):
 
 
 def test_document_round_trip_and_tamper(kdir):
-    doc = keys.sign_document({"stage": "gate", "passed": True, "note": "ünïcode"})
+    doc = signing.sign_document({"stage": "gate", "passed": True, "note": "ünïcode"})
     assert doc["signature"]["alg"] == "ed25519"
-    assert keys.verify_document(doc) == {"stage": "gate", "passed": True, "note": "ünïcode"}
+    assert signing.verify_document(doc) == {"stage": "gate", "passed": True, "note": "ünïcode"}
     tampered = {"payload": {**doc["payload"], "passed": False}, "signature": doc["signature"]}
     with pytest.raises(IntegrityError, match="bad signature by key"):
-        keys.verify_document(tampered)
+        signing.verify_document(tampered)
     with pytest.raises(IntegrityError, match="malformed signed document"):
-        keys.verify_document({"payload": doc["payload"]})
+        signing.verify_document({"payload": doc["payload"]})
 
 
 def test_canonical_json_is_stable():
-    assert keys.canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+    assert canonical.canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
 
 
 def test_rotation_keeps_old_documents_and_refuses_unknown_key(kdir):
-    old_doc = keys.sign_document({"n": 1})
+    old_doc = signing.sign_document({"n": 1})
     old_id, new_id = keys.rotate_keys()
     assert old_id == old_doc["signature"]["key_id"] and new_id != old_id
     assert (kdir / keys.TRUSTED_DIR / f"{old_id}.pub.pem").exists()
     assert keys.load_signer().key_id == new_id
-    assert keys.verify_document(old_doc) == {"n": 1}
-    new_doc = keys.sign_document({"n": 2})
+    assert signing.verify_document(old_doc) == {"n": 1}
+    new_doc = signing.sign_document({"n": 2})
     assert new_doc["signature"]["key_id"] == new_id
-    assert keys.verify_document(new_doc) == {"n": 2}
+    assert signing.verify_document(new_doc) == {"n": 2}
     assert len(keys.trusted_model_public_keys()) == 2
     # revoking the retired key makes its documents unverifiable
     (kdir / keys.TRUSTED_DIR / f"{old_id}.pub.pem").unlink()
     with pytest.raises(IntegrityError, match=f"signed by unknown key {old_id[:16]}"):
-        keys.verify_document(old_doc)
+        signing.verify_document(old_doc)
 
 
 def test_signature_by_foreign_key_refused(kdir, tmp_path, monkeypatch):
     monkeypatch.setenv("MLSEC_KEY_DIR", str(tmp_path / "other"))
-    foreign = keys.sign_document({"x": 1})
+    foreign = signing.sign_document({"x": 1})
     monkeypatch.setenv("MLSEC_KEY_DIR", str(kdir))
     keys.ensure_keys()
     with pytest.raises(IntegrityError, match="signed by unknown key"):
-        keys.verify_document(foreign)
+        signing.verify_document(foreign)
 
 
 def test_trusted_file_name_must_match_key(kdir):
@@ -160,6 +161,6 @@ def test_trusted_file_name_must_match_key(kdir):
 def test_bad_base64_signature_refused(kdir):
     signer = keys.load_signer()
     with pytest.raises(IntegrityError, match="bad signature"):
-        keys.verify_signature(b"data", "%%%", key_id=signer.key_id)
+        signing.verify_signature(b"data", "%%%", key_id=signer.key_id)
     sig = signer.sign(b"data")
-    keys.verify_signature(b"data", sig, key_id=signer.key_id)
+    signing.verify_signature(b"data", sig, key_id=signer.key_id)

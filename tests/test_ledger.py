@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.errors import IntegrityError
-from stages.ledger import Ledger, verify_chain
+from stages.core.errors import IntegrityError
+from stages.trust.ledger import Ledger, verify_chain
 
 
 def _ledger(tmp_path, n=6) -> Ledger:
@@ -47,8 +47,8 @@ def test_edited_payload_is_named(tmp_path):
 
 
 def test_edit_with_recomputed_hashes_breaks_the_next_link(tmp_path):
-    from stages.ledger import entry_hash
-    from stages.workspace import canonical_json
+    from stages.trust.ledger import entry_hash
+    from stages.core.canonical import canonical_json
     import hashlib
 
     led = _ledger(tmp_path)

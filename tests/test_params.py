@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import InvalidInput
-from stages.params import load_params
+from stages.core.errors import InvalidInput
+from stages.core.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,9 @@ def promoted(tmp_path_factory, prefect_server):
 
 
 def _held_out(ws: Path, summary: dict):
-    from stages.data import load_source, split_indices
-    from stages.params import load_params
+    from stages.data.io import load_source
+    from stages.data.prepared import split_indices
+    from stages.core.params import load_params
 
     params = load_params(ws / "params.yaml")
     d = load_source("sklearn:digits")
@@ -54,7 +55,7 @@ def test_run_promotes_and_reports_everything(promoted):
 def test_registered_model_loads_verified_and_scores_as_logged(promoted, monkeypatch):
     ws, s = promoted
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
-    from stages.register import load_verified_model
+    from stages.models.verify import load_verified_model
 
     model = load_verified_model(s["model"]["uri"])
     assert not model.training
@@ -137,8 +138,8 @@ def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatc
         key = next(iter(state))
         state[key] = state[key] + 0.01
         save_file(state, str(path), metadata={"format": "pt", "architecture": "cnn_small"})
-    from stages.errors import IntegrityError
-    from stages.register import load_verified_model
+    from stages.core.errors import IntegrityError
+    from stages.models.verify import load_verified_model
 
     with pytest.raises(IntegrityError, match="signature"):
         load_verified_model(s["model"]["uri"])
@@ -170,8 +171,8 @@ def test_poisoned_data_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
     against the model in its evaluation."""
     import numpy as np
 
-    from stages.data import load_source
-    from stages.register import load_verified_model
+    from stages.data.io import load_source
+    from stages.models.verify import load_verified_model
 
     d = load_source("sklearn:digits")
     X, y = d.X.reshape(len(d.X), 1, 8, 8).astype(np.float32), d.y.copy()
@@ -203,8 +204,8 @@ def test_targeted_flip_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
     1s, the relabelled rows must be in quarantine and the model card must say what happened."""
     import numpy as np
 
-    from stages.data import load_source
-    from stages.register import load_verified_model
+    from stages.data.io import load_source
+    from stages.models.verify import load_verified_model
 
     d = load_source("sklearn:digits")
     X, y = d.X.reshape(len(d.X), 1, 8, 8).astype(np.float32), d.y.copy()

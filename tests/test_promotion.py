@@ -10,8 +10,8 @@ import time
 import pytest
 
 from flows.cli import main
-from stages.errors import GateRejected
-from stages.ledger import Ledger
+from stages.core.errors import GateRejected
+from stages.trust.ledger import Ledger
 from tests.support import make_workspace
 
 pytestmark = pytest.mark.slow
@@ -104,8 +104,8 @@ def test_manual_four_eyes_pause_and_approval(ws, capsys):
 
 
 def test_rollback_returns_to_previous_champion(ws, capsys):
-    from stages.registry import mlflow_aliases
-    from stages.workspace import Workspace
+    from stages.models.store import mlflow_aliases
+    from stages.core.workspace import Workspace
 
     before = mlflow_aliases(Workspace(ws), "mlsec-digits")["champion"]
     assert main(["rollback", "mlsec-digits", "--reason", "incident 42", "--json"]) == 0

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from stages.errors import InvalidInput
-from stages.params import TrainParams
-from stages.robustness import RobustnessReport, evaluate_robustness, membership_inference_audit, plot_robustness_curve
-from stages.training import fit
+from stages.core.errors import InvalidInput
+from stages.core.params import TrainParams
+from stages.ml.privacy import membership_inference_audit
+from stages.ml.robustness import RobustnessReport, evaluate_robustness, plot_robustness_curve
+from stages.ml.training import fit
 
 
 def _params(**overrides) -> TrainParams:

@@ -14,11 +14,13 @@ from opacus.accountants import create_accountant
 from sklearn.datasets import load_digits
 from torch import nn
 
-from stages import nets, training
-from stages.attacks import attack_pgd
-from stages.errors import InvalidInput
-from stages.params import TrainParams
-from stages.training import FitResult, fit, predict_logits, resolve_device
+from stages.ml import nets
+from stages.ml.training import loop as training
+from stages.ml.attacks import attack_pgd
+from stages.core.errors import InvalidInput
+from stages.core.params import TrainParams
+from stages.ml.runtime import predict_logits, resolve_device
+from stages.ml.training import FitResult, fit
 
 
 @pytest.fixture(scope="module")

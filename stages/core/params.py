@@ -1,0 +1,250 @@
+"""Typed, frozen settings loaded once from ``params.yaml``.
+
+``params.yaml`` is the single source of settings. Every section is a frozen pydantic
+model that rejects unknown keys, so a typo is an error instead of a silently ignored
+setting. The command line overrides single keys with ``--set section.key=value``; the
+value is parsed as YAML (``--set train.epochs=5``, ``--set gate.min_robust_accuracy={0.1: 0.6}``).
+
+All epsilons for adversarial robustness are on the [0, 1] input scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.core.canonical import canonical_json
+from stages.core.errors import InvalidInput
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ProjectParams(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    owner: str = "unassigned"
+    purpose: str = ""
+    risk_class: Literal["minimal", "limited", "high"] = "limited"
+    intended_use: str = ""
+    known_limits: list[str] = Field(default_factory=list)
+
+
+class DataParams(_Section):
+    source: str = "sklearn:digits"
+    label_column: str = "label"
+    image_shape: tuple[int, ...] | None = None
+
+
+class IngestParams(_Section):
+    hash_workers: int = Field(default=0, ge=0)
+    dvc_push: bool = True
+
+
+class ValidateParams(_Section):
+    min_class_fraction: float = Field(ge=0, le=1)
+    max_class_fraction: float = Field(ge=0, le=1)
+    max_duplicate_fraction: float = Field(ge=0, le=1)
+    drift_mean_tolerance: float = Field(gt=0)
+    drift_std_tolerance: float = Field(gt=0)
+    drift_class_tolerance: float = Field(default=0.05, gt=0)
+    min_rows: int = Field(default=10, ge=1)
+
+
+class ScreenParams(_Section):
+    folds: int = Field(ge=2, le=20)
+    max_flagged_fraction: float = Field(gt=0, le=1)
+    min_annotator_quality: float = Field(ge=0, le=1)
+    detectors: list[str]
+    backdoor_epochs: int = Field(default=8, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AdversarialParams(_Section):
+    method: Literal["fgsm_rs", "pgd", "trades"] = "fgsm_rs"
+    epsilon: float = Field(gt=0, le=1)
+    alpha: float | None = Field(default=None, gt=0)
+    pgd_steps: int = Field(default=7, ge=1)
+    trades_beta: float = Field(default=6.0, gt=0)
+    warmup_epochs: int = Field(default=0, ge=0)
+
+
+class DPParams(_Section):
+    target_epsilon: float | None = Field(default=3.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    secure_rng: bool = False
+    poisson_sampling: bool = True
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "DPParams":
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("set exactly one of dp.target_epsilon and dp.noise_multiplier")
+        return self
+
+
+class TrainParams(_Section):
+    mode: Literal["standard", "adversarial", "dp"]
+    model: str = "auto"
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(default=0, ge=0)
+    amp: bool = True
+    adversarial: AdversarialParams
+    dp: DPParams
+
+
+class EvaluateParams(_Section):
+    test_fraction: float = Field(gt=0, lt=1)
+    epsilon: float = Field(gt=0, le=1)
+    epsilons: list[float]
+    pgd_steps: int = Field(ge=1)
+    restarts: int = Field(ge=1)
+    membership_inference: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _epsilon_listed(self) -> "EvaluateParams":
+        if any(not (0 < e <= 1) for e in self.epsilons):
+            raise ValueError(f"evaluate.epsilons must lie in (0, 1], got {self.epsilons}")
+        if self.epsilon not in self.epsilons:
+            raise ValueError(f"evaluate.epsilon={self.epsilon} must be one of evaluate.epsilons={self.epsilons}")
+        return self
+
+
+class RegressionTolerance(_Section):
+    clean_accuracy: float = Field(ge=0)
+    robust_accuracy: float = Field(ge=0)
+
+
+class GateParams(_Section):
+    """Promotion policy. Every threshold left at None is simply not checked, but a policy
+    with no thresholds at all rejects (fail closed)."""
+
+    min_clean_accuracy: float | None = Field(default=None, ge=0, le=1)
+    min_robust_accuracy: dict[float, float] = Field(default_factory=dict)
+    max_dp_epsilon: float | None = Field(default=None, gt=0)
+    max_mia_auc: float | None = Field(default=None, ge=0, le=1)
+    max_flagged_fraction: float | None = Field(default=None, ge=0, le=1)
+    require_validation: bool = True
+    require_integrity: bool = True
+    no_regression: RegressionTolerance | None = None
+
+
+class PromotionParams(_Section):
+    mode: Literal["auto", "manual"] = "auto"
+    four_eyes: bool = False
+    approval_timeout_s: int = Field(default=3600, ge=1)
+
+
+class Params(_Section):
+    project: ProjectParams
+    data: DataParams
+    ingest: IngestParams
+    validate_: ValidateParams = Field(alias="validate")
+    screen: ScreenParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    gate: GateParams
+    promotion: PromotionParams
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """SHA-256 of the effective settings in canonical JSON."""
+        return hashlib.sha256(canonical_json(self.as_dict())).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to scalar values (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = node
+
+        walk("", self.as_dict())
+        return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise InvalidInput(f"--set expects key=value with a dotted key, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``--set`` overrides applied; unknown keys raise."""
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise InvalidInput(f"unknown setting {'.'.join(path[: depth + 1])!r} in --set {item!r}")
+            node = node[part]
+        if not isinstance(node, dict) or path[-1] not in node:
+            raise InvalidInput(f"unknown setting {'.'.join(path)!r} in --set {item!r}")
+        node[path[-1]] = value
+    return data
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "params"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    got = first.get("input")
+    shown = "" if first["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid setting {loc}: {msg}{shown}{more}"
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise InvalidInput(_describe(err)) from None
+
+
+def read_params_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"params file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise InvalidInput(f"params file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"params file {path} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Load ``params.yaml``, apply ``--set`` overrides and validate everything once."""
+    raw = read_params_yaml(Path(path))
+    return params_from_dict(apply_overrides(raw, list(overrides)))

@@ -1,0 +1,99 @@
+"""Where things live: one project root, one folder per run, one place for each concern.
+
+The root is ``$MLSEC_ROOT`` when set, else the current directory. Everything the pipeline
+writes stays under it, except the signing keys (``stages.trust.keys``, outside git).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.core.errors import InvalidInput
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Workspace":
+        return cls(Path(os.environ.get("MLSEC_ROOT") or os.getcwd()).resolve())
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "data" / "quarantine"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "data" / "reference"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.audit_dir / "ledger.jsonl"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def run_dir(self, run_id: str) -> Path:
+        if not RUN_ID_RE.match(run_id):
+            raise InvalidInput(f"invalid run id {run_id!r}: letters, digits, '.', '_' and '-' only")
+        return self.runs_dir / run_id
+
+
+def new_run_id() -> str:
+    """Sortable, unique: UTC time plus 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def actor() -> str:
+    """Who is acting: ``$MLSEC_ACTOR`` when set (CI, service accounts), else the OS user."""
+    name = os.environ.get("MLSEC_ACTOR")
+    if name:
+        return name
+    try:
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return f"uid:{os.getuid()}"
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,206 @@
+"""``fit``: train a registered architecture in the mode ``params.train`` names."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from stages.core.errors import InvalidInput
+from stages.core.params import TrainParams
+from stages.ml.nets import build_model, default_model_name
+from stages.ml.runtime import resolve_device, seed_everything, small_model_threads
+from stages.ml.training.adversarial import BatchLoss
+from stages.ml.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    _fingerprint,
+    _load_checkpoint,
+    _rng_state,
+    _save_checkpoint,
+    _set_rng_state,
+)
+from stages.ml.training.dp import make_private, privacy_report
+
+PEAK_FRACTION = 0.4  # one-cycle learning rate peaks after this fraction of all steps
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A trained model (plain ``nn.Module``, eval mode, on CPU) and what it took to train it."""
+    model: nn.Module
+    model_name: str
+    history: list[dict[str, float]]
+    privacy: dict[str, Any] | None
+    device: str
+
+
+def check_training_data(X: np.ndarray, y: np.ndarray, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (float32 X, int64 y) or raise ``InvalidInput`` naming what is wrong."""
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim < 2 or y.ndim != 1 or len(X) != len(y):
+        raise InvalidInput(f"X must be N x ... and y of length N, got X {X.shape} and y {y.shape}")
+    if len(X) == 0:
+        raise InvalidInput("no training rows (X is empty)")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise InvalidInput(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise InvalidInput(f"X must be floating point on the [0, 1] scale, got dtype {X.dtype}")
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all() or X.min() < 0 or X.max() > 1:
+        raise InvalidInput(f"X must be finite and lie in [0, 1], got values in [{np.nanmin(X):g}, {np.nanmax(X):g}]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InvalidInput(f"y must hold integer labels, got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise InvalidInput(f"labels must lie in [0, {num_classes - 1}], got [{y.min()}, {y.max()}]")
+    return np.ascontiguousarray(X), y.astype(np.int64)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The plain module under an Opacus ``GradSampleModule`` wrapper (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when supported, else fp16; a no-op on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, checkpoint_dir: Path | None = None,
+        progress: bool = True) -> FitResult:
+    """Train a model on ``X`` (N x C x H x W or N x F, float32 on [0, 1]) and int labels ``y``.
+
+    With ``checkpoint_dir``, ``last.pt`` there is written after every epoch and resumed from
+    when it matches these data and settings (otherwise it is ignored and overwritten).
+    Returns the model as a plain ``nn.Module`` in eval mode on CPU.
+    """
+    X, y = check_training_data(X, y, num_classes=num_classes)
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    input_shape = tuple(int(d) for d in X.shape[1:])
+    model_name = default_model_name(input_shape) if params.model == "auto" else params.model
+    model = build_model(model_name, input_shape=input_shape, num_classes=num_classes, dropout=params.dropout)
+    model.to(device)
+
+    loader_generator = torch.Generator().manual_seed(params.seed)
+    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)),
+                        batch_size=min(params.batch_size, len(X)), shuffle=True, generator=loader_generator,
+                        num_workers=params.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=params.num_workers > 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    engine = None
+    train_optimizer: Any = optimizer
+    if params.mode == "dp":
+        engine, model, train_optimizer, loader = make_private(model, optimizer, loader, params)
+    steps_per_epoch = max(1, len(loader))
+    # linear one cycle from ~0 to lr (at PEAK_FRACTION of the steps) and back to ~0
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=params.epochs * steps_per_epoch, pct_start=PEAK_FRACTION,
+        anneal_strategy="linear", cycle_momentum=False, div_factor=1e4, final_div_factor=1e4)
+    trainer = BatchLoss(params, steps_per_epoch=steps_per_epoch, device=device)
+    autocast, amp_dtype = _autocast(device, params.amp and params.mode != "dp")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    generators = {"loader": loader_generator, "attack": trainer.generator}
+
+    fingerprint = _fingerprint(X, y, params, num_classes)
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path is not None else None
+    if ckpt is not None:
+        _inner(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if engine is not None:
+            engine.accountant.load_state_dict(ckpt["accountant"])
+        _set_rng_state(ckpt["rng"], generators)
+        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+
+    with small_model_threads(device, input_shape):
+        history = _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast,
+                                engine=engine, device=device, params=params, history=history, start_epoch=start_epoch,
+                                steps_per_epoch=steps_per_epoch, ckpt_path=ckpt_path, fingerprint=fingerprint,
+                                generators=generators, progress=progress)
+
+    privacy = privacy_report(engine, train_optimizer, params, sample_rate=1 / steps_per_epoch) if engine is not None else None
+    trained = _inner(model)
+    if engine is not None:
+        model._close()  # drop Opacus hooks and per-sample gradients
+    final = build_model(model_name, input_shape=input_shape, num_classes=num_classes, dropout=params.dropout)
+    final.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    return FitResult(model=final.eval(), model_name=model_name, history=history, privacy=privacy, device=str(device))
+
+
+def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast, *, engine, device,
+                  params: TrainParams, history: list[dict[str, float]], start_epoch: int, steps_per_epoch: int,
+                  ckpt_path: Path | None, fingerprint: str, generators: dict[str, torch.Generator],
+                  progress: bool) -> list[dict[str, float]]:
+    """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history."""
+    bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for epoch in range(start_epoch, params.epochs):
+        with warnings.catch_warnings():
+            # Opacus' per-sample hooks fire on module outputs because inputs need no grad: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            stats = _run_epoch(model, loader, train_optimizer, scheduler, scaler, trainer, autocast,
+                               device=device, first_step=epoch * steps_per_epoch)
+        history.append({"epoch": epoch + 1, **stats})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
+                        img_s=f"{stats['images_per_s']:.0f}")
+        if ckpt_path is not None:
+            payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                       "model": _inner(model).state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                       "rng": _rng_state(generators), "history": history}
+            if engine is not None:
+                payload["accountant"] = engine.accountant.state_dict()
+            _save_checkpoint(ckpt_path, payload)
+    bar.close()
+    return history
+
+
+def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any, scaler: Any, trainer: BatchLoss,
+               autocast: Any, *, device: torch.device, first_step: int) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, accuracy, seconds, images/s and the last lr/epsilon."""
+    model.train()
+    start = time.perf_counter()
+    loss_sum, correct, seen, step = 0.0, 0, 0, first_step
+    for xb, yb in loader:
+        if len(xb) == 0:  # an empty Poisson batch: nothing to learn from
+            continue
+        xb = xb.to(device, non_blocking=True)
+        yb = yb.to(device, non_blocking=True)
+        with autocast:
+            loss, logits = trainer.loss(model, xb, yb, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(yb)
+        correct += int((logits.detach().argmax(1) == yb).sum())
+        seen += len(yb)
+        step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    stats = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "seconds": seconds,
+             "images_per_s": seen / seconds if seconds > 0 else math.inf, "lr": float(scheduler.get_last_lr()[0])}
+    if trainer.params.mode == "adversarial":
+        stats["epsilon"] = trainer.epsilon_at(step - 1)
+    return stats

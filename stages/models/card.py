@@ -1,0 +1,137 @@
+"""Model card (Markdown and HTML) for a registered version: intended use, data and digests,
+metrics, robustness curve, privacy guarantee, quarantine summary, known limits, lineage."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages.core.params import Params
+from stages.trust.context import RunContext
+
+
+def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], verdict: dict[str, Any],
+                    evaluation: dict[str, Any], screen: dict[str, Any]) -> str:
+    p = params.project
+    m = evaluation["metrics"]
+    eps_rows = []
+    for eps in params.evaluate.epsilons:
+        key = f"{eps:g}"
+        eps_rows.append((f"ε = {key}", f"FGSM {m.get(f'fgsm_accuracy_eps_{key}', float('nan')):.4f} · "
+                                         f"PGD-{params.evaluate.pgd_steps}×{params.evaluate.restarts} {m.get(f'pgd_accuracy_eps_{key}', float('nan')):.4f}"))
+    privacy = evaluation.get("privacy")
+    if privacy:
+        privacy_text = (f"DP-SGD (Opacus): ε = {privacy['epsilon_spent']:.3f} at δ = {privacy['delta']:g}, noise multiplier "
+                        f"{privacy['noise_multiplier']:.3f}, clipping norm {privacy['max_grad_norm']}, accountant {privacy['accountant']}.")
+    else:
+        privacy_text = "No formal differential-privacy guarantee (trained without DP-SGD)."
+    mia = evaluation.get("membership_inference")
+    mia_text = (f"Empirical membership-inference audit ({mia.get('attack', 'loss threshold')}): AUC {mia['auc']:.3f}, "
+                f"TPR at 1% FPR {mia['tpr_at_1pct_fpr']:.3f}." if mia else "Membership-inference audit not run.")
+    findings = screen.get("findings", {})
+    per_det = findings.get("per_detector", {})
+    qrows = [(name, str(info.get("count", info.get("flagged", "")))) for name, info in per_det.items()]
+    notes = [f"- Class {c['class']} was largely relabelled as {c['absorbed_by']} (targeted flip): the relabelled rows are quarantined."
+             for c in per_det.get("label_issues", {}).get("lost_classes", [])]
+    notes += [f"- Annotator {a} scored below the quality bar; their labels were left out of the consensus."
+              for a in per_det.get("annotators", {}).get("flagged_annotators", [])]
+    checks = [(c["name"], f"{'pass' if c['passed'] else 'FAIL'}: {c['reason']}") for c in verdict["checks"]]
+    limits = "\n".join(f"- {item}" for item in p.known_limits) or "- None recorded."
+    return f"""# Model card: {p.name}
+
+## Intended use
+{p.intended_use or p.purpose}
+
+- Owner: {p.owner}
+- Purpose: {p.purpose}
+- Risk class: {p.risk_class}
+- Training mode: {params.train.mode} ({'method ' + params.train.adversarial.method + ', ε ' + format(params.train.adversarial.epsilon, 'g') if params.train.mode == 'adversarial' else ''})
+- Input: float32 on the [0, 1] scale, shape {manifest['input_shape']}; output: logits over {manifest['num_classes']} classes.
+
+## Data
+- Source: `{manifest['source']}`
+- Rows: {manifest['n']} (held-out test rows evaluated: {evaluation['n_test']}; accepted training rows: {screen.get('accepted')})
+- Data SHA-256 (Merkle root over prepared files): `{manifest['merkle_root']}`
+- DVC hash: `{manifest['dvc']['md5']}`
+- Accepted training set digest: `{screen.get('accepted_sha256')}`
+
+## Metrics (held-out split; ε on the [0, 1] input scale)
+{_table([("clean accuracy", f"{m['clean_accuracy']:.4f}")] + eps_rows, ("metric", "value"))}
+
+![robust accuracy vs epsilon](robustness_curve.png)
+
+## Privacy
+{privacy_text}
+
+{mia_text}
+
+## Data screening (quarantine)
+{screen.get('flagged', 0)} of {screen.get('n_screened', screen.get('n_train', '?'))} rows quarantined ({100 * float(screen.get('flagged_fraction', 0)):.2f}%; {screen.get('flagged_test', 0)} of them held-out test rows, left out of the evaluation); list: `{screen.get('quarantine')}`.
+
+{_table(qrows, ("detector", "flagged")) if qrows else ''}
+{chr(10).join(notes)}
+
+## Gate verdict: {verdict['verdict']}
+{_table(checks, ("check", "result"))}
+
+## Known limits
+{limits}
+
+## Lineage
+- Run: `{run_id}`; code commit `{manifest['git']['commit']}`{' (uncommitted changes)' if manifest['git']['dirty'] else ''}
+- Params SHA-256: `{manifest['params_sha256']}`; environment lock SHA-256: `{manifest['environment_lock_sha256']}`
+- Weights SHA-256: `{verdict['weights_sha256']}`
+- Verify with: `mlsec lineage {p.name}/<version> --verify`
+"""
+
+
+def write_model_card(ctx: RunContext, params: Params, *, manifest: dict[str, Any], verdict: dict[str, Any],
+                     evaluation: dict[str, Any], screen: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(params, run_id=ctx.run_id, manifest=manifest, verdict=verdict, evaluation=evaluation, screen=screen)
+    md = out_dir / "model_card.md"
+    md.write_text(text)
+    curve = ctx.run_dir / "evaluation" / "robustness_curve.png"
+    if curve.exists():
+        shutil.copy2(curve, out_dir / "robustness_curve.png")
+    body = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("!["):
+            body.append('<img src="robustness_curve.png" alt="robust accuracy vs epsilon" width="480">')
+        elif line.startswith("|---"):
+            continue
+        elif line.startswith("| "):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>Model card</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{border:1px solid #ccc;padding:.2em .5em}"
+            "table{border-collapse:collapse}</style></head><body>" + "\n".join(body).replace("</td></tr>\n<tr>", "</td></tr><tr>")
+            + "</body></html>")
+    page = page.replace("<tr>", "<table><tr>", 1) if "<tr>" in page else page
+    out = out_dir / "model_card.html"
+    out.write_text(_wrap_tables(page))
+    return md, out
+
+
+def _wrap_tables(page: str) -> str:
+    """Group consecutive table rows into tables."""
+    page = page.replace("<table><tr>", "<tr>")
+    return re.sub(r"((?:<tr>.*?</tr>\n?)+)", lambda m: f"<table>{m.group(1)}</table>", page)

@@ -1,0 +1,232 @@
+"""Lineage and audit: follow a model version back to the bytes it was trained on.
+
+``lineage`` builds the chain from what MLflow and the ledger hold::
+
+    data (manifest Merkle root, DVC hash) -> validation report -> quarantine list ->
+    training (params digest, git commit, environment lock) -> evaluation report ->
+    gate verdict -> weights digest and signature -> alias history
+
+``verify=True`` re-checks every digest and signature in it: the signed manifest and
+artifact index, each report against the index, the data bytes (re-hashed, restored
+through DVC when not present locally), the model files against their signature, the
+verdict and the attestation, the registry tags, the ledger chain and the alias history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import IntegrityError, PipelineError
+from stages.core.workspace import Workspace, read_json
+from stages.models.aliases import alias_drift, ledger_aliases
+from stages.models.store import client, resolve
+from stages.models.verify import verify_registered_version
+from stages.trust.hashing import check_relative_path, merkle_root, sha256_file
+from stages.trust.ledger import Ledger, verify_chain
+from stages.trust.provenance import dvc_restore
+from stages.trust.signing import verify_document
+
+REPORTS = ("manifest.json", "artifacts.json", "validation.json", "quarantine.json", "train.json", "evaluation.json",
+           "verdict.json", "environment.lock", "attestation.json")
+
+
+def _anchors(ws: Workspace) -> list[dict[str, Any]]:
+    """Ledger heads recorded in MLflow runs (so a rewritten ledger is caught against MLflow)."""
+    c = client(ws)
+    anchors = []
+    try:
+        experiments = c.search_experiments()
+    except Exception:  # noqa: BLE001 - no store yet
+        return anchors
+    for exp in experiments:
+        for run in c.search_runs([exp.experiment_id], max_results=5000):
+            raw = run.data.tags.get("mlsec.ledger_head")
+            if raw and raw != "null":
+                head = json.loads(raw)
+                anchors.append({"seq": head["seq"], "hash": head["hash"], "source": f"MLflow run {run.info.run_id}"})
+    return anchors
+
+
+def audit_verify(ws: Workspace) -> dict[str, Any]:
+    report = verify_chain(ws.ledger_path, anchors=_anchors(ws))
+    return report.to_dict()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | None = None) -> dict[str, Any]:
+    import mlflow  # MLflow: slow to import, kept off the command line's start
+
+    mv = resolve(ws, ref)
+    c = client(ws)
+    tags = dict(mv.tags or {})
+    run = c.get_run(mv.run_id)
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, fn) -> Any:
+        try:
+            detail = fn()
+            checks.append({"check": name, "ok": True, "detail": detail})
+            return detail
+        except PipelineError as err:
+            checks.append({"check": name, "ok": False, "detail": str(err)})
+        except Exception as err:  # noqa: BLE001 - a check that cannot run counts as failed
+            checks.append({"check": name, "ok": False, "detail": f"could not run: {type(err).__name__}: {err}"})
+        return None
+
+    with tempfile.TemporaryDirectory(prefix="mlsec-lineage-") as tmp:
+        tmpdir = Path(tmp)
+        reports = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="reports", dst_path=str(tmpdir / "r")))
+        docs = {name: reports / name for name in REPORTS if (reports / name).exists()}
+
+        raw_manifest = read_json(docs["manifest.json"])
+        manifest = raw_manifest["payload"]
+        verdict = read_json(docs["verdict.json"])["payload"]
+        evaluation = read_json(docs["evaluation.json"])
+        quarantine = read_json(docs["quarantine.json"])
+        state, history = ledger_aliases(ws, mv.name)
+        chain = {
+            "model": {"name": mv.name, "version": str(mv.version), "uri": f"models:/{mv.name}/{mv.version}",
+                      "aliases": [a for a, v in state.items() if v == str(mv.version)]},
+            "data": {"source": manifest["source"], "merkle_root": manifest["merkle_root"], "dvc_md5": manifest["dvc"]["md5"],
+                     "dvc_remote": manifest["dvc"].get("remote"), "prepared_dir": manifest["prepared_dir"],
+                     "files": manifest["files"], "manifest_sha256": _sha(docs["manifest.json"]),
+                     "signed_by": raw_manifest["signature"]["key_id"]},
+            "validation": {"report_sha256": _sha(docs["validation.json"]), "success": read_json(docs["validation.json"]).get("success")},
+            "quarantine": {"list_sha256": _sha(docs["quarantine.json"]), "count": quarantine.get("count")},
+            "training": {"run_id": tags.get("mlsec.run_id"), "mlflow_run_id": mv.run_id, "params_sha256": manifest["params_sha256"],
+                         "git_commit": manifest["git"]["commit"], "git_dirty": manifest["git"]["dirty"],
+                         "environment_lock_sha256": manifest["environment_lock_sha256"], "mode": run.data.params.get("train.mode")},
+            "evaluation": {"report_sha256": _sha(docs["evaluation.json"]), "metrics": evaluation.get("metrics")},
+            "gate": {"verdict": verdict["verdict"], "verdict_sha256": _sha(docs["verdict.json"]), "failed": verdict.get("failed"),
+                     "decided_at": verdict.get("decided_at")},
+            "weights": {"sha256": verdict["weights_sha256"], "registered_sha256": tags.get("mlsec.weights_sha256"),
+                        "signature": "model.sig (OpenSSF model-signing, ECDSA P-256)"},
+            "alias_history": history,
+        }
+        if verify:
+            check("manifest signature", lambda: (verify_document(raw_manifest), "valid")[1])
+            index = check("artifact index signature", lambda: verify_document(read_json(docs["artifacts.json"])))
+
+            def reports_match() -> str:
+                if index is None:
+                    raise IntegrityError("artifact index not verified")
+                names = {"manifest": "manifest.json", "validation": "validation.json", "quarantine": "quarantine.json",
+                         "train_report": "train.json", "evaluation": "evaluation.json", "verdict": "verdict.json",
+                         "environment_lock": "environment.lock"}
+                for key, fname in names.items():
+                    want = index["artifacts"][key]["sha256"]
+                    if _sha(docs[fname]) != want:
+                        raise IntegrityError(f"{fname} in MLflow has SHA-256 {_sha(docs[fname])[:16]}..., the signed index says {want[:16]}...")
+                return f"{len(names)} reports match the signed index"
+
+            check("reports", reports_match)
+            check("environment lock", lambda: _match(_sha(docs["environment.lock"]), manifest["environment_lock_sha256"], "environment.lock"))
+            check("data bytes", lambda: _verify_data(ws, manifest, tmpdir))
+            check("verdict signature", lambda: (verify_document(read_json(docs["verdict.json"])), "valid")[1])
+            check("model files, signature and attestation", lambda: _verify_model(ws, mv))
+            check("registry tags", lambda: _tags_match(tags, manifest, verdict))
+            check("ledger chain", lambda: _ledger_ok(ws, tags.get("mlsec.run_id"), verdict))
+            check("aliases", lambda: _no_drift(alias_drift(ws, mv.name)))
+        if restore:
+            check("restore", lambda: _restore(ws, manifest, Path(restore)))
+    result = {"chain": chain, "checks": checks}
+    if verify:
+        result["verified"] = all(c["ok"] for c in checks)
+    if restore:
+        result["restored_to"] = str(Path(restore).resolve())
+    return result
+
+
+def _match(actual: str, expected: str, what: str) -> str:
+    if actual != expected:
+        raise IntegrityError(f"{what}: SHA-256 {actual[:16]}... differs from the recorded {expected[:16]}...")
+    return "matches"
+
+
+def _verify_files(folder: Path, manifest: dict[str, Any]) -> str:
+    for entry in manifest["files"]:
+        check_relative_path(entry["path"])
+        path = folder / entry["path"]
+        actual = sha256_file(path) if path.is_file() else "missing"
+        _match(actual, entry["sha256"], f"{manifest['prepared_dir']}/{entry['path']}")
+    root = merkle_root(manifest["files"])
+    _match(root, manifest["merkle_root"], "Merkle root")
+    return f"{len(manifest['files'])} files re-hashed; Merkle root {root[:16]}... matches"
+
+
+def _verify_data(ws: Workspace, manifest: dict[str, Any], tmp: Path) -> str:
+    check_relative_path(manifest["prepared_dir"])
+    folder = ws.root / manifest["prepared_dir"]
+    if folder.is_dir():
+        return _verify_files(folder, manifest) + " (local copy)"
+
+    dvc_restore(ws.root, md5=manifest["dvc"]["md5"], dest=tmp / "restored")
+    return _verify_files(tmp / "restored", manifest) + " (restored through DVC)"
+
+
+def _restore(ws: Workspace, manifest: dict[str, Any], dest: Path) -> str:
+    dvc_restore(ws.root, md5=manifest["dvc"]["md5"], dest=dest)
+    return _verify_files(dest, manifest) + f"; restored to {dest}"
+
+
+def _verify_model(ws: Workspace, mv) -> str:
+    ev = verify_registered_version(ws, mv)
+    return f"weights {ev['weights_sha256'][:16]}... signed, blessed by a signed verdict, attested"
+
+
+def _tags_match(tags: dict[str, str], manifest: dict[str, Any], verdict: dict[str, Any]) -> str:
+    _match(tags.get("mlsec.data_sha256", "absent"), manifest["merkle_root"], "registry tag mlsec.data_sha256")
+    _match(tags.get("mlsec.weights_sha256", "absent"), verdict["weights_sha256"], "registry tag mlsec.weights_sha256")
+    return "data and weights tags match the signed records"
+
+
+def _ledger_ok(ws: Workspace, run_id: str | None, verdict: dict[str, Any]) -> str:
+    report = verify_chain(ws.ledger_path, anchors=_anchors(ws))
+    if not report.ok:
+        raise IntegrityError(f"ledger broken at line {report.first_bad_line}: {report.reason}")
+    entries = [e for e in Ledger(ws.ledger_path).entries() if e.get("run_id") == run_id]
+    gate = [e for e in entries if e["event"] == "gate.verdict"]
+    if not gate or gate[-1]["payload"].get("weights_sha256") != verdict["weights_sha256"]:
+        raise IntegrityError(f"the ledger holds no gate verdict of run {run_id} for these weights")
+    return f"chain intact ({report.entries} entries); run {run_id} has {len(entries)} entries incl. its verdict"
+
+
+def _no_drift(drift: list[dict[str, Any]]) -> str:
+    if drift:
+        d = drift[0]
+        raise IntegrityError(f"alias {d['alias']} is version {d['mlflow']} in MLflow but the ledger records {d['ledger']}: "
+                             "moved outside the pipeline")
+    return "aliases match the ledger"
+
+
+def render_lineage(result: dict[str, Any]) -> str:
+    ch = result["chain"]
+    lines = [
+        f"model      {ch['model']['uri']}  aliases {ch['model']['aliases'] or '-'}",
+        f"data       {ch['data']['source']}",
+        f"           merkle {ch['data']['merkle_root']}  dvc {ch['data']['dvc_md5']}  ({len(ch['data']['files'])} files in {ch['data']['prepared_dir']})",
+        f"validation report {ch['validation']['report_sha256'][:16]}  success={ch['validation']['success']}",
+        f"quarantine list {ch['quarantine']['list_sha256'][:16]}  {ch['quarantine']['count']} rows",
+        f"training   run {ch['training']['run_id']}  mode {ch['training']['mode']}  params {ch['training']['params_sha256'][:16]}  "
+        f"git {str(ch['training']['git_commit'])[:12]}{' (dirty)' if ch['training']['git_dirty'] else ''}  env {ch['training']['environment_lock_sha256'][:16]}",
+        f"evaluation report {ch['evaluation']['report_sha256'][:16]}  "
+        + "  ".join(f"{k}={v:.4f}" for k, v in (ch["evaluation"]["metrics"] or {}).items() if k in ("clean_accuracy", "robust_accuracy", "mia_auc", "dp_epsilon")),
+        f"gate       {ch['gate']['verdict']}  verdict {ch['gate']['verdict_sha256'][:16]}  at {ch['gate']['decided_at']}",
+        f"weights    {ch['weights']['sha256']}  {ch['weights']['signature']}",
+        "aliases:",
+    ]
+    for h in ch["alias_history"]:
+        lines.append(f"  {h['time']}  {h['alias']} -> v{h['version']} (was {h['previous']})  by {h['actor']}"
+                     f"{'  approved by ' + h['approver'] if h.get('approver') else ''}  reason: {h['reason']}")
+    for c in result.get("checks", []):
+        lines.append(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail'] if isinstance(c['detail'], str) else 'valid'}")
+    if "verified" in result:
+        lines.append("VERIFIED" if result["verified"] else "VERIFICATION FAILED")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""The inputs of one screening run, checked once, plus evidence computed on first use and
+shared by the detectors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stages.core.errors import InvalidInput
+from stages.core.params import ScreenParams
+from stages.screening.evidence import _oos_pred_probs, _train_screening_net
+from stages.screening.neighbours import _trimmed_neighbours
+
+
+def check_screen_inputs(X: np.ndarray, y: np.ndarray, annotator_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim not in (2, 4):
+        raise InvalidInput(f"X must be N x F or N x C x H x W, got shape {X.shape}")
+    if y.ndim != 1 or len(y) != len(X):
+        raise InvalidInput(f"X and y must be same length, but X has {len(X)} rows and y has shape {y.shape}")
+    if len(X) < 20:
+        raise InvalidInput(f"screening needs at least 20 rows, got {len(X)}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise InvalidInput(f"X must be float on the [0, 1] scale, got dtype {X.dtype}")
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        raise InvalidInput("X contains NaN or inf")
+    lo, hi = float(X.min()), float(X.max())
+    if lo < 0 or hi > 1:
+        raise InvalidInput(f"X must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InvalidInput(f"y must hold integer labels, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise InvalidInput(f"labels must be 0..K-1, got minimum {y.min()}")
+    k = int(y.max()) + 1
+    if annotator_labels is not None:
+        A = np.asarray(annotator_labels)
+        if A.ndim != 2 or len(A) != len(X):
+            raise InvalidInput(f"annotator_labels must be N x A with N={len(X)}, got shape {A.shape}")
+        if not np.issubdtype(A.dtype, np.integer):
+            raise InvalidInput(f"annotator_labels must be integers (-1 = no label), got dtype {A.dtype}")
+        if A.min() < -1:
+            raise InvalidInput(f"annotator_labels must be -1 or 0..K-1, got minimum {A.min()}")
+        k = max(k, int(A.max()) + 1)
+        annotator_labels = A.astype(np.int64)
+    counts = np.bincount(y, minlength=k)
+    if (counts < 2).any():
+        raise InvalidInput(f"every class needs at least 2 rows, got counts {counts.tolist()}")
+    return X, y, annotator_labels, k
+
+
+class ScreenContext:
+    """Inputs plus lazily computed evidence that several detectors share.
+
+    Expensive pieces (out-of-sample probabilities, the screening network and its loss
+    curves, the cross-class residual splits) are computed once on first use.
+    """
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None):
+        self.X = X
+        self.y_given = y
+        self.labels = y.copy()  # labels to screen and train with (consensus when annotated)
+        self.params = params
+        self.num_classes = num_classes
+        self.annotator_labels = annotator_labels
+        self.annotator_report: list[dict[str, Any]] | None = None
+        self.consensus_disagrees: np.ndarray | None = None
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def flat(self) -> np.ndarray:
+        if "flat" not in self._cache:
+            self._cache["flat"] = self.X.reshape(len(self.X), -1)
+        return self._cache["flat"]
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # ---- out-of-sample probabilities
+    def pred_probs(self) -> np.ndarray:
+        return self.cached("pred_probs", lambda: _oos_pred_probs(self.X, self.labels, self.num_classes, self.params))
+
+    @property
+    def typical(self) -> np.ndarray:
+        """The median row (per feature), the reference for unusual pixel values."""
+        return self.cached("typical", lambda: np.median(self.flat, axis=0))
+
+    # ---- trimmed nearest neighbours in input space (share agreeing with each row's label, residuals)
+    def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.cached("trimmed", lambda: _trimmed_neighbours(self.flat, self.labels))
+
+    # ---- a briefly trained network on all rows: loss curves and penultimate features
+    def screening_net(self) -> dict[str, np.ndarray]:
+        return self.cached("net", lambda: _train_screening_net(self.X, self.labels, self.num_classes, self.params))

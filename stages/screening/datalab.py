@@ -1,0 +1,72 @@
+"""Detectors ``outliers`` and ``near_duplicates``, on one cleanlab ``Datalab`` audit.
+
+``outliers``: cleanlab ``Datalab`` outlier (kNN) scores on the inputs; only extreme
+outliers (below Q1 - 2 IQR of the score) are flagged.
+
+``near_duplicates``: ``Datalab`` near-duplicate sets: rows (almost) identical to an
+earlier row; the first copy is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from cleanlab import Datalab
+
+from stages.screening.context import ScreenContext
+from stages.screening.registry import register_detector
+from stages.screening.results import DetectorResult
+
+OUTLIER_IQR = 2.0  # clean digits and MNIST: none below; a uniform-noise image in digits: below
+DUPLICATE_RELATIVE_DISTANCE = 0.02  # of the median nearest-neighbour distance
+
+
+def _datalab(ctx: ScreenContext) -> Any:
+    """One cleanlab ``Datalab`` audit of the inputs (Euclidean kNN graph shared by the
+    outlier and near-duplicate checks); its scores are read by ``outliers`` and
+    ``near_duplicates``, which apply this module's thresholds."""
+
+    def make() -> Any:
+
+        k = int(min(10, len(ctx.X) - 1))
+        lab = Datalab(data={"label": ctx.labels}, label_name="label", verbosity=0)
+        lab.find_issues(features=ctx.flat, issue_types={
+            "outlier": {"k": k, "metric": "euclidean"},
+            "near_duplicate": {"k": k, "metric": "euclidean", "threshold": DUPLICATE_RELATIVE_DISTANCE},
+        })
+        return lab
+
+    return ctx.cached("datalab", make)
+
+
+@register_detector("outliers")
+def detect_outliers(ctx: ScreenContext) -> DetectorResult:
+    """Datalab's kNN outlier score; only extreme outliers (below Q1 - ``OUTLIER_IQR`` IQR)
+    are flagged: Datalab's own threshold flags about 2% of clean digits."""
+    scores = _datalab(ctx).get_issues("outlier")["outlier_score"].to_numpy()
+    q1, q3 = np.quantile(scores, [0.25, 0.75])
+    thr = float(q1 - OUTLIER_IQR * (q3 - q1))
+    idx = np.where(scores < thr)[0]
+    reasons = [f"far from every other row (kNN outlier score {scores[i]:.3f} < {thr:.3f})" for i in idx]
+    return DetectorResult(idx, 1.0 - scores[idx], thr, reasons)
+
+
+@register_detector("near_duplicates")
+def detect_near_duplicates(ctx: ScreenContext) -> DetectorResult:
+    """Datalab's near-duplicate sets (distance below ``DUPLICATE_RELATIVE_DISTANCE`` of the
+    median nearest-neighbour distance); the first row of each set is kept."""
+    issues = _datalab(ctx).get_issues("near_duplicate")
+    sets = issues["near_duplicate_sets"].tolist()
+    flat = ctx.flat
+    idx, scores, reasons = [], [], []
+    for i in np.where(issues["is_near_duplicate_issue"].to_numpy())[0]:
+        earlier = [int(j) for j in sets[i] if int(j) < i]
+        if not earlier:
+            continue
+        j = min(earlier)
+        same = ctx.labels[i] == ctx.labels[j]
+        idx.append(int(i))
+        scores.append(float(np.linalg.norm(flat[i] - flat[j])))
+        reasons.append(f"near copy of row {j} ({'same label' if same else f'conflicting labels {ctx.labels[j]} vs {ctx.labels[i]}'})")
+    return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"{DUPLICATE_RELATIVE_DISTANCE} x median nearest-neighbour distance", reasons)

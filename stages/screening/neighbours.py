@@ -1,0 +1,67 @@
+"""Nearest rows in input space: each class's nearest rows of other classes (cross-class
+residuals), and *trimmed* neighbours that ignore the pixels where two rows differ most, so a
+local trigger does not decide whose content a row shows."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+RESIDUAL_NEIGHBOURS = 5
+TRIM_FRACTION = 0.15  # pixels left out of trimmed distances; a local trigger hides in them
+TRIM_CANDIDATES = 50  # Euclidean nearest rows re-ranked by trimmed distance
+TRIM_VOTERS = 10  # trimmed nearest rows that vote on whose content a row shows
+
+
+def _nearest_other_class(flat: np.ndarray, labels: np.ndarray, k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each class: its rows and their k nearest rows (Euclidean) among other classes."""
+    Z = flat.astype(np.float32)
+    out = {}
+    for c in np.unique(labels):
+        ic = np.where(labels == c)[0]
+        io = np.where(labels != c)[0]
+        index = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(Z[io])
+        out[int(c)] = (ic, io[index.kneighbors(Z[ic], return_distance=False)])
+    return out
+
+
+def _cross_class_residuals(flat: np.ndarray, labels: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class: rows, residuals ``x - mean(k nearest other-class rows)``, neighbour purity."""
+    out = {}
+    for c, (ic, nn) in _nearest_other_class(flat, labels, RESIDUAL_NEIGHBOURS).items():
+        residual = flat[ic] - flat[nn].mean(1)
+        nl = labels[nn]
+        purity = np.array([np.bincount(r).max() for r in nl]) / RESIDUAL_NEIGHBOURS
+        out[c] = (ic, residual, purity)
+    return out
+
+
+def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: share of its trimmed nearest rows with its label, and its residual against
+    the mean of its trimmed-nearest rows of other classes (zero when none is close).
+    Rows in ``excluded`` are never neighbours."""
+    Z = flat.astype(np.float32)
+    n, f = Z.shape
+    cand = int(min(TRIM_CANDIDATES, n - 1))
+    voters = int(min(TRIM_VOTERS, cand))
+    keep = max(1, f - int(round(TRIM_FRACTION * f)))
+    sq = (Z**2).sum(1)
+    agree = np.empty(n, dtype=np.float64)
+    residual = np.zeros_like(Z)
+    step = max(1, min(512, int(2e7 // max(1, cand * f))))
+    for s in range(0, n, step):
+        q = np.arange(s, min(n, s + step))
+        d = sq[q, None] + sq[None, :] - 2.0 * Z[q] @ Z.T
+        d[np.arange(len(q)), q] = np.inf
+        if excluded is not None:
+            d[:, excluded] = np.inf
+        nn = np.argpartition(d, cand - 1, axis=1)[:, :cand]
+        diff = (Z[q, None, :] - Z[nn]) ** 2
+        trimmed = np.partition(diff, keep - 1, axis=2)[:, :, :keep].sum(2) if keep < f else diff.sum(2)
+        nn = np.take_along_axis(nn, np.argsort(trimmed, axis=1), 1)
+        agree[q] = (labels[nn[:, :voters]] == labels[q, None]).mean(1)
+        for j, i in enumerate(q):
+            other = nn[j][labels[nn[j]] != labels[i]][:RESIDUAL_NEIGHBOURS]
+            if len(other):
+                residual[i] = Z[i] - Z[other].mean(0)
+    return agree, residual
