@@ -21,6 +21,7 @@ from prefect.flow_runs import pause_flow_run  # noqa: E402
 from prefect.input import RunInput  # noqa: E402
 
 from stages import evaluate, gate, ingest, register, screen, train, validate  # noqa: E402
+from stages.core import events  # noqa: E402
 from stages.core.errors import GateRejected, PipelineError  # noqa: E402
 from stages.core.params import Params, load_params  # noqa: E402
 from stages.core.workspace import Workspace, actor, new_run_id, read_json  # noqa: E402
@@ -100,12 +101,29 @@ def secure_training(run_id: str | None = None, params_path: str = "params.yaml",
         summary["error"] = str(err)
         err.summary = summary  # the command line prints it with --json
         raise
+    except BaseException as err:
+        summary["error"] = f"{type(err).__name__}: {err}"[:500]
+        raise
+    finally:
+        _emit_finished(summary, params_path, overrides)
+
+
+def _emit_finished(summary: dict[str, Any], params_path: str, overrides: list[str] | None) -> None:
+    try:
+        name = _load(params_path, overrides).project.name
+    except PipelineError:
+        return  # settings never loaded: no model to name
+    payload = {"model": name, "run_id": summary["run_id"], "status": summary["status"],
+               "data_sha256": summary.get("data_sha256"), "version": (summary.get("model") or {}).get("version")}
+    if summary.get("error"):
+        payload["error"] = str(summary["error"])[:500]
+    events.emit(events.RUN_FINISHED, payload)
 
 
 def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | None, data: str | None, paranoid: bool,
               triggered_by: str | None) -> dict[str, Any]:
     ws = Workspace.from_env()
-    params = load_params(ws.root / params_path if not os.path.isabs(params_path) else params_path, overrides or [])
+    params = _load(params_path, overrides)
     ctx = RunContext(ws, summary["run_id"], paranoid=paranoid)
     who = triggered_by or actor()
     ctx.log("run.start", {"params_sha256": params.digest(), "overrides": overrides or [], "data": data or params.data.source,
@@ -120,6 +138,8 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
 
     ing = step(ingest_task, "ingest", source=data)
     summary["data_sha256"] = ing["data_sha256"]
+    events.emit(events.DATA_INGESTED, {"model": params.project.name, "run_id": ctx.run_id, "source": ing["source"],
+                                       "data_sha256": ing["data_sha256"], "rows": ing["n"], "dvc_md5": ing["dvc_md5"]})
     step(validate_task, "validate")
     scr = step(screen_task, "screen")
     summary["quarantined"] = {"count": scr["flagged"], "fraction": scr["flagged_fraction"], "path": scr["quarantine_path"]}
@@ -155,6 +175,11 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
     get_run_logger().info("run %s %s in %.1f s (%s)", ctx.run_id, summary["status"], summary["timings"]["total"],
                           ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return summary
+
+
+def _load(params_path: str, overrides: list[str] | None) -> Params:
+    root = Workspace.from_env().root
+    return load_params(root / params_path if not os.path.isabs(params_path) else params_path, overrides or [])
 
 
 def _verdict(ctx: RunContext) -> dict[str, Any]:
