@@ -19,11 +19,14 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: setup run test test-fast repro bench clean-runs
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
 	@$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]' >$(VENV)/install.log 2>&1 \
 		|| { grep -v '^WARNING: Location' $(VENV)/install.log | tail -30; exit 1; }
+	@# packages whose declared dependencies would replace the pinned torch (see the file)
+	@$(BIN)/pip install --disable-pip-version-check -q --no-deps --require-hashes -r requirements-nodeps.txt \
+		>>$(VENV)/install.log 2>&1 || { grep -v '^WARNING: Location' $(VENV)/install.log | tail -30; exit 1; }
 	@$(BIN)/python -m dvc config core.analytics false >/dev/null 2>&1 || true
 	@touch $(STAMP)
 

@@ -1,11 +1,14 @@
-"""Evaluate: clean accuracy, FGSM and PGD (with restarts) at each epsilon, and privacy.
+"""Evaluate: clean accuracy, each attack of ``evaluate.attacks`` at each epsilon, and privacy.
 
 All on the held-out test rows the screen accepted (never trained on; rows the screen
 quarantined are left out, with the trusted annotators' consensus labels where given).
 ``clean_accuracy_all_test`` also reports clean accuracy on every held-out row with its
 label as given, quarantined rows included. Epsilons are on the [0, 1] input scale.
-Per-sample results (``per_sample.npz``: which attacks each evaluated row survives) are
-kept for comparison with the champion. Privacy: the epsilon DP-SGD spent (when
+Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE and APGD-DLR) run on every evaluated
+row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
+accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
+every attack at that epsilon. Per-sample results (``per_sample.npz``: which attacks each
+evaluated row survives) are kept for comparison with the champion. Privacy: the epsilon DP-SGD spent (when
 ``train.mode`` is ``dp``) and an empirical membership-inference audit (AUC and TPR at 1%
 FPR, members = accepted training rows, non-members = the evaluated test rows).
 """
@@ -44,16 +47,19 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     model = load_model_folder(inputs["weights"].parent)
     ev = params.evaluate
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
-                                 restarts=ev.restarts, seed=ev.seed)
+                                 restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
+                                 sample=ev.attack_rows, seed=ev.seed)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),
                             "epsilon_scale": "[0, 1] input scale", "pgd_steps": ev.pgd_steps, "restarts": ev.restarts,
+                            "attacks": report.attacks, "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
                             "robustness": report.to_dict()}
-    metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy), "clean_accuracy_all_test": all_test}
+    metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy), "clean_accuracy_all_test": all_test,
+                                 "attacked_rows": float(report.n_attacked)}
     for eps in ev.epsilons:
-        metrics[f"fgsm_accuracy_eps_{eps:g}"] = float(report.fgsm_accuracy[eps])
-        metrics[f"pgd_accuracy_eps_{eps:g}"] = float(report.pgd_accuracy[eps])
+        for name in report.attacks:
+            metrics[f"{name}_accuracy_eps_{eps:g}"] = float(report.attack_accuracy[name][eps])
         metrics[f"robust_accuracy_eps_{eps:g}"] = float(report.robust_accuracy[eps])
     # Headline: a test row counts only if it is right clean and under every attack at that epsilon.
     metrics["robust_accuracy"] = metrics[f"robust_accuracy_eps_{ev.epsilon:g}"]
@@ -72,7 +78,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     body["privacy"] = privacy
     body["metrics"] = metrics
     per_sample = ctx.path("evaluation", "per_sample.npz")
-    np.savez(per_sample, eval_idx=eval_idx, correct=np.asarray(report.correct), columns=np.asarray(report.columns))
+    np.savez(per_sample, eval_idx=eval_idx, correct=np.asarray(report.correct), columns=np.asarray(report.columns),
+             attacked=np.asarray(report.attacked))
     curve = ctx.path("evaluation", "robustness_curve.png")
     plot_robustness_curve(report, curve)
     path = ctx.path("evaluation", "evaluation.json")

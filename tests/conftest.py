@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.telemetry import TELEMETRY_OFF
-from tests.support import make_workspace
+from tests.support import briefly_trained_digits_model, make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
@@ -99,3 +99,20 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(ws)
     return ws
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """8x8 digits gain nothing from intra-op threads and lose much on a busy machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """(model, X, y): a cnn_small briefly trained on digits and 200 held-out digits as tensors."""
+    return briefly_trained_digits_model()

@@ -25,3 +25,28 @@ def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = No
     env = {**os.environ, "MLSEC_ROOT": str(cwd), **(env_extra or {})}
     exe = shutil.which("mlsec", path=str(Path(sys.executable).parent)) or "mlsec"
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def briefly_trained_digits_model():
+    """A cnn_small trained for 6 epochs on 600 digits (on one thread), and 200 held-out digits
+    as tensors: (model, X, y)."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from stages.core.params import TrainParams
+    from stages.ml.training import fit
+
+    digits = load_digits()
+    X = (digits.images / 16.0).astype(np.float32)[:, None]
+    y = digits.target.astype(np.int64)
+    params = TrainParams.model_validate({
+        "mode": "standard", "epochs": 6, "batch_size": 64, "lr": 0.005, "device": "cpu", "seed": 0,
+        "adversarial": {"epsilon": 0.1}, "dp": {}})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = fit(X[:600], y[:600], params=params, num_classes=10, progress=False).model
+    finally:
+        torch.set_num_threads(previous)
+    return model, torch.from_numpy(X[1000:1200]), torch.from_numpy(y[1000:1200])

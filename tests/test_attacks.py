@@ -3,39 +3,13 @@ PGD with restarts is at least as strong as FGSM."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.datasets import load_digits
 
 from stages.ml.attacks import ATTACKS, attack_fgsm, attack_pgd, get_attack
 from stages.core.errors import InvalidInput
-from stages.core.params import TrainParams
-from stages.ml.training import fit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """8x8 digits gain nothing from intra-op threads and lose much on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    """A cnn_small trained briefly on 600 digits, and 200 held-out digits as tensors."""
-    digits = load_digits()
-    X = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    params = TrainParams.model_validate({
-        "mode": "standard", "epochs": 6, "batch_size": 64, "lr": 0.005, "device": "cpu", "seed": 0,
-        "adversarial": {"epsilon": 0.1}, "dp": {}})
-    model = fit(X[:600], y[:600], params=params, num_classes=10, progress=False).model
-    return model, torch.from_numpy(X[1000:1200]), torch.from_numpy(y[1000:1200])
 
 
 def _accuracy(model, X, y) -> float:

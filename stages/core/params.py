@@ -113,6 +113,9 @@ class EvaluateParams(_Section):
     epsilons: list[float]
     pgd_steps: int = Field(ge=1)
     restarts: int = Field(ge=1)
+    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"], min_length=1)
+    apgd_steps: int = Field(default=100, ge=1)
+    attack_rows: int | None = Field(default=None, ge=1)
     membership_inference: bool = True
     seed: int = 0
 

@@ -1,6 +1,11 @@
-"""Robustness evaluation: accuracy under FGSM and PGD with restarts at each epsilon, and the
-robustness curve. Epsilons are L-inf budgets on the [0, 1] input scale. Pure functions of a
-model and arrays, except ``plot_robustness_curve`` which writes one PNG.
+"""Robustness evaluation: accuracy under each registered attack at each epsilon, the per-row
+worst case over them, and the robustness curve. Epsilons are L-inf budgets on the [0, 1] input
+scale. Pure functions of a model and arrays, except ``plot_robustness_curve`` which writes one PNG.
+
+Attacks by name (``evaluate.attacks``): ``fgsm``; ``pgd`` (``pgd_steps`` steps of
+``2.5 * epsilon / pgd_steps`` from ``restarts`` random starts); ``apgd_ce`` and ``apgd_dlr``
+(AutoAttack's APGD with ``apgd_steps`` iterations, from torchattacks). A row counts as robust
+at an epsilon only when it is right on clean input and under every attack run at that epsilon.
 """
 
 from __future__ import annotations
@@ -8,15 +13,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from stages.core.errors import InvalidInput
+from stages.core.errors import InvalidInput, PipelineError
 from stages.ml.attacks import attack_fgsm, attack_pgd
+from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr
 from stages.ml.runtime import check_eval_inputs, eval_mode, small_model_threads
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """How hard the iterative attacks try; epsilons come separately, per column."""
+    pgd_steps: int
+    restarts: int
+    apgd_steps: int = 100
+    seed: int = 0
+
+
+# name -> how evaluation calls the attack at one epsilon (a name-keyed registry; pure functions)
+EvalAttack = Callable[[nn.Module, Tensor, Tensor, float, AttackBudget, torch.Generator], Tensor]
+EVAL_ATTACKS: dict[str, EvalAttack] = {
+    "fgsm": lambda m, X, y, eps, b, g: attack_fgsm(m, X, y, epsilon=eps),
+    "pgd": lambda m, X, y, eps, b, g: attack_pgd(m, X, y, epsilon=eps, alpha=2.5 * eps / b.pgd_steps,
+                                                 steps=b.pgd_steps, restarts=b.restarts, random_start=True,
+                                                 generator=g),
+    "apgd_ce": lambda m, X, y, eps, b, g: attack_apgd_ce(m, X, y, epsilon=eps, steps=b.apgd_steps, seed=b.seed),
+    "apgd_dlr": lambda m, X, y, eps, b, g: attack_apgd_dlr(m, X, y, epsilon=eps, steps=b.apgd_steps, seed=b.seed),
+}
+
+
+def check_attack_names(names: list[str]) -> list[str]:
+    """The names, in order and without repeats; unknown names raise ``InvalidInput``."""
+    unknown = [n for n in names if n not in EVAL_ATTACKS]
+    if unknown or not names:
+        raise InvalidInput(f"evaluate.attacks must be a non-empty list of {sorted(EVAL_ATTACKS)}, got {names!r}")
+    return list(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -24,74 +59,131 @@ class RobustnessReport:
     """Accuracies on clean inputs and under attack, per epsilon (on the [0, 1] input scale).
 
     ``correct`` is an N x len(columns) boolean matrix: column ``"clean"``, then
-    ``"fgsm@<eps>"`` and ``"pgd@<eps>"`` for each epsilon. ``robust_accuracy[eps]`` counts
-    a sample only when it is right on clean input and under every attack at that epsilon.
+    ``"<attack>@<eps>"`` for each epsilon and each attack. ``attacked`` marks the rows the
+    attacks ran on (all rows, or a seeded sample of ``sample`` rows); attack accuracies and
+    ``robust_accuracy[eps]`` are over those rows, and a row counts as robust only when it is
+    right on clean input and under every attack at that epsilon (the per-row worst case).
     """
 
     clean_accuracy: float
     epsilons: list[float]
-    fgsm_accuracy: dict[float, float]
-    pgd_accuracy: dict[float, float]
+    attacks: list[str]
+    attack_accuracy: dict[str, dict[float, float]]
     robust_accuracy: dict[float, float]
     correct: np.ndarray
+    attacked: np.ndarray
     columns: list[str]
-    pgd_steps: int
-    restarts: int
+    budget: AttackBudget
     n_samples: int = field(default=0)
+
+    @property
+    def n_attacked(self) -> int:
+        return int(self.attacked.sum())
+
+    @property
+    def fgsm_accuracy(self) -> dict[float, float]:
+        return self.attack_accuracy.get("fgsm", {})
+
+    @property
+    def pgd_accuracy(self) -> dict[float, float]:
+        return self.attack_accuracy.get("pgd", {})
+
+    @property
+    def pgd_steps(self) -> int:
+        return self.budget.pgd_steps
+
+    @property
+    def restarts(self) -> int:
+        return self.budget.restarts
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary; epsilon keys become strings such as ``"0.1"``."""
         keyed = lambda d: {str(float(k)): float(v) for k, v in d.items()}  # noqa: E731
         return {"clean_accuracy": float(self.clean_accuracy), "epsilons": [float(e) for e in self.epsilons],
+                "attacks": list(self.attacks),
+                "attack_accuracy": {a: keyed(v) for a, v in self.attack_accuracy.items()},
                 "fgsm_accuracy": keyed(self.fgsm_accuracy), "pgd_accuracy": keyed(self.pgd_accuracy),
                 "robust_accuracy": keyed(self.robust_accuracy), "columns": list(self.columns),
-                "pgd_steps": self.pgd_steps, "pgd_alpha": "2.5 * epsilon / pgd_steps", "restarts": self.restarts,
-                "n_samples": self.n_samples, "epsilon_scale": "[0, 1] input scale"}
+                "pgd_steps": self.budget.pgd_steps, "pgd_alpha": "2.5 * epsilon / pgd_steps",
+                "restarts": self.budget.restarts, "apgd_steps": self.budget.apgd_steps, "seed": self.budget.seed,
+                "n_samples": self.n_samples, "n_attacked": self.n_attacked,
+                "robust_accuracy_is": "per-row worst case over clean and every attack at that epsilon",
+                "epsilon_scale": "[0, 1] input scale"}
+
+
+def _check_in_ball(name: str, adv: Tensor, X: Tensor, epsilon: float) -> None:
+    """An attack that leaves the epsilon ball or [0, 1] would report figures nobody asked for."""
+    gap = float((adv - X).abs().max()) if len(X) else 0.0
+    if adv.shape != X.shape or gap > epsilon + 1e-5 or float(adv.min()) < 0 or float(adv.max()) > 1:
+        raise PipelineError(f"attack {name} returned inputs outside the epsilon {epsilon:g} ball or [0, 1] "
+                            f"(max change {gap:g}); refusing its figures")
+
+
+def _sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
+    """Boolean mask of the rows attacked: all, or ``sample`` rows drawn without replacement."""
+    mask = np.zeros(n, dtype=bool)
+    if sample is None or sample >= n:
+        mask[:] = True
+    else:
+        mask[np.random.default_rng(seed).choice(n, size=sample, replace=False)] = True
+    return mask
 
 
 def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsilons: list[float], pgd_steps: int,
-                        restarts: int, batch_size: int = 256, seed: int = 0) -> RobustnessReport:
-    """Clean, FGSM and PGD accuracy of ``model`` on (X, y) at each L-inf epsilon ([0, 1] scale).
+                        restarts: int, attacks: list[str] = ("fgsm", "pgd"), apgd_steps: int = 100,
+                        sample: int | None = None, batch_size: int = 256, seed: int = 0) -> RobustnessReport:
+    """Clean accuracy of ``model`` on (X, y), and accuracy under each of ``attacks`` at each
+    L-inf epsilon ([0, 1] scale), on every row or on a seeded sample of ``sample`` rows.
 
     PGD takes ``pgd_steps`` steps of ``2.5 * epsilon / pgd_steps`` from ``restarts`` random
-    starts (seeded by ``seed``) and keeps, per sample, the start that fools the model.
+    starts (seeded by ``seed``) and keeps, per sample, the start that fools the model; APGD
+    runs ``apgd_steps`` iterations seeded by ``seed``.
     """
     X, y = check_eval_inputs(model, X, y)
     eps_list = [float(e) for e in epsilons]
     if not eps_list or any(not (math.isfinite(e) and 0 < e <= 1) for e in eps_list):
         raise InvalidInput(f"epsilons must be a non-empty list in (0, 1] (the [0, 1] input scale), got {epsilons!r}")
-    if pgd_steps < 1 or restarts < 1 or batch_size < 1:
-        raise InvalidInput(f"pgd_steps, restarts and batch_size must be >= 1, got {pgd_steps}, {restarts}, {batch_size}")
+    if pgd_steps < 1 or restarts < 1 or batch_size < 1 or apgd_steps < 1:
+        raise InvalidInput(f"pgd_steps, restarts, apgd_steps and batch_size must be >= 1, got {pgd_steps}, {restarts}, "
+                           f"{apgd_steps}, {batch_size}")
+    if sample is not None and sample < 1:
+        raise InvalidInput(f"the attack sample must be at least 1 row (or null for every row), got {sample}")
+    names = check_attack_names(list(attacks))
+    budget = AttackBudget(pgd_steps=pgd_steps, restarts=restarts, apgd_steps=apgd_steps, seed=seed)
     device = next(model.parameters()).device
-    columns = ["clean"] + [f"{name}@{e:g}" for e in eps_list for name in ("fgsm", "pgd")]
+    columns = ["clean"] + [f"{name}@{e:g}" for e in eps_list for name in names]
     correct = np.zeros((len(X), len(columns)), dtype=bool)
+    attacked = _sample_rows(len(X), sample, seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(model), small_model_threads(device, tuple(X.shape[1:])):
         for start in range(0, len(X), batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-            rows = slice(start, start + len(xb))
-            col = 0
             with torch.no_grad():
-                correct[rows, col] = (model(xb).argmax(1) == yb).cpu().numpy()
+                correct[start:start + len(xb), 0] = (model(xb).argmax(1) == yb).cpu().numpy()
+        rows = np.flatnonzero(attacked)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            xb, yb = X[idx].to(device), y[idx].to(device)
+            col = 0
             for eps in eps_list:
-                for adv in (attack_fgsm(model, xb, yb, epsilon=eps),
-                            attack_pgd(model, xb, yb, epsilon=eps, alpha=2.5 * eps / pgd_steps, steps=pgd_steps,
-                                       restarts=restarts, random_start=True, generator=generator)):
+                for name in names:
+                    adv = EVAL_ATTACKS[name](model, xb, yb, eps, budget, generator)
+                    _check_in_ball(name, adv, xb, eps)
                     col += 1
                     with torch.no_grad():
-                        correct[rows, col] = (model(adv).argmax(1) == yb).cpu().numpy()
-    acc = correct.mean(axis=0)
-    fgsm = {e: float(acc[1 + 2 * i]) for i, e in enumerate(eps_list)}
-    pgd = {e: float(acc[2 + 2 * i]) for i, e in enumerate(eps_list)}
-    robust = {e: float((correct[:, 0] & correct[:, 1 + 2 * i] & correct[:, 2 + 2 * i]).mean())
+                        correct[idx, col] = (model(adv).argmax(1) == yb).cpu().numpy()
+    on = correct[attacked]
+    per_attack = {name: {e: float(on[:, 1 + i * len(names) + j].mean()) for i, e in enumerate(eps_list)}
+                  for j, name in enumerate(names)}
+    robust = {e: float(on[:, [0] + [1 + i * len(names) + j for j in range(len(names))]].all(axis=1).mean())
               for i, e in enumerate(eps_list)}
-    return RobustnessReport(clean_accuracy=float(acc[0]), epsilons=eps_list, fgsm_accuracy=fgsm, pgd_accuracy=pgd,
-                            robust_accuracy=robust, correct=correct, columns=columns, pgd_steps=pgd_steps,
-                            restarts=restarts, n_samples=len(X))
+    return RobustnessReport(clean_accuracy=float(correct[:, 0].mean()), epsilons=eps_list, attacks=names,
+                            attack_accuracy=per_attack, robust_accuracy=robust, correct=correct, attacked=attacked,
+                            columns=columns, budget=budget, n_samples=len(X))
 
 
 def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
-    """Accuracy against epsilon ([0, 1] scale) for FGSM, PGD and worst case, as a PNG."""
+    """Accuracy against epsilon ([0, 1] scale) under each attack and the worst case, as a PNG."""
     from matplotlib.backends.backend_agg import (
         FigureCanvasAgg,  # matplotlib: only when a curve is drawn
     )
@@ -101,13 +193,15 @@ def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
     fig = Figure(figsize=(5, 3.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, values, style in (("FGSM", report.fgsm_accuracy, "o--"), ("PGD", report.pgd_accuracy, "s-"),
-                                ("worst case", report.robust_accuracy, "^:")):
+    styles = {"fgsm": "o--", "pgd": "s-", "apgd_ce": "d-.", "apgd_dlr": "v-."}
+    curves = [(name.upper().replace("_", "-"), report.attack_accuracy[name], styles.get(name, "x-"))
+              for name in report.attacks] + [("worst case", report.robust_accuracy, "^:")]
+    for name, values, style in curves:
         ax.plot(eps, [report.clean_accuracy] + [values[e] for e in report.epsilons], style, label=name)
     ax.set_xlabel("L-inf epsilon ([0, 1] input scale)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"PGD-{report.pgd_steps} x {report.restarts} restarts, n = {report.n_samples}")
+    ax.set_title(f"PGD-{report.pgd_steps} x {report.restarts} restarts, n = {report.n_attacked} of {report.n_samples}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

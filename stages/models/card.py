@@ -23,11 +23,18 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
                     evaluation: dict[str, Any], screen: dict[str, Any]) -> str:
     p = params.project
     m = evaluation["metrics"]
+    ev = params.evaluate
+    robustness = evaluation.get("robustness", {})
+    labels = {"fgsm": "FGSM", "pgd": f"PGD-{ev.pgd_steps}×{ev.restarts}", "apgd_ce": f"APGD-CE-{ev.apgd_steps}",
+              "apgd_dlr": f"APGD-DLR-{ev.apgd_steps}"}
+    attacks = robustness.get("attacks", ["fgsm", "pgd"])
+    attacked = robustness.get("n_attacked", evaluation.get("n_test"))
     eps_rows = []
-    for eps in params.evaluate.epsilons:
+    for eps in ev.epsilons:
         key = f"{eps:g}"
-        eps_rows.append((f"ε = {key}", f"FGSM {m.get(f'fgsm_accuracy_eps_{key}', float('nan')):.4f} · "
-                                         f"PGD-{params.evaluate.pgd_steps}×{params.evaluate.restarts} {m.get(f'pgd_accuracy_eps_{key}', float('nan')):.4f}"))
+        parts = [f"{labels.get(a, a)} {m.get(f'{a}_accuracy_eps_{key}', float('nan')):.4f}" for a in attacks]
+        parts.append(f"worst case per row {m.get(f'robust_accuracy_eps_{key}', float('nan')):.4f}")
+        eps_rows.append((f"ε = {key} ({attacked} rows attacked)", " · ".join(parts)))
     privacy = evaluation.get("privacy")
     if privacy:
         privacy_text = (f"DP-SGD (Opacus): ε = {privacy['epsilon_spent']:.3f} at δ = {privacy['delta']:g}, noise multiplier "
