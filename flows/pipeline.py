@@ -24,7 +24,7 @@ from stages import evaluate, gate, ingest, register, screen, train, validate  # 
 from stages.core import events  # noqa: E402
 from stages.core.errors import GateRejected, PipelineError  # noqa: E402
 from stages.core.params import Params, load_params  # noqa: E402
-from stages.core.workspace import Workspace, actor, new_run_id, read_json  # noqa: E402
+from stages.core.workspace import Workspace, actor, new_run_id  # noqa: E402
 from stages.models.promotion import champion_summary, promote  # noqa: E402
 from stages.runner import run_stage  # noqa: E402
 from stages.trust.context import RunContext  # noqa: E402
@@ -183,7 +183,7 @@ def _load(params_path: str, overrides: list[str] | None) -> Params:
 
 
 def _verdict(ctx: RunContext) -> dict[str, Any]:
-    return verify_document(read_json(ctx.inputs("verdict", where="flow")["verdict"]))
+    return verify_document(ctx.read_input_json("verdict", where="flow"))
 
 
 __all__ = ["secure_training", "STAGES"]

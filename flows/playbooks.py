@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import InvalidInput, PipelineError
-from stages.core.workspace import Workspace, read_json
-from stages.data.prepared import read_prepared
+from stages.core.workspace import Workspace
+from stages.data.prepared import parse_prepared
 from stages.models.promotion import rollback
 from stages.models.store import mlflow_aliases
 from stages.trust.context import RunContext
@@ -24,14 +24,13 @@ from stages.trust.ledger import Ledger
 def purge_quarantined(ws: Workspace, run_id: str) -> dict[str, Any]:
     """Write the run's data minus its quarantined rows to ``data/purged/<run>.npz``."""
     ctx = RunContext(ws, run_id, paranoid=True)
-    folder, manifest = ctx.dataset(where="playbook")
+    files, manifest = ctx.dataset_bytes(where="playbook")
     qpath = ws.quarantine_dir / run_id / "quarantine.json"
     if not qpath.exists():
         raise InvalidInput(f"run {run_id} has no quarantine list at {qpath}")
-    recorded = ctx.inputs("quarantine", where="playbook")["quarantine"]
-    quarantine = read_json(recorded)
+    quarantine = ctx.read_input_json("quarantine", where="playbook")
     drop = sorted({int(s["index"]) for s in quarantine["samples"]})
-    X, y, ann, _ = read_prepared(folder)
+    X, y, ann, _ = parse_prepared(files)
     keep = np.setdiff1d(np.arange(len(y)), np.asarray(drop, dtype=np.int64))
     out = ws.root / "data" / "purged" / f"{run_id}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 All on the held-out test rows the screen accepted (never trained on; rows the screen
 quarantined are left out, with the trusted annotators' consensus labels where given).
 ``clean_accuracy_all_test`` also reports clean accuracy on every held-out row with its
-label as given, quarantined rows included. Epsilons are on the [0, 1] input scale.
+label as given, quarantined rows included, and ``test_flagged_fraction`` the share of
+held-out rows screening left out (so a gate can tell when screening lifted the figure).
+Epsilons are on the [0, 1] input scale.
 Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE and APGD-DLR) run on every evaluated
 row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
@@ -15,15 +17,16 @@ FPR, members = accepted training rows, non-members = the evaluated test rows).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from stages.core.errors import ValidationFailed
 from stages.core.params import Params
-from stages.core.workspace import read_json, write_json
-from stages.data.prepared import read_prepared
-from stages.models.weights import load_model_folder
+from stages.core.workspace import write_json
+from stages.data.prepared import load_npz_bytes, parse_prepared
+from stages.models.weights import load_model_bytes
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 
@@ -36,15 +39,15 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     from stages.ml.robustness import evaluate_robustness, plot_robustness_curve
     from stages.ml.runtime import predict_logits
 
-    folder, manifest = ctx.dataset(where=STAGE)
-    inputs = ctx.inputs("split", "weights", "model_config", "train_report", where=STAGE)
-    X, y, _, _ = read_prepared(folder)
-    with np.load(inputs["split"], allow_pickle=False) as split:
-        test_idx, accepted_idx, accepted_labels = split["test_idx"], split["accepted_idx"], split["accepted_labels"]
-        eval_idx, eval_labels = split["eval_idx"], split["eval_labels"]
+    files, manifest = ctx.dataset_bytes(where=STAGE)
+    inputs = ctx.input_bytes("split", "weights", "model_config", "train_report", where=STAGE)
+    X, y, _, _ = parse_prepared(files)
+    split = load_npz_bytes(inputs["split"])
+    test_idx, accepted_idx, accepted_labels = split["test_idx"], split["accepted_idx"], split["accepted_labels"]
+    eval_idx, eval_labels = split["eval_idx"], split["eval_labels"]
     if len(eval_idx) == 0:
         raise ValidationFailed("no held-out test row is left after screening: nothing to evaluate the model on")
-    model = load_model_folder(inputs["weights"].parent)
+    model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
@@ -56,14 +59,15 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
                             "attacks": report.attacks, "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
                             "robustness": report.to_dict()}
     metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy), "clean_accuracy_all_test": all_test,
-                                 "attacked_rows": float(report.n_attacked)}
+                                 "attacked_rows": float(report.n_attacked),
+                                 "test_flagged_fraction": 1.0 - len(eval_idx) / max(1, len(test_idx))}
     for eps in ev.epsilons:
         for name in report.attacks:
             metrics[f"{name}_accuracy_eps_{eps:g}"] = float(report.attack_accuracy[name][eps])
         metrics[f"robust_accuracy_eps_{eps:g}"] = float(report.robust_accuracy[eps])
     # Headline: a test row counts only if it is right clean and under every attack at that epsilon.
     metrics["robust_accuracy"] = metrics[f"robust_accuracy_eps_{ev.epsilon:g}"]
-    privacy = read_json(inputs["train_report"]).get("privacy")
+    privacy = json.loads(inputs["train_report"]).get("privacy")
     if privacy:
         metrics["dp_epsilon"] = float(privacy["epsilon_spent"])
     if ev.membership_inference:

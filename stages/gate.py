@@ -9,12 +9,12 @@ without a passing, correctly signed verdict for the same weights.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from stages.core.errors import GateRejected
 from stages.core.params import GateParams, Params
-from stages.core.workspace import read_json
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 from stages.trust.signing import sign_document
@@ -86,14 +86,14 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
 
 def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False) -> dict[str, Any]:
     integrity = ctx.verify_all(where=STAGE)
-    inputs = ctx.inputs("validation", "screen_report", "evaluation", "weights", where=STAGE)
-    evaluation = read_json(inputs["evaluation"])
-    records = ctx.recorded()
+    inputs = ctx.input_bytes("validation", "screen_report", "evaluation", where=STAGE)
+    evaluation = json.loads(inputs["evaluation"])
+    records = ctx.recorded(where=STAGE)
     evidence = {
         "metrics": evaluation["metrics"],
-        "validation_passed": bool(read_json(inputs["validation"]).get("success")),
+        "validation_passed": bool(json.loads(inputs["validation"]).get("success")),
         "integrity_verified": integrity,
-        "flagged_fraction": read_json(inputs["screen_report"]).get("flagged_fraction"),
+        "flagged_fraction": json.loads(inputs["screen_report"]).get("flagged_fraction"),
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {
@@ -103,7 +103,10 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         **decision,
         "weights_sha256": records["weights"]["sha256"],
         "model_config_sha256": records["model_config"]["sha256"],
-        "data_sha256": ctx.manifest()["merkle_root"],
+        "data_sha256": ctx.manifest(where=STAGE)["merkle_root"],
+        "metrics": evaluation["metrics"],
+        # the evidence read, by digest: promotion takes the drift statistics from exactly these bytes
+        "evidence_sha256": {name: records[name]["sha256"] for name in ("validation", "screen_report", "evaluation")},
         "policy": params.gate.model_dump(mode="json"),
         "champion": champion,
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -38,6 +38,8 @@ def _digests(folder: Path, *, workers: int) -> tuple[list[dict[str, Any]], str]:
 def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[str, Any]:
     """Ingest ``source`` (default ``params.data.source``) for run ``ctx``; return the manifest summary."""
     started = time.time()
+    ctx.ledger.require_intact()  # never start a run on a chain someone rewrote
+    code = git_state(ctx.ws.root)  # before this run's own 'dvc add' touches the tree
     src = source or params.data.source
     dataset = load_source(src, label_column=params.data.label_column,
                           image_shape=tuple(params.data.image_shape) if params.data.image_shape else None)
@@ -79,7 +81,7 @@ def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[s
         "num_classes": dataset.num_classes,
         "has_annotator_labels": dataset.annotator_labels is not None,
         "dvc": dvc,
-        "git": git_state(ctx.ws.root),
+        "git": code,
         "params_sha256": params.digest(),
         "environment_lock_sha256": lock_sha,
     }

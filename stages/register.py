@@ -45,9 +45,9 @@ def _package(ctx: RunContext, verdict_doc: dict[str, Any], attestation: dict[str
     pkg = ctx.run_dir / "package"
     shutil.rmtree(pkg, ignore_errors=True)
     (pkg / "weights").mkdir(parents=True)
-    inputs = ctx.inputs("weights", "model_config", where=STAGE)
-    shutil.copy2(inputs["weights"], pkg / "weights" / "model.safetensors")
-    shutil.copy2(inputs["model_config"], pkg / "weights" / "model.json")
+    inputs = ctx.input_bytes("weights", "model_config", where=STAGE)
+    (pkg / "weights" / "model.safetensors").write_bytes(inputs["weights"])
+    (pkg / "weights" / "model.json").write_bytes(inputs["model_config"])
     sign_model_dir(pkg / "weights", pkg / "model.sig")
     write_json(pkg / "verdict.json", verdict_doc)
     write_json(pkg / "attestation.json", attestation)
@@ -76,13 +76,16 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ctx.verify_all(where=STAGE)
-    records = ctx.recorded()
-    manifest = ctx.manifest()
-    inputs = ctx.inputs("verdict", "evaluation", "validation", "screen_report", "quarantine", "train_report", where=STAGE)
-    verdict_doc = read_json(inputs["verdict"])
+    records = ctx.recorded(where=STAGE)
+    manifest = ctx.manifest(where=STAGE)
+    inputs = ctx.input_bytes("verdict", "evaluation", "screen_report", where=STAGE)
+    verdict_doc = json.loads(inputs["verdict"])
     verdict = load_verdict(verdict_doc, weights_sha256=records["weights"]["sha256"])
-    evaluation = read_json(inputs["evaluation"])
-    screen = read_json(inputs["screen_report"])
+    if verdict.get("run_id") != ctx.run_id:
+        raise ctx.violation(file=f"runs/{ctx.run_id}/verdict.json", expected=ctx.run_id, actual=str(verdict.get("run_id")),
+                            where=STAGE, reason=f"the verdict was written by run {verdict.get('run_id')!r}")
+    evaluation = json.loads(inputs["evaluation"])
+    screen = json.loads(inputs["screen_report"])
     name = params.project.name
     c = client(ctx.ws)
     experiment_id = ensure_experiment(ctx.ws, name)

@@ -14,7 +14,6 @@ suspected (exit 3).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from typing import Any
 
@@ -23,17 +22,12 @@ import numpy as np
 from stages.core.errors import PoisoningSuspected
 from stages.core.params import Params
 from stages.core.workspace import write_json
-from stages.data.prepared import read_prepared, split_indices
+from stages.data.prepared import accepted_rows_digest, parse_prepared, row_digest, split_indices
 from stages.runner import stage_main
 from stages.trust.context import RunContext
-from stages.trust.hashing import merkle_root
 
 STAGE = "screen"
 PLAYBOOK = "docs/playbooks.md#poisoning-suspected"
-
-
-def _row_digest(X: np.ndarray, y: int, i: int) -> str:
-    return hashlib.sha256(np.ascontiguousarray(X[i]).tobytes() + int(y).to_bytes(8, "little", signed=True)).hexdigest()
 
 
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
@@ -42,8 +36,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         screen_dataset,
     )
 
-    folder, manifest = ctx.dataset(where=STAGE)
-    X, y, ann, meta = read_prepared(folder)
+    files, manifest = ctx.dataset_bytes(where=STAGE)
+    X, y, ann, meta = parse_prepared(files)
     train_idx, test_idx = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
     order = np.concatenate([train_idx, test_idx])  # screened rows, by position
     is_train = np.arange(len(order)) < len(train_idx)
@@ -61,16 +55,14 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     for flag in sorted(findings.flags, key=lambda f: int(order[int(f["index"])])):
         pos = int(flag["index"])
         i = int(order[pos])
-        quarantine.append({"index": i, "split": "train" if is_train[pos] else "test", "sha256": _row_digest(X, y[i], i),
+        quarantine.append({"index": i, "split": "train" if is_train[pos] else "test", "sha256": row_digest(X, y[i], i),
                            "label": int(y[i]), "detectors": list(flag["detectors"]), "scores": flag["scores"],
                            "reason": flag["reason"]})
     qdir = ctx.ws.quarantine_dir / ctx.run_id
     qpath = qdir / "quarantine.json"
     write_json(qpath, {"run_id": ctx.run_id, "data_sha256": manifest["merkle_root"], "count": len(quarantine),
                        "indices_refer_to": "rows of the input as given", "samples": quarantine})
-    accepted_entries = [{"path": f"row/{int(i)}", "sha256": _row_digest(X, int(lab), int(i)), "size": 1}
-                        for i, lab in zip(accepted_idx, accepted_labels)]
-    accepted_digest = merkle_root(accepted_entries)
+    accepted_digest = accepted_rows_digest(X, accepted_idx, accepted_labels)
     split_path = ctx.path("screen", "split.npz")
     np.savez(split_path, train_idx=train_idx, test_idx=test_idx, accepted_idx=accepted_idx, accepted_labels=accepted_labels,
              eval_idx=eval_idx, eval_labels=eval_labels)

@@ -6,32 +6,42 @@ architecture name and shapes needed to rebuild it), plus ``train.json`` (history
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
-import numpy as np
-
 from stages.core.params import Params
 from stages.core.workspace import write_json
-from stages.data.prepared import read_prepared
+from stages.data.prepared import accepted_rows_digest, load_npz_bytes, parse_prepared
 from stages.models.weights import save_model
 from stages.runner import stage_main
 from stages.trust.context import RunContext
+from stages.trust.signing import derive_secret
 
 STAGE = "train"
+CHECKPOINT_KEY_LABEL = b"mlsec.checkpoint/v1"  # the checkpoint seal: derived from the signing key
 
 
 def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     # torch and Opacus: slow to import, kept off the command line's start
     from stages.ml.training import fit
+    from stages.ml.training.checkpoints import CheckpointRefused, CheckpointStore
 
-    folder, manifest = ctx.dataset(where=STAGE)
-    split_path = ctx.inputs("split", where=STAGE)["split"]
-    X, _, _, meta = read_prepared(folder)
-    with np.load(split_path, allow_pickle=False) as split:
-        accepted_idx, accepted_labels = split["accepted_idx"], split["accepted_labels"]
-    result = fit(X[accepted_idx], accepted_labels, params=params.train, num_classes=int(meta["num_classes"]),
-                 checkpoint_dir=ctx.run_dir / "checkpoints", progress=sys.stderr.isatty())
+    files, manifest = ctx.dataset_bytes(where=STAGE)
+    inputs = ctx.input_bytes("split", "screen_report", where=STAGE)
+    X, _, _, meta = parse_prepared(files)
+    split = load_npz_bytes(inputs["split"])
+    accepted_idx, accepted_labels = split["accepted_idx"], split["accepted_labels"]
+    _check_accepted(ctx, json.loads(inputs["screen_report"]), manifest, accepted_rows_digest(X, accepted_idx, accepted_labels))
+    store = CheckpointStore(ctx.run_dir / "checkpoints", run_id=ctx.run_id, key=derive_secret(CHECKPOINT_KEY_LABEL))
+    try:
+        result = fit(X[accepted_idx], accepted_labels, params=params.train, num_classes=int(meta["num_classes"]),
+                     checkpoints=store, progress=sys.stderr.isatty())
+    except CheckpointRefused as err:
+        raise ctx.violation(file=str(err.path.relative_to(ctx.ws.root)), expected=f"a checkpoint sealed for run {ctx.run_id}",
+                            actual="refused", where=STAGE, reason=err.reason) from None
+    if store.discarded:
+        ctx.log("train.checkpoint_discarded", {"checkpoint": str(store.path.relative_to(ctx.ws.root)), "reason": store.discarded})
     config = {"architecture": result.model_name, "input_shape": list(meta["input_shape"]), "num_classes": int(meta["num_classes"]),
               "dropout": params.train.dropout, "mode": params.train.mode, "input": "float32 on the [0, 1] scale",
               "output": "logits", "data_sha256": manifest["merkle_root"]}
@@ -46,6 +56,18 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     last = result.history[-1] if result.history else {}
     return {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name, "device": result.device,
             "epochs": len(result.history), "train_accuracy": last.get("accuracy"), "privacy": result.privacy}
+
+
+def _check_accepted(ctx: RunContext, screen: dict[str, Any], manifest: dict[str, Any], digest: str) -> None:
+    """The rows about to be trained on are the ones screening accepted, from this run's data."""
+    rel = f"runs/{ctx.run_id}/screen/split.npz"
+    if screen.get("data_sha256") != manifest["merkle_root"]:
+        raise ctx.violation(file=rel, expected=manifest["merkle_root"], actual=str(screen.get("data_sha256")), where=STAGE,
+                            reason="the screen report is about other data than this run's manifest")
+    if screen.get("accepted_sha256") != digest:
+        raise ctx.violation(file=rel, expected=str(screen.get("accepted_sha256")), actual=digest, where=STAGE,
+                            reason=f"the accepted rows digest {digest[:16]}... differs from the screen's accepted_sha256 "
+                                   f"{str(screen.get('accepted_sha256'))[:16]}...")
 
 
 def main(argv: list[str] | None = None) -> int:

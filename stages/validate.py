@@ -13,7 +13,7 @@ from typing import Any
 
 from stages.core.errors import ValidationFailed
 from stages.core.params import Params
-from stages.data.prepared import read_prepared
+from stages.data.prepared import parse_prepared
 from stages.data.reference import load_reference, reference_path
 from stages.runner import stage_main
 from stages.trust.context import RunContext
@@ -26,8 +26,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         validate_arrays,  # pandas and Great Expectations: slow to import
     )
 
-    folder, manifest = ctx.dataset(where=STAGE)
-    X, y, _, meta = read_prepared(folder)
+    files, manifest = ctx.dataset_bytes(where=STAGE)
+    X, y, _, meta = parse_prepared(files)
     reference = load_reference(ctx.ws, params.project.name)
     docs_dir = ctx.run_dir / "data_docs"
     report = validate_arrays(X, y, params=params.validate_, num_classes=int(meta["num_classes"]), reference=reference,

@@ -50,3 +50,24 @@ def briefly_trained_digits_model():
     finally:
         torch.set_num_threads(previous)
     return model, torch.from_numpy(X[1000:1200]), torch.from_numpy(y[1000:1200])
+
+
+TEST_CHECKPOINT_KEY = b"k" * 32  # a test's own seal key (the train stage derives the real one)
+
+
+def sealed_store(folder: Path, run_id: str = "r1", key: bytes = TEST_CHECKPOINT_KEY):
+    from stages.ml.training.checkpoints import CheckpointStore
+
+    return CheckpointStore(folder, run_id=run_id, key=key)
+
+
+def sealed_epoch(folder: Path, run_id: str = "r1") -> int:
+    """The epoch of the sealed checkpoint in ``folder`` (read through its seal)."""
+    import json
+    import struct
+
+    from stages.ml.training.checkpoints import MAGIC
+
+    raw = (folder / "last.pt").read_bytes()
+    (n,) = struct.unpack(">I", raw[len(MAGIC):len(MAGIC) + 4])
+    return json.loads(raw[len(MAGIC) + 4:len(MAGIC) + 4 + n])["epoch"]

@@ -60,7 +60,12 @@ def test_edit_with_recomputed_hashes_breaks_the_next_link(tmp_path):
     lines[2] = json.dumps(entry)
     _write(led, lines)
     report = verify_chain(led.path)
-    assert not report.ok and report.first_bad_line == 4
+    assert not report.ok and report.first_bad_line == 3 and "signature" in report.reason  # signed over the old hash
+    entry.pop("sig")
+    lines[2] = json.dumps(entry)
+    _write(led, lines)
+    report = verify_chain(led.path)
+    assert not report.ok and report.first_bad_line == 4  # unsigned: the next link breaks
 
 
 @pytest.mark.parametrize("mutation", ["delete", "swap", "insert", "truncate_line", "drop_tail"])
@@ -133,3 +138,119 @@ def test_any_single_byte_flip_is_caught(tmp_path_factory, line_no, offset, flip)
         raw[pos] ^= 0x01
     led.path.write_bytes(bytes(raw))
     assert not verify_chain(led.path).ok
+
+
+def _recompute(entry: dict, prev: str) -> dict:
+    """What an attacker without the key can do: fix every digest, keep or drop the signature."""
+    import hashlib
+
+    from stages.core.canonical import canonical_json
+    from stages.trust.ledger import entry_hash
+
+    entry = {k: v for k, v in entry.items() if k != "sig"}
+    entry["prev"] = prev
+    entry["payload_sha256"] = hashlib.sha256(canonical_json(entry["payload"])).hexdigest()
+    entry["hash"] = entry_hash(entry)
+    return entry
+
+
+def test_append_refuses_a_rewritten_last_entry_and_says_so(tmp_path):
+    led = _ledger(tmp_path, n=4)
+    lines = _lines(led)
+    before = json.loads(lines[-2])
+    last = json.loads(lines[-1])
+    last["payload"]["text"] = "rewritten"
+    lines[-1] = json.dumps(_recompute(last, before["hash"]))
+    _write(led, lines)
+    with pytest.raises(IntegrityError, match=r"last entry \(seq 3\) was rewritten") as info:
+        led.append("after", {})
+    assert "removed" not in str(info.value)
+    assert _lines(led) == lines  # nothing written
+    report = verify_chain(led.path)
+    assert not report.ok and report.first_bad_line == 4 and "rewritten" in report.reason and "removed" not in report.reason
+
+
+def test_append_refuses_a_rewritten_tail_with_a_consistent_chain(tmp_path):
+    """Rewrite entries 2..5 and recompute every hash: the chain is whole, the head is not."""
+    led = _ledger(tmp_path, n=6)
+    lines = _lines(led)
+    prev = json.loads(lines[1])["hash"]
+    for i in range(2, 6):
+        e = json.loads(lines[i])
+        e["actor"] = "mallory"
+        e = _recompute(e, prev)
+        lines[i], prev = json.dumps(e), e["hash"]
+    _write(led, lines)
+    with pytest.raises(IntegrityError, match="rewritten"):
+        led.append("after", {})
+    assert not verify_chain(led.path).ok
+
+
+def test_append_refuses_after_lines_were_cut_off(tmp_path):
+    led = _ledger(tmp_path, n=5)
+    _write(led, _lines(led)[:-2])
+    with pytest.raises(IntegrityError, match="entries removed from the end: the ledger ends at seq 2, the signed head says seq 4"):
+        led.append("after", {})
+
+
+def test_append_refuses_a_forged_entry_added_at_the_end(tmp_path):
+    led = _ledger(tmp_path, n=3)
+    lines = _lines(led)
+    last = json.loads(lines[-1])
+    forged = _recompute({**last, "seq": 3, "event": "alias.move", "payload": {"model": "m", "alias": "champion"}}, last["hash"])
+    _write(led, lines + [json.dumps(forged)])
+    with pytest.raises(IntegrityError, match="added without the pipeline's key"):
+        led.append("after", {})
+    # a signature copied from another entry does not help either
+    forged["sig"] = last["sig"]
+    _write(led, lines + [json.dumps(forged)])
+    with pytest.raises(IntegrityError, match="signature"):
+        led.append("after", {})
+
+
+def test_an_append_interrupted_before_the_head_was_written_is_continued(tmp_path):
+    led = _ledger(tmp_path, n=3)
+    head_before = led.head_path.read_bytes()
+    led.append("interrupted", {})
+    led.head_path.write_bytes(head_before)  # as if the process died between line and head
+    led.append("next", {})
+    report = verify_chain(led.path)
+    assert report.ok and report.entries == 5
+
+
+def test_append_refuses_a_deleted_ledger_whose_head_remains(tmp_path):
+    led = _ledger(tmp_path, n=3)
+    led.path.unlink()
+    with pytest.raises(IntegrityError, match="deleted or emptied"):
+        led.append("after", {})
+    assert not led.path.exists()
+
+
+def test_append_refuses_a_missing_head(tmp_path):
+    led = _ledger(tmp_path, n=3)
+    led.head_path.unlink()
+    with pytest.raises(IntegrityError, match="signed head .* is missing"):
+        led.append("after", {})
+
+
+def test_every_entry_is_signed_and_a_bad_signature_is_named(tmp_path):
+    led = _ledger(tmp_path, n=3)
+    lines = _lines(led)
+    assert all("sig" in json.loads(line) for line in lines)
+    e = json.loads(lines[1])
+    e["sig"]["sig"] = e["sig"]["sig"][:-4] + ("AAAA" if not e["sig"]["sig"].endswith("AAAA") else "BBBB")
+    lines[1] = json.dumps(e)
+    _write(led, lines)
+    report = verify_chain(led.path)
+    assert not report.ok and report.first_bad_line == 2 and "signature" in report.reason
+
+
+def test_require_intact_names_a_rewritten_middle_entry(tmp_path):
+    led = _ledger(tmp_path, n=5)
+    lines = _lines(led)
+    e = json.loads(lines[2])
+    e["payload"]["text"] = "x"
+    lines[2] = json.dumps(e)
+    _write(led, lines)
+    with pytest.raises(IntegrityError, match="line 3: payload does not match"):
+        led.require_intact()

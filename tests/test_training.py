@@ -21,6 +21,7 @@ from stages.core.errors import InvalidInput
 from stages.core.params import TrainParams
 from stages.ml.runtime import predict_logits, resolve_device
 from stages.ml.training import FitResult, fit
+from tests.support import sealed_epoch, sealed_store
 
 
 @pytest.fixture(scope="module")
@@ -181,25 +182,16 @@ def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch, mo
 
     monkeypatch.setattr(training, "_run_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        fit(X, y, params=params, num_classes=10, checkpoint_dir=tmp_path, progress=False)
+        fit(X, y, params=params, num_classes=10, checkpoints=sealed_store(tmp_path), progress=False)
     monkeypatch.setattr(training, "_run_epoch", real_epoch)
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert sealed_epoch(tmp_path) == 1
 
     epochs_run = []
     monkeypatch.setattr(training, "_run_epoch", lambda *a, **k: epochs_run.append(1) or real_epoch(*a, **k))
-    resumed = fit(X, y, params=params, num_classes=10, checkpoint_dir=tmp_path, progress=False)
+    resumed = fit(X, y, params=params, num_classes=10, checkpoints=sealed_store(tmp_path), progress=False)
     assert len(epochs_run) == 2 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
+    assert sealed_epoch(tmp_path) == 3
     assert all(torch.equal(s, t) for s, t in zip(_weights(uninterrupted.model), _weights(resumed.model)))
     if mode == "dp":
         assert resumed.privacy["steps"] == uninterrupted.privacy["steps"]
         assert resumed.privacy["epsilon_spent"] == pytest.approx(uninterrupted.privacy["epsilon_spent"])
-
-
-def test_a_checkpoint_for_other_settings_is_not_resumed(digits, tmp_path):
-    X, y = digits
-    fit(X[:128], y[:128], params=make_params(epochs=1), num_classes=10, checkpoint_dir=tmp_path, progress=False)
-    with pytest.warns(UserWarning, match="other data or settings"):
-        result = fit(X[:128], y[:128], params=make_params(epochs=1, lr=0.01), num_classes=10,
-                     checkpoint_dir=tmp_path, progress=False)
-    assert [h["epoch"] for h in result.history] == [1]

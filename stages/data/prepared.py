@@ -3,13 +3,17 @@ and the fixed, stratified held-out split."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stages.data.io import Dataset
+from stages.trust.hashing import merkle_root
 
 ARRAY_FILES = ("X.npy", "y.npy", "annotator_labels.npy")
 
@@ -32,13 +36,27 @@ def write_prepared(dataset: Dataset, folder: Path) -> list[Path]:
     return written
 
 
-def read_prepared(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Read the prepared arrays (callers verify them against the manifest first)."""
-    meta = json.loads((folder / "meta.json").read_text())
-    X = np.load(folder / "X.npy", allow_pickle=False)
-    y = np.load(folder / "y.npy", allow_pickle=False)
-    ann_path = folder / "annotator_labels.npy"
-    ann = np.load(ann_path, allow_pickle=False) if ann_path.exists() else None
+def load_npy_bytes(data: bytes) -> np.ndarray:
+    """An array from the bytes of one ``.npy`` file (never pickle)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def load_npz_bytes(data: bytes) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive given as bytes (never pickle)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def parse_prepared(files: Mapping[str, bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(X, y, annotator labels or None, meta) from the prepared files' bytes.
+
+    ``files`` maps a file name to bytes that were checked against the signed manifest as
+    they were read (``RunContext.dataset_bytes``): nothing here opens a file.
+    """
+    meta = json.loads(files["meta.json"])
+    X = load_npy_bytes(files["X.npy"])
+    y = load_npy_bytes(files["y.npy"])
+    ann = load_npy_bytes(files["annotator_labels.npy"]) if "annotator_labels.npy" in files else None
     return X, y, ann, meta
 
 
@@ -53,3 +71,15 @@ def split_indices(y: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np
     stratify = y if counts[counts > 0].min() >= 2 else None
     train, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
     return np.sort(train), np.sort(test)
+
+
+def row_digest(X: np.ndarray, y: int, i: int) -> str:
+    """SHA-256 of row ``i``'s bytes followed by its label (int64, little-endian)."""
+    return hashlib.sha256(np.ascontiguousarray(X[i]).tobytes() + int(y).to_bytes(8, "little", signed=True)).hexdigest()
+
+
+def accepted_rows_digest(X: np.ndarray, idx: np.ndarray, labels: np.ndarray) -> str:
+    """Merkle root over the rows ``X[idx]`` with the labels they are trained on: the digest
+    screening records for the accepted training set and training checks before it fits."""
+    return merkle_root([{"path": f"row/{int(i)}", "sha256": row_digest(X, int(lab), int(i)), "size": 1}
+                        for i, lab in zip(idx, labels)])

@@ -22,7 +22,7 @@ from typing import Any
 
 from stages.core.errors import IntegrityError, PipelineError
 from stages.core.workspace import Workspace, read_json
-from stages.models.aliases import alias_drift, ledger_aliases
+from stages.models.aliases import ANCHOR_TAG, alias_drift, ledger_aliases
 from stages.models.store import client, resolve
 from stages.models.verify import verify_registered_version
 from stages.trust.hashing import check_relative_path, merkle_root, sha256_file
@@ -35,7 +35,8 @@ REPORTS = ("manifest.json", "artifacts.json", "validation.json", "quarantine.jso
 
 
 def _anchors(ws: Workspace) -> list[dict[str, Any]]:
-    """Ledger heads recorded in MLflow runs (so a rewritten ledger is caught against MLflow)."""
+    """Ledger heads recorded in MLflow runs at registration and at each alias move (so a
+    rewritten ledger is caught against MLflow)."""
     c = client(ws)
     anchors = []
     try:
@@ -48,6 +49,11 @@ def _anchors(ws: Workspace) -> list[dict[str, Any]]:
             if raw and raw != "null":
                 head = json.loads(raw)
                 anchors.append({"seq": head["seq"], "hash": head["hash"], "source": f"MLflow run {run.info.run_id}"})
+            for key, value in run.data.tags.items():
+                seq = key.removeprefix(ANCHOR_TAG + ".")
+                if key.startswith(ANCHOR_TAG + ".") and seq.isdigit():
+                    anchors.append({"seq": int(seq), "hash": value,
+                                    "source": f"alias move anchor {key} on MLflow run {run.info.run_id}"})
     return anchors
 
 

@@ -1,7 +1,8 @@
 """Weights on disk: safetensors only, never pickle.
 
 ``save_model`` writes ``model.safetensors`` + ``model.json`` (architecture and shapes);
-``load_model_folder`` rebuilds the network from them (callers verify the bytes first).
+``load_model_folder`` rebuilds the network from them (callers verify the bytes first), and
+``load_model_bytes`` from their bytes as checked (no second read).
 ``load_safetensors`` bounds the header before the ``safetensors`` parser sees it: a length
 cap (``MAX_SAFETENSORS_HEADER``, far below the parser's own 100 MB), no duplicate keys (the
 parser keeps the last one silently: two readers could see two different tensors) and a
@@ -40,17 +41,36 @@ def save_model(model, folder: Path, config: dict[str, Any]) -> dict[str, Path]:
     return {"weights": weights, "model_config": cfg}
 
 
-def load_model_folder(folder: Path):
-    """Rebuild a model from ``model.json`` + ``model.safetensors`` (callers verify the bytes first)."""
+def _build(config: dict[str, Any], state: dict):
     from stages.ml.nets import (
         build_model,  # torch: slow to import, kept off the command line's start
     )
 
-    config = json.loads((folder / "model.json").read_text())
     model = build_model(config["architecture"], input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"],
                         dropout=float(config.get("dropout", 0.0)))
-    model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_model_folder(folder: Path):
+    """Rebuild a model from ``model.json`` + ``model.safetensors`` (callers verify the bytes first)."""
+    config = json.loads((folder / "model.json").read_text())
+    return _build(config, load_safetensors(folder / "model.safetensors"))
+
+
+def load_model_bytes(weights: bytes, config: bytes):
+    """Rebuild a model from the bytes of ``model.safetensors`` and ``model.json`` that were
+    checked as they were read (nothing here opens a file)."""
+    from safetensors.torch import (
+        load,  # torch: slow to import, kept off the command line's start
+    )
+
+    _check_header(memoryview(weights), "model.safetensors")
+    try:
+        state = load(bytes(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+        raise SecurityError(f"model.safetensors: safetensors refused the bytes: {' '.join(str(exc).split())[:200]}") from None
+    return _build(json.loads(config), state)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -60,6 +80,38 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
             raise ValueError(f"duplicate key {k!r}")
         out[k] = v
     return out
+
+
+def _check_header(data: memoryview | bytes, name: str) -> dict[str, Any]:
+    """Our header checks on a whole safetensors file held in memory (see
+    :func:`validate_safetensors_header`); the parser's checks run when it loads the bytes."""
+
+    def bad(msg: str) -> SecurityError:
+        return SecurityError(f"{name}: unsafe safetensors header: {msg}")
+
+    size = len(data)
+    if size < 8:
+        raise bad(f"file is {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > MAX_SAFETENSORS_HEADER:
+        raise bad(f"header length {n} exceeds the {MAX_SAFETENSORS_HEADER}-byte limit")
+    if n < 2 or 8 + n > size:
+        raise bad(f"header length {n} does not fit a {size}-byte file")
+    return _parse_header(bytes(data[8:8 + n]), bad)
+
+
+def _parse_header(raw: bytes, bad) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"header is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if name != "__metadata__" and isinstance(shape, list) and len(shape) > MAX_TENSOR_RANK:
+            raise bad(f"tensor {name!r} has rank {len(shape)} > {MAX_TENSOR_RANK}")
+    return header
 
 
 def validate_safetensors_header(path: Path) -> dict[str, Any]:
@@ -90,16 +142,7 @@ def validate_safetensors_header(path: Path) -> dict[str, Any]:
             raw = fh.read(n)
     except OSError as exc:
         raise SecurityError(f"{path.name}: cannot read: {exc.strerror}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise bad(f"header is not valid JSON ({str(exc)[:80]})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    for name, info in header.items():
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if name != "__metadata__" and isinstance(shape, list) and len(shape) > MAX_TENSOR_RANK:
-            raise bad(f"tensor {name!r} has rank {len(shape)} > {MAX_TENSOR_RANK}")
+    header = _parse_header(raw, bad)
     try:
         with safe_open(str(path), framework="pt"):
             pass

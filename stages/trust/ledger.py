@@ -3,15 +3,23 @@
 Each line is one entry::
 
     {"seq": 7, "time": "...", "actor": "alice", "event": "gate.verdict", "run_id": "...",
-     "payload": {...}, "payload_sha256": "...", "prev": "<hash of entry 6>", "hash": "..."}
+     "payload": {...}, "payload_sha256": "...", "prev": "<hash of entry 6>", "hash": "...",
+     "sig": {"key_id": "...", "sig": "..."}}
 
-``hash`` is the SHA-256 of the canonical JSON of the entry without ``hash``; ``prev`` links
-it to the entry before (64 zeros for the first). Editing, deleting, reordering or inserting
-a line breaks the chain at that line. Cutting lines off the end leaves a valid shorter
-chain, so every append also rewrites a signed head file (``ledger.head.json``: seq and hash
-of the last entry, Ed25519-signed) and each MLflow run records the head it saw; a truncated
-ledger disagrees with both. Appends hold a file lock, so concurrent runs interleave whole
-entries and never fork the chain.
+``hash`` is the SHA-256 of the canonical JSON of the entry without ``hash`` and ``sig``;
+``prev`` links it to the entry before (64 zeros for the first); ``sig`` is the pipeline's
+Ed25519 signature over ``hash`` (entries written before signatures existed have none).
+Editing, deleting, reordering or inserting a line breaks the chain at that line. Cutting
+lines off the end leaves a valid shorter chain, so every append also rewrites a signed head
+file (``ledger.head.json``: seq and hash of the last entry, Ed25519-signed), each MLflow run
+and each alias move records the head it saw; a truncated ledger disagrees with all three.
+
+Before it extends the chain, ``append`` checks the last line against the signed head and
+refuses (``IntegrityError``, exit 4) when they disagree, naming what differs: a rewritten
+last entry, entries removed from the end, or entries added without the pipeline's key. The
+one disagreement it accepts is the one an interrupted append leaves: a last entry, signed
+by the pipeline, one past the head and chained to it. Appends hold a file lock, so
+concurrent runs interleave whole entries and never fork the chain.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ from stages.core.canonical import canonical_json, jsonable
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import actor as current_actor
 from stages.core.workspace import write_json
-from stages.trust.signing import sign_document, verify_document
+from stages.trust.keys import PublicKey, load_signer, trusted_keys
+from stages.trust.signing import sign_document, verify_document, verify_signature
 
 GENESIS = "0" * 64
+_UNHASHED = ("hash", "sig")
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    body = {k: v for k, v in entry.items() if k not in _UNHASHED}
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
@@ -61,6 +71,48 @@ def _last_line(path: Path) -> bytes | None:
         return buf.rstrip(b"\n") or None
 
 
+def entry_problem(entry: Any, *, keys: dict[str, PublicKey] | None = None) -> str | None:
+    """Why an entry cannot be what the pipeline wrote (its own fields only), or None.
+
+    ``keys``: the trusted keys, read once by a caller that checks many entries.
+    """
+    if not isinstance(entry, dict):
+        return "not an object"
+    missing = {"seq", "event", "payload", "payload_sha256", "prev", "hash"} - set(entry)
+    if missing:
+        return f"entry lacks fields {sorted(missing)}"
+    try:
+        if hashlib.sha256(canonical_json(entry["payload"])).hexdigest() != entry["payload_sha256"]:
+            return "payload does not match its digest (edited entry)"
+        if entry_hash(entry) != entry["hash"]:
+            return "entry hash does not match its content (edited entry)"
+    except InvalidInput:
+        return "entry holds values no entry can hold (edited entry)"
+    sig = entry.get("sig")
+    if sig is not None:
+        if not isinstance(sig, dict):
+            return "entry signature is malformed (edited entry)"
+        try:
+            verify_signature(str(entry["hash"]).encode(), sig.get("sig", ""), key_id=sig.get("key_id", ""),
+                             keys=trusted_keys() if keys is None else keys)
+        except IntegrityError as err:
+            return f"entry signature does not verify ({err}): edited entry"
+    return None
+
+
+def describe_head_mismatch(*, last_seq: int | None, last_hash: str | None, head_seq: Any, head_hash: Any) -> str:
+    """Name what differs between the ledger's last entry and its signed head."""
+    if last_seq is None:
+        return f"the ledger holds no entries but its signed head says seq {head_seq}: the ledger was deleted or emptied"
+    if head_seq == last_seq:
+        return (f"the last entry (seq {last_seq}) was rewritten: its hash is {str(last_hash)[:12]}..., "
+                f"the signed head says {str(head_hash)[:12]}...")
+    if isinstance(head_seq, int) and last_seq < head_seq:
+        return f"entries removed from the end: the ledger ends at seq {last_seq}, the signed head says seq {head_seq}"
+    return (f"entries added without the pipeline's key: the ledger ends at seq {last_seq}, "
+            f"the signed head says seq {head_seq}")
+
+
 @dataclass
 class Ledger:
     path: Path
@@ -73,21 +125,65 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.path) + ".lock", timeout=60)
 
+    def signed_head(self) -> dict[str, Any] | None:
+        """The verified payload of the signed head file, or None when there is none."""
+        if not self.head_path.exists():
+            return None
+        try:
+            doc = json.loads(self.head_path.read_bytes())
+        except ValueError:
+            raise IntegrityError(f"signed head {self.head_path.name} is not valid JSON") from None
+        try:
+            head = verify_document(doc)
+        except IntegrityError as err:
+            raise IntegrityError(f"signed head {self.head_path.name}: {err}") from None
+        if head.get("ledger") != self.path.name:
+            raise IntegrityError(f"signed head {self.head_path.name} is for ledger {head.get('ledger')!r}, not {self.path.name}")
+        return head
+
+    def _tail(self) -> tuple[str, int]:
+        """``(prev, seq)`` for the next entry, after checking the last line against the signed head."""
+        last = _last_line(self.path) if self.path.exists() else None
+        head = self.signed_head()
+        where = f"ledger {self.path}"
+        if last is None:
+            if head is not None:
+                raise IntegrityError(f"{where}: " + describe_head_mismatch(last_seq=None, last_hash=None,
+                                                                          head_seq=head.get("seq"), head_hash=head.get("hash")))
+            return GENESIS, 0
+        try:
+            tail = json.loads(last)
+        except ValueError:
+            raise IntegrityError(f"{where}: last line is not a valid entry; run 'mlsec audit verify'") from None
+        problem = entry_problem(tail)
+        if problem is not None or not isinstance(tail.get("seq"), int):
+            raise IntegrityError(f"{where}: last line is not a valid entry ({problem or 'no integer seq'}); "
+                                 "run 'mlsec audit verify'")
+        seq, digest = tail["seq"], tail["hash"]
+        if head is None:
+            raise IntegrityError(f"{where} has entries up to seq {seq} but its signed head {self.head_path.name} is missing; "
+                                 "run 'mlsec audit verify'")
+        if head.get("seq") == seq and head.get("hash") == digest:
+            return digest, seq + 1
+        # An append interrupted between the line and the head: signed by us, one past the head, chained to it.
+        if head.get("seq") == seq - 1 and head.get("hash") == tail.get("prev") and isinstance(tail.get("sig"), dict):
+            return digest, seq + 1
+        raise IntegrityError(f"{where}: " + describe_head_mismatch(last_seq=seq, last_hash=digest, head_seq=head.get("seq"),
+                                                                  head_hash=head.get("hash"))
+                             + "; refusing to extend it (run 'mlsec audit verify')")
+
     def append(self, event: str, payload: dict[str, Any] | None = None, *, run_id: str | None = None,
                actor: str | None = None) -> dict[str, Any]:
-        """Append one entry and return it. The payload must be JSON-serialisable."""
+        """Append one entry and return it. The payload must be JSON-serialisable.
+
+        Raises ``IntegrityError`` (and writes nothing) when the last line and the signed head
+        disagree.
+        """
 
         payload = jsonable(payload or {})
+        signer = load_signer()
         with self._lock():
-            prev, seq = GENESIS, 0
-            if self.path.exists():
-                last = _last_line(self.path)
-                if last is not None:
-                    try:
-                        tail = json.loads(last)
-                        prev, seq = tail["hash"], int(tail["seq"]) + 1
-                    except (ValueError, KeyError, TypeError):
-                        raise IntegrityError(f"ledger {self.path}: last line is not a valid entry; run 'mlsec audit verify'") from None
+            prev, seq = self._tail()
             entry: dict[str, Any] = {
                 "seq": seq,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9 // 10**6:03d}Z",
@@ -99,6 +195,7 @@ class Ledger:
                 "prev": prev,
             }
             entry["hash"] = entry_hash(entry)
+            entry["sig"] = {"key_id": signer.key_id, "sig": signer.sign(entry["hash"].encode())}
             line = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str) + "\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -124,6 +221,14 @@ class Ledger:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def require_intact(self) -> int:
+        """Verify the whole chain and its signed head; return the entry count or raise ``IntegrityError``."""
+        report = verify_chain(self.path)
+        if not report.ok:
+            where = f"line {report.first_bad_line}: " if report.first_bad_line else ""
+            raise IntegrityError(f"ledger {self.path} is broken at {where}{report.reason}; run 'mlsec audit verify'")
+        return report.entries
+
 
 @dataclass
 class VerifyReport:
@@ -142,9 +247,9 @@ class VerifyReport:
 def verify_chain(path: Path, *, anchors: list[dict[str, Any]] | None = None) -> VerifyReport:
     """Check every line of the ledger, the signed head file and any external anchors.
 
-    ``anchors`` are ``{"seq", "hash", "source"}`` records kept elsewhere (each MLflow run's
-    ``mlsec.ledger_head`` tag); each must match the entry with that seq. Line numbers in the
-    report are 1-based.
+    ``anchors`` are ``{"seq", "hash", "source"}`` records kept elsewhere (the
+    ``mlsec.ledger_head`` and ``mlsec.ledger_anchor.<seq>`` tags in MLflow); each must
+    match the entry with that seq. Line numbers in the report are 1-based.
     """
 
     ledger = Ledger(path)
@@ -156,6 +261,7 @@ def verify_chain(path: Path, *, anchors: list[dict[str, Any]] | None = None) -> 
     if lines and lines[-1] == b"":
         lines.pop()
     prev, by_seq = GENESIS, {}
+    keys = trusted_keys()
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
@@ -171,15 +277,9 @@ def verify_chain(path: Path, *, anchors: list[dict[str, Any]] | None = None) -> 
                                 f"sequence number {entry['seq']} where {number - 1} was expected (deleted, inserted or reordered line)")
         if entry["prev"] != prev:
             return VerifyReport(False, number - 1, None, number, "previous-hash link broken (deleted, inserted or reordered line)")
-        try:
-            payload_ok = hashlib.sha256(canonical_json(entry["payload"])).hexdigest() == entry["payload_sha256"]
-            hash_ok = entry_hash(entry) == entry["hash"]
-        except InvalidInput:
-            return VerifyReport(False, number - 1, None, number, "entry holds values no entry can hold (edited entry)")
-        if not payload_ok:
-            return VerifyReport(False, number - 1, None, number, "payload does not match its digest (edited entry)")
-        if not hash_ok:
-            return VerifyReport(False, number - 1, None, number, "entry hash does not match its content (edited entry)")
+        problem = entry_problem(entry, keys=keys)
+        if problem is not None:
+            return VerifyReport(False, number - 1, None, number, problem)
         prev = entry["hash"]
         by_seq[entry["seq"]] = entry["hash"]
     head = {"seq": len(lines) - 1, "hash": prev} if lines else None
@@ -188,15 +288,14 @@ def verify_chain(path: Path, *, anchors: list[dict[str, Any]] | None = None) -> 
     # The signed head file catches a cut-off tail.
     if ledger.head_path.exists():
         try:
-            signed = verify_document(json.loads(ledger.head_path.read_text()))
+            signed = ledger.signed_head()
         except IntegrityError as err:
-            return VerifyReport(False, len(lines), head, None, f"signed head file: {err}", report.checks)
-        except ValueError:
-            return VerifyReport(False, len(lines), head, None, "signed head file is not valid JSON", report.checks)
+            return VerifyReport(False, len(lines), head, None, str(err), report.checks)
         if head is None or signed.get("seq") != head["seq"] or signed.get("hash") != head["hash"]:
-            return VerifyReport(False, len(lines), head, len(lines) + 1 if head else 1,
-                                f"ledger ends at seq {head['seq'] if head else -1} but the signed head says seq {signed.get('seq')} "
-                                "(lines removed from the end)", report.checks)
+            reason = describe_head_mismatch(last_seq=head["seq"] if head else None, last_hash=head["hash"] if head else None,
+                                            head_seq=signed.get("seq"), head_hash=signed.get("hash"))
+            bad = len(lines) if head and signed.get("seq") == head["seq"] else (len(lines) + 1 if head else 1)
+            return VerifyReport(False, len(lines), head, bad, reason, report.checks)
         report.checks["signed_head"] = "ok"
     elif lines:
         return VerifyReport(False, len(lines), head, None, "signed head file missing", report.checks)

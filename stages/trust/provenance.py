@@ -27,18 +27,48 @@ import yaml
 from stages.core.errors import IntegrityError, PipelineError
 
 
+# Paths the pipeline itself writes, or that are recorded by their own digest: DVC's data
+# pointers and config (ingest's own ``dvc add`` rewrites them), the settings
+# (``params_sha256``) and the workspace's run records, audit trail and stores.
+NOT_CODE = ("data", ".dvc", ".dvc-remote", "dvc.lock", "params.yaml", "runs", "audit", "mlartifacts", "mlruns",
+            "mlflow.db", ".prefect")
+
+
 def git_state(root: Path) -> dict[str, Any]:
-    """The code version: HEAD commit and whether tracked files differ from it."""
+    """The code version: HEAD commit, and whether the code differs from it.
+
+    ``dirty`` is True when a tracked file outside :data:`NOT_CODE` differs from HEAD or a
+    file git does not ignore was added outside them; ``dirty_files`` names up to 20 of them.
+    None when the folder is not a git repository or has no commit.
+    """
     def git(*args: str) -> str:
         proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     try:
         commit = git("rev-parse", "HEAD") or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+        changed = git("status", "--porcelain", "--untracked-files=normal", "--", ".",
+                      *(f":(exclude){p}" for p in NOT_CODE)).splitlines() if commit else []
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"commit": commit, "dirty": dirty}
+        commit, changed = None, []
+    files = [line[3:] for line in changed if line.strip()]
+    return {"commit": commit, "dirty": bool(files) if commit else None, "dirty_files": files[:20]}
+
+
+def git_show(root: Path, relpath: str) -> tuple[str | None, str]:
+    """``relpath``'s text as committed at HEAD, and a description of where it came from;
+    ``(None, reason)`` when the folder is not a git repository or the file is not committed."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if commit.returncode != 0:
+            return None, "no commit"
+        proc = subprocess.run(["git", "-C", str(root), "show", f"HEAD:./{relpath}"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, "git unavailable"
+    if proc.returncode != 0:
+        return None, f"{relpath} not committed"
+    return proc.stdout, f"{relpath} at commit {commit.stdout.strip()[:12]}"
 
 
 def environment_lock() -> tuple[str, str]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -21,16 +23,20 @@ from securesystemslib.dsse import Envelope, Signature
 
 from stages.core.canonical import canonical_json
 from stages.core.errors import IntegrityError, InvalidInput
-from stages.trust.keys import load_signer, short_id, trusted_keys
+from stages.trust.keys import PublicKey, Signer, load_signer, short_id, trusted_keys
 
 MAX_ENVELOPE_PAYLOAD = 16 * 1024 * 1024  # bytes of a DSSE payload
 
 
-def verify_signature(data: bytes, sig_b64: str, *, key_id: str) -> None:
-    """Check an Ed25519 signature by a trusted key; raise ``IntegrityError`` otherwise."""
+def verify_signature(data: bytes, sig_b64: str, *, key_id: str, keys: Mapping[str, PublicKey] | None = None) -> None:
+    """Check an Ed25519 signature by a trusted key; raise ``IntegrityError`` otherwise.
+
+    ``keys`` (key id -> public key) narrows or widens who may have signed; the default is
+    the pipeline's keys (``trusted_keys()``).
+    """
     if not isinstance(key_id, str) or not key_id:
         raise IntegrityError("signature names no key id")
-    key = trusted_keys().get(key_id)
+    key = (trusted_keys() if keys is None else keys).get(key_id)
     if key is None:
         raise IntegrityError(f"signed by unknown key {short_id(key_id)}")
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -42,17 +48,24 @@ def verify_signature(data: bytes, sig_b64: str, *, key_id: str) -> None:
         raise IntegrityError(f"bad signature by key {short_id(key_id)}") from None
 
 
-def sign_document(obj: dict) -> dict:
-    """Wrap ``obj`` as ``{"payload": obj, "signature": {alg, key_id, sig}}``."""
+def sign_document(obj: dict, *, signer: Signer | None = None) -> dict:
+    """Wrap ``obj`` as ``{"payload": obj, "signature": {alg, key_id, sig}}``.
+
+    ``signer``: the pipeline's document key by default; an identity or the policy owner's key
+    for approvals and policies (``stages.trust.identities``).
+    """
     if not isinstance(obj, dict):
         raise InvalidInput(f"only a dict can be signed as a document, got {type(obj).__name__}")
-    signer = load_signer()
+    signer = signer or load_signer()
     sig = signer.sign(canonical_json(obj))
     return {"payload": obj, "signature": {"alg": "ed25519", "key_id": signer.key_id, "sig": sig}}
 
 
-def verify_document(doc: dict) -> dict:
-    """Return the payload of a signed document, or raise ``IntegrityError``."""
+def verify_document(doc: dict, *, keys: Mapping[str, PublicKey] | None = None) -> dict:
+    """Return the payload of a signed document, or raise ``IntegrityError``.
+
+    ``keys``: who may have signed it (default: the pipeline's keys, ``trusted_keys()``).
+    """
     if not isinstance(doc, dict) or set(doc) != {"payload", "signature"}:
         raise IntegrityError("malformed signed document: expected exactly 'payload' and 'signature'")
     sig, payload = doc["signature"], doc["payload"]
@@ -66,8 +79,15 @@ def verify_document(doc: dict) -> dict:
         data = canonical_json(payload)
     except InvalidInput as exc:
         raise IntegrityError(f"signed document payload is not canonical JSON: {exc}") from None
-    verify_signature(data, sig["sig"], key_id=sig["key_id"])
+    verify_signature(data, sig["sig"], key_id=sig["key_id"], keys=keys)
     return payload
+
+
+def derive_secret(label: bytes) -> bytes:
+    """A 32-byte secret for ``label`` derived from the pipeline's signing key (Ed25519
+    signatures are deterministic): whoever cannot use the key cannot compute it. Seals the
+    stat cache and training checkpoints; never stored or logged."""
+    return hashlib.sha256(load_signer().sign(label).encode()).digest()
 
 
 def sign_envelope(payload: bytes, *, payload_type: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +23,10 @@ from stages.ml.runtime import resolve_device, seed_everything, small_model_threa
 from stages.ml.training.adversarial import BatchLoss
 from stages.ml.training.checkpoints import (
     CHECKPOINT_FORMAT,
-    _fingerprint,
-    _load_checkpoint,
+    CheckpointStore,
     _rng_state,
-    _save_checkpoint,
     _set_rng_state,
+    checkpoint_binding,
 )
 from stages.ml.training.dp import make_private, privacy_report
 
@@ -79,13 +77,15 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=dtype), dtype
 
 
-def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, checkpoint_dir: Path | None = None,
+def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, checkpoints: CheckpointStore | None = None,
         progress: bool = True) -> FitResult:
     """Train a model on ``X`` (N x C x H x W or N x F, float32 on [0, 1]) and int labels ``y``.
 
-    With ``checkpoint_dir``, ``last.pt`` there is written after every epoch and resumed from
-    when it matches these data and settings (otherwise it is ignored and overwritten).
-    Returns the model as a plain ``nn.Module`` in eval mode on CPU.
+    With ``checkpoints``, a sealed checkpoint is written after every epoch and resumed from
+    when its seal verifies for these data and settings (a stale one of the same run is
+    overwritten; anything else raises ``CheckpointRefused``, exit 4). Everything restored,
+    the DP accountant included, comes from a verified checkpoint. Returns the model as a
+    plain ``nn.Module`` in eval mode on CPU.
     """
     X, y = check_training_data(X, y, num_classes=num_classes)
     device = resolve_device(params.device)
@@ -115,11 +115,10 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     generators = {"loader": loader_generator, "attack": trainer.generator}
 
-    fingerprint = _fingerprint(X, y, params, num_classes)
-    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    binding = checkpoint_binding(X, y, params, num_classes)
     history: list[dict[str, float]] = []
     start_epoch = 0
-    ckpt = _load_checkpoint(ckpt_path, fingerprint) if ckpt_path is not None else None
+    ckpt = checkpoints.load(binding) if checkpoints is not None else None
     if ckpt is not None:
         _inner(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -133,7 +132,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
     with small_model_threads(device, input_shape):
         history = _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast,
                                 engine=engine, device=device, params=params, history=history, start_epoch=start_epoch,
-                                steps_per_epoch=steps_per_epoch, ckpt_path=ckpt_path, fingerprint=fingerprint,
+                                steps_per_epoch=steps_per_epoch, checkpoints=checkpoints, binding=binding,
                                 generators=generators, progress=progress)
 
     privacy = privacy_report(engine, train_optimizer, params, sample_rate=1 / steps_per_epoch) if engine is not None else None
@@ -147,7 +146,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
 
 def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast, *, engine, device,
                   params: TrainParams, history: list[dict[str, float]], start_epoch: int, steps_per_epoch: int,
-                  ckpt_path: Path | None, fingerprint: str, generators: dict[str, torch.Generator],
+                  checkpoints: CheckpointStore | None, binding: dict[str, str], generators: dict[str, torch.Generator],
                   progress: bool) -> list[dict[str, float]]:
     """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history."""
     bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
@@ -162,14 +161,14 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}")
-        if ckpt_path is not None:
-            payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+        if checkpoints is not None:
+            payload = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1,
                        "model": _inner(model).state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                        "rng": _rng_state(generators), "history": history}
             if engine is not None:
                 payload["accountant"] = engine.accountant.state_dict()
-            _save_checkpoint(ckpt_path, payload)
+            checkpoints.save(payload, binding=binding, epoch=epoch + 1)
     bar.close()
     return history
 

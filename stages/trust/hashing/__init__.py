@@ -7,7 +7,7 @@ and a stat cache for fast re-verification. Pure standard library; no torch, no n
     statcache.py  the stat cache and ``verify_files``
 """
 
-from stages.trust.hashing.digests import FileDigest, hash_files, sha256_file
+from stages.trust.hashing.digests import FileDigest, hash_files, read_file, sha256_file
 from stages.trust.hashing.merkle import merkle_leaf, merkle_root
 from stages.trust.hashing.paths import check_relative_path, safe_files
 from stages.trust.hashing.statcache import StatCache, VerifyResult, verify_files
@@ -20,6 +20,7 @@ __all__ = [
     "hash_files",
     "merkle_leaf",
     "merkle_root",
+    "read_file",
     "safe_files",
     "sha256_file",
     "verify_files",

@@ -111,6 +111,35 @@ def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = DEFAULT_CHUNK
     return _read(path, chunk_size).sha256
 
 
+def read_file(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> tuple[bytes, str]:
+    """The bytes of a regular file and their SHA-256 (lowercase hex), from one read.
+
+    Callers check the digest and then parse these same bytes, so nothing can swap the file
+    between the check and the use. Opened with ``O_NOFOLLOW | O_NONBLOCK`` like
+    :func:`sha256_file`: a symlink or special file raises :class:`SecurityError`; so does a
+    file larger than ``max_bytes``.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecurityError(f"refusing to read {os.fspath(path)}: it is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecurityError(f"refusing to read {os.fspath(path)}: it is {_kind(st.st_mode)}")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise SecurityError(f"refusing to read {os.fspath(path)}: {st.st_size} bytes exceeds the {max_bytes}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SecurityError(f"refusing to read {os.fspath(path)}: it grew past the {max_bytes}-byte limit while read")
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def _workers(workers: int, n: int) -> int:
     if workers < 0:
         raise InvalidInput(f"workers must be >= 0 (0 = one per core), got {workers}")
