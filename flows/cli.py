@@ -26,6 +26,8 @@ from stages.models.promotion import promote, rollback
 from stages.trust.keys import rotate_keys
 from stages.trust.ledger import Ledger
 from stages.trust.provenance import init_repo
+from flows import trust_commands
+from flows.trust_commands import read_approvals
 
 telemetry_off()
 
@@ -107,8 +109,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    result = promote(_ws(), args.ref, approver=args.approver, reason=args.reason)
-    _print(result, args.json, lambda r: f"{r['model']}@champion -> version {r['version']} (was {r['previous']}), approved by {r['approver']}")
+    result = promote(_ws(), args.ref, reason=args.reason, approvals=read_approvals(args.approvals))
+    _print(result, args.json, lambda r: f"{r['model']}@champion -> version {r['version']} (was {r['previous']}), "
+                                        f"approved by {', '.join(r['approvers'])}")
     return 0
 
 
@@ -130,7 +133,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             for d in m["alias_drift"]:
                 lines.append(f"  ! alias {d['alias']} is version {d['mlflow']} in MLflow, the ledger says {d['ledger']}: moved outside the pipeline")
             for v in m["versions"]:
-                lines.append(f"  v{v['version']}  {v['verdict']}  robust={v['robust_accuracy']}  dp_eps={v['dp_epsilon']}  "
+                lines.append(f"  v{v['version']}  {v['verdict']}{'  REVOKED' if v['revoked'] else ''}  robust={v['robust_accuracy']}  dp_eps={v['dp_epsilon']}  "
                              f"data={str(v['data_sha256'])[:16]}  source={v['data_source']}")
         return "\n".join(lines)
 
@@ -198,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = asub.add_parser("verify", parents=[common], help="verify the hash-chained ledger against its signed head and MLflow")
     v.set_defaults(fn=cmd_audit_verify)
 
-    p = sub.add_parser("promote", parents=[common], help="make a gated version the champion")
+    p = sub.add_parser("promote", parents=[common], help="make a gated version the champion (with the signed approvals it needs)")
     p.add_argument("ref", metavar="MODEL/VERSION")
-    p.add_argument("--approver", required=True)
     p.add_argument("--reason", required=True)
+    p.add_argument("--approval", dest="approvals", action="append", default=[], metavar="FILE",
+                   help="a signed approval made elsewhere ('mlsec approve --out'); recorded ones count too")
     p.set_defaults(fn=cmd_promote)
+    trust_commands.add_commands(sub, common, _Parser)
 
     p = sub.add_parser("rollback", parents=[common], help="point champion back at the previous champion")
     p.add_argument("model")
@@ -237,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     r = ksub.add_parser("rotate", parents=[common], help="retire the current keys (still trusted to verify) and create new ones")
     r.set_defaults(fn=cmd_keys_rotate)
+    c = ksub.add_parser("create", parents=[common], help="create an approver's identity key")
+    c.add_argument("--identity", required=True, metavar="NAME")
+    c.set_defaults(fn=trust_commands.cmd_keys_create)
     return parser
 
 

@@ -25,7 +25,7 @@ from stages.core import events  # noqa: E402
 from stages.core.errors import GateRejected, PipelineError  # noqa: E402
 from stages.core.params import Params, load_params  # noqa: E402
 from stages.core.workspace import Workspace, actor, new_run_id  # noqa: E402
-from stages.models.promotion import champion_summary, promote  # noqa: E402
+from stages.models.promotion import champion_summary, promote, requirement  # noqa: E402
 from stages.runner import run_stage  # noqa: E402
 from stages.trust.context import RunContext  # noqa: E402
 from stages.trust.signing import verify_document  # noqa: E402
@@ -60,21 +60,26 @@ def champion_task(ws: Workspace, name: str) -> dict[str, Any] | None:
 
 
 @task(name="promote")
-def promote_task(ws: Workspace, params: Params, version: str, *, approver: str, reason: str) -> dict[str, Any]:
-    """Move the champion alias to the new version (ledger entry with actor and reason)."""
-    return promote(ws, f"{params.project.name}/{version}", approver=approver, reason=reason,
-                   four_eyes=params.promotion.four_eyes)
+def promote_task(ws: Workspace, params: Params, version: str, *, reason: str, approvals: list[dict[str, Any]] | None = None,
+                 auto: bool = False) -> dict[str, Any]:
+    """Move the champion alias to the new version: automatically where the signed policy lets
+    it, else with signed approvals (ledger entry with approvals and reason)."""
+    return promote(ws, f"{params.project.name}/{version}", reason=reason, approvals=approvals or [], auto=auto)
+
+
+class Approval(RunInput):
+    """What an approver gives a paused run: signed approvals (``mlsec approve ... --out FILE``
+    prints one), never a bare name. Declining needs no signature; it promotes nothing."""
+
+    approve: bool
+    reason: str
+    approvals: list[dict[str, Any]] = []
 
 
 def _wait_for_approval(params: Params, summary: dict[str, Any]) -> dict[str, Any] | None:
-    """Pause the flow run for an approver when a real Prefect server is configured."""
+    """Pause the flow run for signed approvals when a real Prefect server is configured."""
     if not os.environ.get("PREFECT_API_URL"):
         return None
-
-    class Approval(RunInput):
-        approve: bool
-        approver: str
-        reason: str
 
     logger = get_run_logger()
     logger.info("waiting for approval of %s (evidence: verdict and model card in MLflow run %s)",
@@ -147,7 +152,7 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
     ev = step(evaluate_task, "evaluate")
     summary["metrics"] = ev["metrics"]
     champion = champion_task(ws, params.project.name)
-    g = step(gate_task, "gate", champion=champion)
+    g = step(gate_task, "gate", champion=champion, triggered_by=who)
     summary["gate"] = {"passed": g["passed"], "checks": {c["name"]: {k: c[k] for k in ("value", "threshold", "passed", "reason")}
                                                           for c in g["checks"]}}
     reg = step(register_task, "register", triggered_by=who, timings=timings)
@@ -158,18 +163,23 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
         summary["status"] = "rejected"
         ctx.log("run.finish", {"status": "rejected"})
         raise GateRejected(gate.rejection_message(_verdict(ctx)))
-    if params.promotion.mode == "auto":
-        promote_task(ws, params, reg["model"]["version"], approver="policy:auto", reason=f"gate passed in run {ctx.run_id}")
+    verdict = _verdict(ctx)
+    summary["policy"] = {k: verdict["policy"][k] for k in ("signed_sha256", "overridden", "weakened", "summary")}
+    needed, why_not_auto = requirement(ws, verdict)
+    if why_not_auto is None:
+        promote_task(ws, params, reg["model"]["version"], reason=f"gate passed in run {ctx.run_id}", auto=True)
         summary["status"] = "promoted"
     else:
+        summary["approval"] = {"needed": needed, "why": why_not_auto}
+        ctx.log("promotion.awaiting", {"version": reg["model"]["version"], "needed": needed, "why": why_not_auto})
         answer = _wait_for_approval(params, summary)
         if answer is None:
             summary["status"] = "awaiting_approval"
         elif answer["approve"]:
-            promote_task(ws, params, reg["model"]["version"], approver=answer["approver"], reason=answer["reason"])
+            promote_task(ws, params, reg["model"]["version"], reason=answer["reason"], approvals=answer["approvals"])
             summary["status"] = "promoted"
         else:
-            ctx.log("promotion.declined", {"approver": answer["approver"], "reason": answer["reason"]})
+            ctx.log("promotion.declined", {"reason": answer["reason"], "signed": False})
             summary["status"] = "declined"
     ctx.log("run.finish", {"status": summary["status"], "model": summary["model"]})
     get_run_logger().info("run %s %s in %.1f s (%s)", ctx.run_id, summary["status"], summary["timings"]["total"],

@@ -2,9 +2,12 @@
 
 :func:`decide` is pure: evidence + policy (+ the champion's metrics) -> verdict. With no
 thresholds configured it rejects (it will not bless by accident); a check whose input is
-missing fails. :func:`run` gathers the evidence from the run's verified records, signs the
-verdict (bound to the weights' SHA-256) and writes a ledger entry. Registration refuses
-without a passing, correctly signed verdict for the same weights.
+missing fails. :func:`run` gathers the evidence from the run's verified records, decides
+under the run's settings and under the signed policy (``stages.trust.policy``), signs the
+verdict (bound to the weights' SHA-256, with the signed policy's digest and every setting
+in which the run differs from it) and writes a ledger entry. Registration refuses without a
+passing, correctly signed verdict for the same weights; promotion refuses to promote
+automatically what was blessed under a weakened policy.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from typing import Any
 
 from stages.core.errors import GateRejected
 from stages.core.params import GateParams, Params
+from stages.core.policy import describe_differences, effective_policy, policy_differences
+from stages.core.workspace import actor
 from stages.runner import stage_main
 from stages.trust.context import RunContext
+from stages.trust.policy import SignedPolicy, policy_for_run
 from stages.trust.signing import sign_document
 from stages.trust.verdict import VERDICT_SCHEMA
 
@@ -43,11 +49,17 @@ def _at_most(name: str, value: float | None, threshold: float) -> dict[str, Any]
 
 def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, Any] | None) -> dict[str, Any]:
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
-    integrity_verified, flagged_fraction. ``champion``: None or {"version", "metrics"}."""
+    integrity_verified, flagged_fraction. ``champion``: None or {"version", "metrics"} (from the
+    champion's signed verdict; ``"revoked": True`` when it was revoked)."""
     metrics = evidence.get("metrics") or {}
     checks: list[dict[str, Any]] = []
     if policy.min_clean_accuracy is not None:
         checks.append(_at_least("clean_accuracy", metrics.get("clean_accuracy"), policy.min_clean_accuracy))
+    if policy.min_clean_accuracy_all_test is not None:
+        checks.append(_at_least("clean_accuracy_all_test", metrics.get("clean_accuracy_all_test"),
+                                policy.min_clean_accuracy_all_test))
+    if policy.max_test_flagged_fraction is not None:
+        checks.append(_at_most("test_flagged_fraction", metrics.get("test_flagged_fraction"), policy.max_test_flagged_fraction))
     for eps, threshold in sorted(policy.min_robust_accuracy.items()):
         checks.append(_at_least(f"robust_accuracy@{eps:g}", metrics.get(f"robust_accuracy_eps_{eps:g}"), threshold))
     if policy.max_dp_epsilon is not None:
@@ -65,6 +77,9 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     if policy.no_regression is not None:
         if champion is None:
             checks.append(_check("no_regression", None, None, True, "no champion yet: nothing to regress against"))
+        elif champion.get("revoked"):
+            checks.append(_check("no_regression", None, None, True,
+                                 f"champion v{champion.get('version')} is revoked: nothing to regress against"))
         else:
             tol = policy.no_regression
             for key, allowed in (("clean_accuracy", tol.clean_accuracy), ("robust_accuracy", tol.robust_accuracy)):
@@ -84,7 +99,21 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     return {"passed": passed, "checks": checks, "failed": [c["name"] for c in checks if not c["passed"]]}
 
 
-def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False) -> dict[str, Any]:
+def policy_record(signed: SignedPolicy, params: Params, evidence: dict[str, Any],
+                  champion: dict[str, Any] | None) -> dict[str, Any]:
+    """The verdict's ``policy`` section: the signed policy, the run's, and how they differ."""
+    effective = effective_policy(params)
+    differences = policy_differences(signed.policy, effective)
+    under_signed = decide(evidence, GateParams.model_validate(signed.payload["gate"]), champion=champion)
+    return {"signed_sha256": signed.sha256, "signed_by": signed.key_id, "trust": signed.payload.get("trust"),
+            "effective": effective, "overridden": bool(differences), "weakened": any(d["weaker"] for d in differences),
+            "differences": differences, "summary": describe_differences(differences) or "as signed",
+            "signed_policy_passed": under_signed["passed"], "signed_policy_failed": under_signed["failed"]}
+
+
+def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = None, raise_on_reject: bool = False,
+        triggered_by: str | None = None) -> dict[str, Any]:
+    signed = policy_for_run(ctx.ws)
     integrity = ctx.verify_all(where=STAGE)
     inputs = ctx.input_bytes("validation", "screen_report", "evaluation", where=STAGE)
     evaluation = json.loads(inputs["evaluation"])
@@ -107,13 +136,16 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         "metrics": evaluation["metrics"],
         # the evidence read, by digest: promotion takes the drift statistics from exactly these bytes
         "evidence_sha256": {name: records[name]["sha256"] for name in ("validation", "screen_report", "evaluation")},
-        "policy": params.gate.model_dump(mode="json"),
+        "policy": policy_record(signed, params, evidence, champion),
+        "triggered_by": triggered_by or actor(),
         "champion": champion,
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = ctx.write_output_json(STAGE, "verdict", "verdict.json", sign_document(verdict))
     ctx.log("gate.verdict", {"verdict": verdict["verdict"], "failed": decision["failed"], "weights_sha256": verdict["weights_sha256"],
-                             "verdict_path": str(path.relative_to(ctx.ws.root))})
+                             "verdict_path": str(path.relative_to(ctx.ws.root)),
+                             "policy_sha256": signed.sha256, "policy_overridden": verdict["policy"]["overridden"],
+                             "policy_weakened": verdict["policy"]["weakened"], "policy_differences": verdict["policy"]["summary"]})
     if raise_on_reject and not decision["passed"]:
         raise GateRejected(rejection_message(verdict))
     return {"passed": decision["passed"], "checks": decision["checks"], "verdict_path": str(path)}
@@ -130,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     def gate_and_raise(ctx: RunContext, params: Params) -> dict[str, Any]:
         from stages.models.promotion import champion_summary  # MLflow: slow to import
 
-        return run(ctx, params, champion=champion_summary(ctx.ws, params.project.name), raise_on_reject=True)
+        return run(ctx, params, champion=champion_summary(ctx.ws, params.project.name), raise_on_reject=True,
+                   triggered_by=actor())
 
     return stage_main(STAGE, gate_and_raise, argv)
 

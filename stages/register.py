@@ -5,12 +5,14 @@ manifest, verdict, ledger head), blessed or not, so rejected models stay inspect
 a version whose signed verdict blesses exactly these weights is registered; it gets the
 ``challenger`` alias, and ``champion`` only through promotion (``stages.models.promotion``).
 
-A registered model is a pyfunc logged as code (no pickle) whose ``artifacts/`` folder holds
-``weights/`` (``model.safetensors`` + ``model.json``), ``model.sig`` (OpenSSF model-signing
-over ``weights/``), ``verdict.json`` (signed gate verdict) and ``attestation.json`` (an
-in-toto SLSA provenance statement in a signed DSSE envelope).
-``stages.register.load_verified_model`` (from ``stages.models.verify``) checks all of it
-before any weight is read.
+A registered model is a pyfunc from code (no pickle), built here as a folder and logged as
+it is: ``MLmodel``, ``pyfunc_model.py``, the environment files and input example, and
+``artifacts/`` with ``weights/`` (``model.safetensors`` + ``model.json``), ``verdict.json``
+(the signed gate verdict) and ``attestation.json`` (an in-toto SLSA provenance statement in
+a signed DSSE envelope). ``model.sig`` (OpenSSF model-signing) covers every other file of
+the folder, so nothing MLflow serves is unsigned. The ledger's ``register.version`` entry
+names the weights and verdict by digest. ``stages.register.load_verified_model`` (from
+``stages.models.verify``) checks all of it before any weight is read.
 """
 
 from __future__ import annotations
@@ -18,22 +20,25 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stages.core.errors import IntegrityError
 from stages.core.params import Params
-from stages.core.workspace import actor, read_json, write_json
+from stages.core.workspace import actor, write_json
 from stages.models.aliases import move_alias
 from stages.models.attestation import build_attestation, sign_attestation
 from stages.models.card import write_model_card
+from stages.models.safety import SIGNATURE_NAME
 from stages.models.signing import sign_model_dir
 from stages.models.store import CHALLENGER, client, ensure_experiment
-from stages.models.verify import load_verified_model
+from stages.models.verify import load_verified_model, verify_model_tree
 from stages.runner import stage_main
 from stages.trust.context import RunContext
-from stages.trust.verdict import load_verdict
+from stages.trust.verdict import load_verdict, verdict_digest
 
 __all__ = ["load_verified_model", "run", "main"]  # load_verified_model: the documented way to load a model
 
@@ -41,16 +46,38 @@ STAGE = "register"
 
 
 def _package(ctx: RunContext, verdict_doc: dict[str, Any], attestation: dict[str, Any]) -> Path:
-    """Assemble and sign the folder that becomes the model's MLflow artifacts."""
-    pkg = ctx.run_dir / "package"
-    shutil.rmtree(pkg, ignore_errors=True)
-    (pkg / "weights").mkdir(parents=True)
+    """Assemble the folder MLflow will serve (the pyfunc from code, its environment files and
+    input example, the weights, the verdict, the attestation) and sign all of it."""
+    import mlflow  # slow to import, kept off the command line's start
+    from mlflow.models import (
+        infer_signature,  # MLflow: slow to import, kept off the command line's start
+    )
+
+    pkg, staging = ctx.run_dir / "package", ctx.run_dir / "package-inputs"
+    for folder in (pkg, staging):
+        shutil.rmtree(folder, ignore_errors=True)
+    (staging / "weights").mkdir(parents=True)
     inputs = ctx.input_bytes("weights", "model_config", where=STAGE)
-    (pkg / "weights" / "model.safetensors").write_bytes(inputs["weights"])
-    (pkg / "weights" / "model.json").write_bytes(inputs["model_config"])
-    sign_model_dir(pkg / "weights", pkg / "model.sig")
-    write_json(pkg / "verdict.json", verdict_doc)
-    write_json(pkg / "attestation.json", attestation)
+    (staging / "weights" / "model.safetensors").write_bytes(inputs["weights"])
+    (staging / "weights" / "model.json").write_bytes(inputs["model_config"])
+    write_json(staging / "verdict.json", verdict_doc)
+    write_json(staging / "attestation.json", attestation)
+    config = json.loads(inputs["model_config"])
+    example = np.zeros((1, *config["input_shape"]), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((1, config["num_classes"]), dtype=np.float32))
+    with warnings.catch_warnings():
+        # the signature is given explicitly; MLflow's hint about typed predict() does not apply
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        mlflow.pyfunc.save_model(
+            path=str(pkg), python_model=str(Path(__file__).parent / "models" / "pyfunc_model.py"),
+            artifacts={"weights": str(staging / "weights"), "verdict": str(staging / "verdict.json"),
+                       "attestation": str(staging / "attestation.json")},
+            signature=signature, input_example=example, pip_requirements=["torch==2.13.0", "safetensors", "numpy", "mlflow"])
+    shutil.rmtree(staging, ignore_errors=True)
+    sign_model_dir(pkg, pkg / SIGNATURE_NAME)
+    evidence = verify_model_tree(pkg)  # what was signed is what the gate blessed
+    if evidence["verdict_sha256"] != verdict_digest(verdict_doc):
+        raise IntegrityError(f"the packaged model of run {ctx.run_id} carries another verdict than the gate's")
     return pkg
 
 
@@ -119,12 +146,16 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
                                                   screen=screen, out_dir=ctx.run_dir / "card")
             mlflow.log_artifact(str(card_md), artifact_path="model_card")
             mlflow.log_artifact(str(card_html), artifact_path="model_card")
-            mlflow.log_artifact(str(pkg / "attestation.json"), artifact_path="reports")
-            result["model"] = _log_and_register(ctx, params, pkg, records, manifest, evaluation, verdict, who, mlrun.info.run_id)
+            mlflow.log_artifact(str(pkg / "artifacts" / "attestation.json"), artifact_path="reports")
+            result["model"] = _log_and_register(ctx, params, pkg, records, manifest, evaluation, verdict_doc, who,
+                                                mlrun.info.run_id)
     if result["model"]:
         version = result["model"]["version"]
+        # The registration the loader and promotion trust: these weights and this verdict, by digest.
+        ctx.log("register.version", {**result["model"], "mlflow_run_id": result["mlflow_run_id"],
+                                     "weights_sha256": records["weights"]["sha256"], "verdict_sha256": verdict_digest(verdict_doc),
+                                     "policy_overridden": verdict["policy"]["overridden"]})
         move_alias(ctx.ws, name, CHALLENGER, version, reason=f"gated candidate from run {ctx.run_id}", run_id=ctx.run_id)
-        ctx.log("register.version", {**result["model"], "mlflow_run_id": result["mlflow_run_id"]})
         # The ledger head after registration is anchored in MLflow too.
         c.set_tag(result["mlflow_run_id"], "mlsec.ledger_head", json.dumps(ctx.ledger.head()))
     else:
@@ -132,41 +163,35 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
     return result
 
 
-def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, verdict, who: str, mlflow_run_id: str) -> dict[str, Any]:
+def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, verdict_doc, who: str,
+                      mlflow_run_id: str) -> dict[str, Any]:
+    """Log the signed folder as it is (no re-serialisation by MLflow) and register it."""
     import mlflow  # slow to import, kept off the command line's start
-    from mlflow.models import (
-        infer_signature,  # MLflow: slow to import, kept off the command line's start
-    )
 
     name = params.project.name
-    config = read_json(pkg / "weights" / "model.json")
-    example = np.zeros((1, *config["input_shape"]), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((1, config["num_classes"]), dtype=np.float32))
-    code = Path(__file__).parent / "models" / "pyfunc_model.py"
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(code),
-        artifacts={"weights": str(pkg / "weights"), "signature": str(pkg / "model.sig"), "verdict": str(pkg / "verdict.json"),
-                   "attestation": str(pkg / "attestation.json")},
-        code_paths=None, signature=signature, input_example=example,
-        pip_requirements=["torch==2.13.0", "safetensors", "numpy", "mlflow"])
-    mv = mlflow.register_model(info.model_uri, name)
+    verdict = verdict_doc["payload"]
+    mlflow.log_artifacts(str(pkg), artifact_path="model")
+    mv = mlflow.register_model(f"runs:/{mlflow_run_id}/model", name)
     c = client(ctx.ws)
     metrics = evaluation["metrics"]
+    # Tags are for people browsing MLflow; decisions read the signed records and the ledger.
     tags = {
         "mlsec.run_id": ctx.run_id, "mlsec.mlflow_run_id": mlflow_run_id, "mlsec.weights_sha256": records["weights"]["sha256"],
         "mlsec.data_sha256": manifest["merkle_root"], "mlsec.data_source": manifest["source"], "mlsec.dvc_md5": manifest["dvc"]["md5"],
         "mlsec.git_commit": str(manifest["git"]["commit"]), "mlsec.verdict": verdict["verdict"],
-        "mlsec.verdict_sha256": records["verdict"]["sha256"], "mlsec.robust_accuracy": f"{metrics.get('robust_accuracy', float('nan')):.4f}",
+        "mlsec.verdict_sha256": verdict_digest(verdict_doc), "mlsec.robust_accuracy": f"{metrics.get('robust_accuracy', float('nan')):.4f}",
         "mlsec.clean_accuracy": f"{metrics.get('clean_accuracy', float('nan')):.4f}",
         "mlsec.dp_epsilon": f"{metrics['dp_epsilon']:.4f}" if "dp_epsilon" in metrics else "none",
         "mlsec.triggered_by": who, "mlsec.four_eyes": str(params.promotion.four_eyes).lower(), "mlsec.train_mode": params.train.mode,
+        "mlsec.policy_overridden": str(verdict["policy"]["overridden"]).lower(),
     }
     for key, value in tags.items():
         c.set_model_version_tag(name, mv.version, key, value)
     for key, value in {"mlsec.owner": params.project.owner, "mlsec.purpose": params.project.purpose,
                        "mlsec.risk_class": params.project.risk_class}.items():
         c.set_registered_model_tag(name, key, value)
-    c.update_model_version(name, mv.version, description=f"Gated by run {ctx.run_id}: {verdict['verdict']}")
+    c.update_model_version(name, mv.version, description=f"Gated by run {ctx.run_id}: {verdict['verdict']}"
+                           + (f" (policy overridden: {verdict['policy']['summary']})" if verdict["policy"]["overridden"] else ""))
     return {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"}
 
 

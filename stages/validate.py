@@ -3,7 +3,8 @@
 Drift is measured against the statistics of the last accepted dataset of this project
 (``data/reference/<project>.json``, signed; written when a model trained on that data is
 promoted, ``stages.data.reference``), so an attacker cannot ratchet the reference by
-submitting rejected data.
+submitting rejected data. A project with a champion must have its reference: a missing or
+replaced one fails closed (exit 4) instead of turning drift checks off.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import ValidationFailed
+from stages.core.errors import IntegrityError, ValidationFailed
 from stages.core.params import Params
 from stages.data.prepared import parse_prepared
 from stages.data.reference import load_reference, reference_path
+from stages.models.aliases import ledger_aliases
+from stages.models.store import CHAMPION
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 
@@ -29,6 +32,10 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     files, manifest = ctx.dataset_bytes(where=STAGE)
     X, y, _, meta = parse_prepared(files)
     reference = load_reference(ctx.ws, params.project.name)
+    champion = ledger_aliases(ctx.ws, params.project.name)[0].get(CHAMPION)
+    if reference is None and champion is not None:  # fail closed: drift checks must run against the champion's data
+        raise IntegrityError(f"{params.project.name} has a champion (version {champion}) but no drift reference "
+                             f"{reference_path(ctx.ws, params.project.name).relative_to(ctx.ws.root)}: drift checks cannot run")
     docs_dir = ctx.run_dir / "data_docs"
     report = validate_arrays(X, y, params=params.validate_, num_classes=int(meta["num_classes"]), reference=reference,
                              docs_dir=docs_dir)

@@ -69,7 +69,7 @@ def test_usage_error_exits_2(capsys):
 
 
 def test_promote_unknown_version_is_refused_and_recorded(workspace, capsys):
-    code = main(["promote", "mlsec-digits/99", "--approver", "alice", "--reason", "test"])
+    code = main(["promote", "mlsec-digits/99", "--reason", "test"])
     err = capsys.readouterr().err
     assert code == 2 and "no version 99" in err
     from stages.trust.ledger import Ledger

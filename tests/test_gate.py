@@ -53,3 +53,21 @@ def test_regression_against_champion_rejects():
 def test_validation_or_integrity_not_verified_rejects():
     assert not decide({**GOOD, "validation_passed": False}, policy(), champion=None)["passed"]
     assert not decide({**GOOD, "integrity_verified": None}, policy(), champion=None)["passed"]
+
+
+def test_unscreened_accuracy_and_held_out_drop_are_gated():
+    """Screening cannot lift the gated figure by leaving out the held-out rows a model gets wrong."""
+    strict = policy(min_clean_accuracy_all_test=0.9, max_test_flagged_fraction=0.1)
+    good = {**GOOD, "metrics": {**GOOD["metrics"], "clean_accuracy_all_test": 0.95, "test_flagged_fraction": 0.03}}
+    assert decide(good, strict, champion=None)["passed"]
+    lifted = {**GOOD, "metrics": {**GOOD["metrics"], "clean_accuracy": 0.98, "clean_accuracy_all_test": 0.868,
+                                  "test_flagged_fraction": 0.12}}
+    verdict = decide(lifted, strict, champion=None)
+    assert set(verdict["failed"]) == {"clean_accuracy_all_test", "test_flagged_fraction"}
+    missing = decide(GOOD, strict, champion=None)  # figures absent: the checks cannot run, so they fail
+    assert {"clean_accuracy_all_test", "test_flagged_fraction"} <= set(missing["failed"])
+
+
+def test_a_revoked_champion_is_not_compared_against():
+    verdict = decide(GOOD, policy(), champion={"version": "3", "revoked": True, "metrics": None})
+    assert verdict["passed"] and "revoked" in next(c for c in verdict["checks"] if c["name"] == "no_regression")["reason"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import make_workspace, run_cli
+from tests.support import ROOT, make_workspace, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +110,46 @@ def test_moved_alias_is_noticed(promoted, tmp_path):
     assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
 
 
+def test_the_pyfunc_serves_the_verified_model(promoted, monkeypatch):
+    import mlflow
+    import numpy as np
+
+    ws, s = promoted
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    from stages.models.verify import load_verified_model
+
+    X, _ = _held_out(ws, s)
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    served = mlflow.pyfunc.load_model(s["model"]["uri"]).predict(X[:20])
+    with torch.no_grad():
+        direct = load_verified_model(s["model"]["uri"])(torch.from_numpy(X[:20])).numpy()
+    assert np.allclose(served, direct)
+
+
+@pytest.mark.parametrize("target", ["MLmodel", "pyfunc_model.py", "requirements.txt"])
+def test_every_file_mlflow_serves_is_signed(promoted, monkeypatch, target):
+    """Edit a file of the served folder in the artifact store (restored afterwards)."""
+    from stages.core.errors import IntegrityError
+    from stages.models.verify import load_verified_model
+
+    ws, s = promoted
+    monkeypatch.setenv("MLSEC_ROOT", str(ws))
+    served = [p for p in (ws / "mlartifacts").rglob(target) if p.parent.name == "model"]
+    assert served
+    saved = {p: p.read_bytes() for p in served}
+    try:
+        for path in served:
+            path.write_bytes(saved[path] + b"\n# changed\n")
+        with pytest.raises(IntegrityError, match=target.replace(".", r"\.")):
+            load_verified_model(s["model"]["uri"])
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+    assert load_verified_model(s["model"]["uri"]) is not None
+
+
 def test_edited_ledger_is_caught_by_audit(promoted, tmp_path):
     ws, s = promoted
     work = tmp_path / "copy"
@@ -145,7 +185,7 @@ def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatc
         load_verified_model(s["model"]["uri"])
     lin = run_cli(["lineage", f"{s['model']['name']}@champion", "--verify", "--json"], cwd=ws)
     assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
-    promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--approver", "eve", "--reason", "x"], cwd=ws)
+    promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--reason", "x"], cwd=ws)
     assert promote.returncode == 4, promote.stderr
 
 

@@ -45,3 +45,7 @@ class IntegrityError(PipelineError):
 
 class SecurityError(IntegrityError):
     """Unsafe content (pickle opcodes, path escapes, unknown signers)."""
+
+
+class ModelRevoked(IntegrityError):
+    """A model version that ``mlsec revoke`` withdrew: loading and promotion refuse it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stages.core.canonical import canonical_json
 from stages.core.errors import InvalidInput
+
+
+IDENTITY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")  # an approver's identity name
 
 
 class _Section(BaseModel):
@@ -135,9 +139,15 @@ class RegressionTolerance(_Section):
 
 class GateParams(_Section):
     """Promotion policy. Every threshold left at None is simply not checked, but a policy
-    with no thresholds at all rejects (fail closed)."""
+    with no thresholds at all rejects (fail closed). Governed: a run's values are compared
+    with the signed policy (``stages.core.policy``)."""
 
     min_clean_accuracy: float | None = Field(default=None, ge=0, le=1)
+    # every held-out row with its label as given, rows screening quarantined included: screening
+    # cannot lift this figure by dropping the rows a model gets wrong
+    min_clean_accuracy_all_test: float | None = Field(default=None, ge=0, le=1)
+    # fraction of the held-out rows screening may leave out of the evaluation
+    max_test_flagged_fraction: float | None = Field(default=None, ge=0, le=1)
     min_robust_accuracy: dict[float, float] = Field(default_factory=dict)
     max_dp_epsilon: float | None = Field(default=None, gt=0)
     max_mia_auc: float | None = Field(default=None, ge=0, le=1)
@@ -148,9 +158,28 @@ class GateParams(_Section):
 
 
 class PromotionParams(_Section):
+    """Who may make a model the champion. Governed like ``gate:``; ``approvers`` names the
+    identities (``mlsec keys create --identity NAME``) whose signed approvals count; the
+    signed policy pins each one's public key."""
+
     mode: Literal["auto", "manual"] = "auto"
     four_eyes: bool = False
     approval_timeout_s: int = Field(default=3600, ge=1)
+    approvers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PromotionParams":
+        bad = [a for a in self.approvers if not IDENTITY_RE.match(a)]
+        if bad:
+            raise ValueError(f"promotion.approvers holds invalid identity names {bad}")
+        if len(set(self.approvers)) != len(self.approvers):
+            raise ValueError(f"promotion.approvers lists a name twice: {self.approvers}")
+        if self.four_eyes and self.mode == "auto":
+            raise ValueError("promotion.four_eyes: true contradicts promotion.mode: auto (nobody would approve); "
+                             "set promotion.mode: manual")
+        if self.four_eyes and len(self.approvers) < 2:
+            raise ValueError(f"promotion.four_eyes needs at least two promotion.approvers, got {self.approvers}")
+        return self
 
 
 class Params(_Section):

@@ -62,8 +62,9 @@ def assert_alias_recorded(ws: Workspace, name: str, alias: str) -> str:
     expected, _ = ledger_aliases(ws, name)
     actual = mlflow_aliases(ws, name)
     if expected.get(alias) != actual.get(alias):
+        recorded = f"records version {expected[alias]}" if alias in expected else "never set it"
         raise IntegrityError(f"alias {name}@{alias} points to version {actual.get(alias)} in MLflow but the ledger "
-                             f"records {expected.get(alias)}: it was moved outside the pipeline; refusing it")
+                             f"{recorded}: it was moved outside the pipeline; refusing it")
     if actual.get(alias) is None:
         raise InvalidInput(f"model {name!r} has no alias {alias!r}")
     return actual[alias]

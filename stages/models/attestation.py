@@ -127,3 +127,41 @@ def verify_attestation(envelope: dict, *, expected_subjects: dict[str, str] | No
         if problems:
             raise IntegrityError("attestation subject mismatch: " + "; ".join(problems))
     return stmt
+
+
+PROMOTION_PREDICATE = "https://mlsec.local/promotion/v1"
+PROMOTION_FOLDER = "promotion"  # in the MLflow run of the promoted version
+
+
+def build_promotion_statement(*, model: str, version: str, weights_sha256: str, verdict_sha256: str, policy_sha256: str,
+                              approvals: list[dict], reason: str, previous: str | None, ledger_seq: int) -> dict:
+    """An in-toto Statement v1 about one promotion: which weights became the champion, under
+    which signed policy and verdict, with which signed approvals (whole, so they can be
+    re-verified from the attestation alone)."""
+    _check_digest("subject", "model.safetensors", weights_sha256)
+    predicate = {"model": model, "version": str(version), "alias": "champion", "previous": previous,
+                 "verdict_sha256": verdict_sha256, "policy_sha256": policy_sha256, "approvals": approvals,
+                 "reason": reason, "ledger_seq": ledger_seq}
+    try:
+        canonical_json(predicate)
+        stmt = Statement([ResourceDescriptor(name="model.safetensors", digest={"sha256": weights_sha256}).pb],
+                         PROMOTION_PREDICATE, predicate)
+        stmt.validate()
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"invalid promotion statement: {' '.join(str(exc).split())[:200]}") from None
+    out = json_format.MessageToDict(stmt.pb)
+    out["predicate"] = predicate
+    return out
+
+
+def log_promotion_attestation(ws, mv, evidence: dict, *, policy_sha256: str, approvals: list[dict], reason: str,
+                              ledger_seq: int, previous: str | None) -> str:
+    """Sign the promotion statement (DSSE) and store it with the version's MLflow run; return its path there."""
+    from stages.models.store import client
+
+    stmt = build_promotion_statement(model=mv.name, version=str(mv.version), weights_sha256=evidence["weights_sha256"],
+                                     verdict_sha256=evidence["verdict_sha256"], policy_sha256=policy_sha256,
+                                     approvals=approvals, reason=reason, previous=previous, ledger_seq=ledger_seq)
+    path = f"{PROMOTION_FOLDER}/champion-seq{ledger_seq}.json"
+    client(ws).log_dict(mv.run_id, sign_attestation(stmt), path)
+    return path

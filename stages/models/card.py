@@ -90,6 +90,9 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 ## Gate verdict: {verdict['verdict']}
 {_table(checks, ("check", "result"))}
 
+## Policy
+{policy_text(verdict)}
+
 ## Known limits
 {limits}
 
@@ -99,6 +102,25 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 - Weights SHA-256: `{verdict['weights_sha256']}`
 - Verify with: `mlsec lineage {p.name}/<version> --verify`
 """
+
+
+def policy_text(verdict: dict[str, Any]) -> str:
+    """The card's policy paragraph: the signed policy, and "policy overridden" with each difference."""
+    p = verdict.get("policy") or {}
+    if not p.get("signed_sha256"):
+        return "The verdict records no signed policy."
+    head = (f"Signed policy `{p['signed_sha256'][:16]}...` (policy owner key `{str(p.get('signed_by'))[:16]}`, "
+            f"{'trusted on first use' if p.get('trust') == 'first-use' else 'signed by the policy owner'}).")
+    if not p.get("overridden"):
+        return head + " This run used it unchanged."
+    rows = [(d["setting"], f"signed {d['signed']!r}, this run {d['effective']!r}{' (weaker)' if d['weaker'] else ''}")
+            for d in p.get("differences", [])]
+    under = ("would also have passed" if p.get("signed_policy_passed")
+             else f"would have failed ({', '.join(p.get('signed_policy_failed') or [])})")
+    tail = ("It is never promoted automatically: it needs signed approvals as in manual mode."
+            if p.get("weakened") else "No setting is weaker than the signed policy.")
+    return (f"{head}\n\n**Policy overridden**: this run's settings differ from the signed policy. Under the signed "
+            f"policy the model {under}. {tail}\n\n{_table(rows, ('setting', 'difference'))}")
 
 
 def write_model_card(ctx: RunContext, params: Params, *, manifest: dict[str, Any], verdict: dict[str, Any],

@@ -7,6 +7,7 @@ from typing import Any
 
 from stages.core.workspace import Workspace
 from stages.models.aliases import alias_drift
+from stages.models.records import revocation
 from stages.models.store import client
 
 
@@ -28,6 +29,7 @@ def inventory(ws: Workspace) -> list[dict[str, Any]]:
                                  "data_source": (v.tags or {}).get("mlsec.data_source"),
                                  "robust_accuracy": (v.tags or {}).get("mlsec.robust_accuracy"),
                                  "dp_epsilon": (v.tags or {}).get("mlsec.dp_epsilon"),
+                                 "revoked": bool(revocation(ws, name=rm.name, version=str(v.version))),
                                  "created": v.creation_timestamp} for v in versions), key=lambda v: int(v["version"])),
         })
     return out

@@ -23,6 +23,9 @@ from typing import Any
 from stages.core.errors import IntegrityError, PipelineError
 from stages.core.workspace import Workspace, read_json
 from stages.models.aliases import ANCHOR_TAG, alias_drift, ledger_aliases
+from stages.models.attestation import PROMOTION_FOLDER, verify_attestation
+from stages.models.records import revocation
+from stages.trust.approvals import approval_digest
 from stages.models.store import client, resolve
 from stages.models.verify import verify_registered_version
 from stages.trust.hashing import check_relative_path, merkle_root, sha256_file
@@ -111,7 +114,9 @@ def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | Non
                          "environment_lock_sha256": manifest["environment_lock_sha256"], "mode": run.data.params.get("train.mode")},
             "evaluation": {"report_sha256": _sha(docs["evaluation.json"]), "metrics": evaluation.get("metrics")},
             "gate": {"verdict": verdict["verdict"], "verdict_sha256": _sha(docs["verdict.json"]), "failed": verdict.get("failed"),
-                     "decided_at": verdict.get("decided_at")},
+                     "decided_at": verdict.get("decided_at"), "triggered_by": verdict.get("triggered_by")},
+            "policy": _policy_summary(verdict),
+            "revoked": revocation(ws, name=mv.name, version=str(mv.version)),
             "weights": {"sha256": verdict["weights_sha256"], "registered_sha256": tags.get("mlsec.weights_sha256"),
                         "signature": "model.sig (OpenSSF model-signing, ECDSA P-256)"},
             "alias_history": history,
@@ -140,6 +145,8 @@ def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | Non
             check("registry tags", lambda: _tags_match(tags, manifest, verdict))
             check("ledger chain", lambda: _ledger_ok(ws, tags.get("mlsec.run_id"), verdict))
             check("aliases", lambda: _no_drift(alias_drift(ws, mv.name)))
+            check("not revoked", lambda: _not_revoked(chain["revoked"]))
+            check("promotion attestations", lambda: _promotions(ws, mv, history, tmpdir))
         if restore:
             check("restore", lambda: _restore(ws, manifest, Path(restore)))
     result = {"chain": chain, "checks": checks}
@@ -148,6 +155,15 @@ def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | Non
     if restore:
         result["restored_to"] = str(Path(restore).resolve())
     return result
+
+
+def _policy_summary(verdict: dict[str, Any]) -> dict[str, Any]:
+    p = verdict.get("policy") or {}
+    status = "unknown (no signed policy recorded)" if not p.get("signed_sha256") else (
+        f"policy overridden: {p.get('summary')}" if p.get("overridden") else "as signed")
+    return {"status": status, "signed_sha256": p.get("signed_sha256"), "signed_by": p.get("signed_by"), "trust": p.get("trust"),
+            "overridden": p.get("overridden"), "weakened": p.get("weakened"), "differences": p.get("differences", []),
+            "signed_policy_passed": p.get("signed_policy_passed")}
 
 
 def _match(actual: str, expected: str, what: str) -> str:
@@ -204,6 +220,29 @@ def _ledger_ok(ws: Workspace, run_id: str | None, verdict: dict[str, Any]) -> st
     return f"chain intact ({report.entries} entries); run {run_id} has {len(entries)} entries incl. its verdict"
 
 
+def _not_revoked(hit: dict[str, Any] | None) -> str:
+    if hit:
+        raise IntegrityError(f"revoked at ledger seq {hit['seq']} by {hit['actor']}: {hit['reason']}")
+    return "no revocation in the ledger"
+
+
+def _promotions(ws: Workspace, mv, history: list[dict[str, Any]], tmp: Path) -> str:
+    """Each champion move to this version has a signed promotion attestation in MLflow that
+    names these approvals (by digest) as the ledger does."""
+    import mlflow  # MLflow: slow to import, kept off the command line's start
+
+    moves = [h for h in history if h["alias"] == "champion" and h["version"] == str(mv.version)]
+    for move in moves:
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, dst_path=str(tmp / f"p{move['seq']}"),
+                                                    artifact_path=f"{PROMOTION_FOLDER}/champion-seq{move['seq']}.json")
+        stmt = verify_attestation(read_json(Path(local)))
+        got = sorted(approval_digest(a) for a in stmt["predicate"].get("approvals", []))
+        want = sorted(a["approval_sha256"] for a in move.get("approvals") or [])
+        if got != want or stmt["predicate"].get("ledger_seq") != move["seq"]:
+            raise IntegrityError(f"the promotion attestation of ledger seq {move['seq']} names other approvals than the ledger")
+    return f"{len(moves)} champion promotion(s) attested with their signed approvals"
+
+
 def _no_drift(drift: list[dict[str, Any]]) -> str:
     if drift:
         d = drift[0]
@@ -225,12 +264,16 @@ def render_lineage(result: dict[str, Any]) -> str:
         f"evaluation report {ch['evaluation']['report_sha256'][:16]}  "
         + "  ".join(f"{k}={v:.4f}" for k, v in (ch["evaluation"]["metrics"] or {}).items() if k in ("clean_accuracy", "robust_accuracy", "mia_auc", "dp_epsilon")),
         f"gate       {ch['gate']['verdict']}  verdict {ch['gate']['verdict_sha256'][:16]}  at {ch['gate']['decided_at']}",
+        f"policy     {ch['policy']['status']}  (signed {str(ch['policy']['signed_sha256'])[:16]})",
         f"weights    {ch['weights']['sha256']}  {ch['weights']['signature']}",
         "aliases:",
     ]
     for h in ch["alias_history"]:
+        signed = ", ".join(f"{a['identity']} (key {a['key_id'][:16]})" for a in h.get("approvals") or [])
         lines.append(f"  {h['time']}  {h['alias']} -> v{h['version']} (was {h['previous']})  by {h['actor']}"
-                     f"{'  approved by ' + h['approver'] if h.get('approver') else ''}  reason: {h['reason']}")
+                     f"{'  approved by ' + (signed or h['approver']) if h.get('approver') else ''}  reason: {h['reason']}")
+    if ch.get("revoked"):
+        lines.append(f"REVOKED at {ch['revoked']['time']} by {ch['revoked']['actor']}: {ch['revoked']['reason']}")
     for c in result.get("checks", []):
         lines.append(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail'] if isinstance(c['detail'], str) else 'valid'}")
     if "verified" in result:

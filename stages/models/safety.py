@@ -31,7 +31,9 @@ SAFE_SUFFIXES = {
     ".md": "text", ".txt": "text", ".html": "text", ".yaml": "text", ".yml": "text",
     ".png": "png",
 }  # fmt: skip
-SAFE_NAMES = {"MLmodel": "text"}  # requirements.txt, conda.yaml, python_env.yaml: by suffix
+# requirements.txt, conda.yaml, python_env.yaml: by suffix. pyfunc_model.py: the pyfunc's code,
+# covered by the model signature; registered_model_meta: what MLflow writes on download
+SAFE_NAMES = {"MLmodel": "text", "pyfunc_model.py": "text", "registered_model_meta": "text"}
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt", ".npy", ".npz"})
 MAX_PICKLE_SCAN_BYTES = 64 * 1024 * 1024  # fickling is slow; bigger ones are refused unscanned
 MAX_JSON_BYTES = 64 * 1024 * 1024

@@ -14,12 +14,12 @@ from stages.models.safety import SIGNATURE_NAME, assert_safe_model_dir
 from stages.trust import keys
 
 
-def _hashing_config(model_dir: Path, signature_path: Path):
+def _hashing_config(model_dir: Path, signature_path: Path, ignore: tuple[str, ...] = ()):
     from model_signing import (
         hashing,  # model_signing: slow to import, only when a model is signed or verified
     )
 
-    ignored: list[str] = []
+    ignored: list[str] = [name for name in ignore if (model_dir / name).exists()]
     try:
         ignored.append(str(signature_path.resolve().relative_to(model_dir.resolve())))
     except ValueError:
@@ -85,11 +85,13 @@ def _sig_names(model_dir: Path, signature_path: Path) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def verify_model_dir(model_dir: Path, signature_path: Path) -> None:
+def verify_model_dir(model_dir: Path, signature_path: Path, *, ignore: tuple[str, ...] = ()) -> None:
     """Check ``model_dir`` against its signature and the safety allow-list.
 
-    Raises ``IntegrityError`` naming what failed: missing signature, a key that is not
-    trusted, changed, extra or missing files; ``SecurityError`` for unsafe content.
+    ``ignore``: top-level names left out of the comparison (a file the registry adds on
+    download, checked by the caller). Raises ``IntegrityError`` naming what failed: missing
+    signature, a key that is not trusted, changed, extra or missing files; ``SecurityError``
+    for unsafe content.
     """
     model_dir, signature_path = Path(model_dir), Path(signature_path)
     if not model_dir.is_dir():
@@ -106,7 +108,7 @@ def verify_model_dir(model_dir: Path, signature_path: Path) -> None:
             (
                 verifying.Config()
                 .use_elliptic_key_verifier(public_key=public_path)
-                .set_hashing_config(_hashing_config(model_dir, signature_path))
+                .set_hashing_config(_hashing_config(model_dir, signature_path, ignore))
                 .verify(model_dir, signature_path)
             )
         except ValueError as exc:

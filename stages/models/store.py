@@ -84,6 +84,17 @@ def mlflow_aliases(ws: Workspace, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
-def version_metrics(ws: Workspace, mv) -> dict[str, float]:
-    run = client(ws).get_run(mv.run_id)
-    return dict(run.data.metrics)
+def download_run_file(ws: Workspace, run_id: str, path: str) -> bytes:
+    """The bytes of one artifact of an MLflow run (callers check them against a signed digest)."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow  # MLflow: slow to import, kept off the command line's start
+
+    client(ws)
+    with tempfile.TemporaryDirectory(prefix="mlsec-artifact-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds
+            raise InvalidInput(f"cannot fetch {path} of MLflow run {run_id}: {str(err).splitlines()[0]}") from None
+        return Path(local).read_bytes()

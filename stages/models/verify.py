@@ -1,6 +1,13 @@
-"""Verify-on-load: a model tree (MLflow download or a run's package) is scanned for unsafe files,
-checked against its signature, its signed verdict and its attestation before any weight is
-read. ``load_verified_model`` is the one way the project loads a registered model.
+"""Verify-on-load: a model folder (an MLflow download or a run's package) is checked, whole,
+against its signature, its signed verdict and its attestation before any weight is read.
+``load_verified_model`` is the one way the project loads a registered model.
+
+The signature (``model.sig``, OpenSSF model-signing) covers every file MLflow serves:
+``MLmodel``, the pyfunc code, the environment files, the input example and ``artifacts/``
+(weights, verdict, attestation). The one file it cannot cover is ``registered_model_meta``,
+which MLflow writes on download; it is scanned like the rest. A version loaded by
+reference must also be one the ledger says the pipeline registered (same weights), not
+revoked, and when named by alias, the alias must point where the ledger says it was moved.
 """
 
 from __future__ import annotations
@@ -9,67 +16,48 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages.core.errors import IntegrityError, InvalidInput, SecurityError
+from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace, read_json
+from stages.models.aliases import assert_alias_recorded
 from stages.models.attestation import verify_attestation
-from stages.models.safety import assert_safe_model_dir, scan_model_file
+from stages.models.records import assert_not_revoked, registration
+from stages.models.safety import SIGNATURE_NAME
 from stages.models.signing import verify_model_dir
-from stages.models.store import client, resolve
+from stages.models.store import client, parse_ref, resolve
 from stages.models.weights import load_model_folder
 from stages.trust.hashing import sha256_file
-from stages.trust.verdict import load_verdict
+from stages.trust.verdict import load_verdict, verdict_digest
 
-# Files MLflow itself writes next to the artifacts (text metadata and the pyfunc code file).
-MLFLOW_METADATA = {"MLmodel", "registered_model_meta", "requirements.txt", "conda.yaml", "python_env.yaml",
-                   "input_example.json", "serving_input_example.json"}
-
-
-def _locate(root: Path) -> Path:
-    """The folder that holds weights/, model.sig and verdict.json inside a model tree."""
-    for candidate in (root / "artifacts", root):
-        if (candidate / "weights").is_dir():
-            return candidate
-    raise IntegrityError(f"{root} holds no pipeline model (no weights/ folder): refusing to load it")
-
-
-def _scan_tree(root: Path, artifacts: Path) -> None:
-    """No pickle anywhere; only allow-listed formats where weights are read from."""
-    assert_safe_model_dir(artifacts)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
-        if artifacts in path.parents:
-            continue
-        if path.parent == root and not path.is_symlink() and (path.suffix == ".py" or path.name in MLFLOW_METADATA):
-            head = path.read_bytes()[:4096]
-            if b"\0" in head or (len(head) > 1 and head[0] == 0x80):
-                raise SecurityError(f"unsafe file in model: {path.name} is not text")
-            continue  # MLflow's own metadata and the pyfunc code file; load_verified_model never runs them
-        result = scan_model_file(path, relative_to=root)
-        if not result.safe:
-            raise SecurityError(f"unsafe file in model: {result.reason}")
+DOWNLOAD_ADDED = ("registered_model_meta",)  # written by MLflow when it downloads a registered version
 
 
 def verify_model_tree(root: Path) -> dict[str, Any]:
-    """Verify a model tree (MLflow download or a run's package); return its evidence."""
+    """Verify a model folder (MLflow download or a run's package); return its evidence."""
     root = Path(root)
-    artifacts = _locate(root)
-    _scan_tree(root, artifacts)
-    weights_dir, sig = artifacts / "weights", artifacts / "model.sig"
+    sig = root / SIGNATURE_NAME
     if not sig.is_file():
-        raise IntegrityError("model has no signature (model.sig): refusing to load unsigned weights")
-    verify_model_dir(weights_dir, sig)
+        if (root / "artifacts" / SIGNATURE_NAME).is_file():
+            raise IntegrityError("model was signed over its weights only, not as the whole folder MLflow serves: "
+                                 "refusing it; register it again")
+        raise IntegrityError("model has no signature (model.sig): refusing to load an unsigned model")
+    verify_model_dir(root, sig, ignore=DOWNLOAD_ADDED)  # then scans every file: no pickle anywhere
+    artifacts = root / "artifacts"
+    weights_dir = artifacts / "weights"
     weights_sha = sha256_file(weights_dir / "model.safetensors")
     verdict_path = artifacts / "verdict.json"
     if not verdict_path.is_file():
         raise IntegrityError("model has no gate verdict: refusing to load it")
-    verdict = load_verdict(read_json(verdict_path), weights_sha256=weights_sha)
+    verdict_doc = read_json(verdict_path)
+    verdict = load_verdict(verdict_doc, weights_sha256=weights_sha)
     config_sha = sha256_file(weights_dir / "model.json")
     if verdict.get("model_config_sha256") != config_sha:
         raise IntegrityError("model.json does not match the configuration the gate saw")
-    attestation = None
-    if (artifacts / "attestation.json").is_file():
-        attestation = verify_attestation(read_json(artifacts / "attestation.json"),
-                                         expected_subjects={"model.safetensors": weights_sha, "model.json": config_sha})
-    return {"weights_dir": weights_dir, "weights_sha256": weights_sha, "verdict": verdict, "attestation": attestation}
+    if not (artifacts / "attestation.json").is_file():
+        raise IntegrityError("model has no attestation: refusing to load it")
+    attestation = verify_attestation(read_json(artifacts / "attestation.json"),
+                                     expected_subjects={"model.safetensors": weights_sha, "model.json": config_sha})
+    return {"weights_dir": weights_dir, "weights_sha256": weights_sha, "verdict": verdict,
+            "verdict_sha256": verdict_digest(verdict_doc), "attestation": attestation}
 
 
 def _download(uri: str, dest: Path) -> Path:
@@ -86,52 +74,48 @@ def load_verified_model(uri: str):
     """Load a registered model as a ``torch.nn.Module`` in eval mode, after verification.
 
     ``uri``: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``NAME/VERSION``, ``NAME@ALIAS``,
-    any MLflow artifact URI, or a local model folder. Refuses (IntegrityError, exit 4) on
-    a missing or bad signature, a changed or added file, a verdict that does not bless
-    these weights, or any pickle-bearing file. The model takes float32 inputs on the
-    [0, 1] scale and returns logits.
+    or a local model folder. Refuses (``IntegrityError``, exit 4) on a missing or bad
+    signature, a changed or added file anywhere in the folder, a verdict that does not bless
+    these weights, any pickle-bearing file, a version the ledger did not register, an alias
+    the ledger did not move there, and a revoked version (``ModelRevoked``). The model takes
+    float32 inputs on the [0, 1] scale and returns logits.
     """
-
+    ws = Workspace.from_env()
     local = Path(uri)
     if local.exists():
         evidence = verify_model_tree(local)
+        if ws.ledger_path.exists():  # a folder outside the registry: revoked weights are still refused
+            assert_not_revoked(ws, name="", weights_sha256=evidence["weights_sha256"])
         return load_model_folder(evidence["weights_dir"])
-    mlflow_uri = uri
-    tag_sha = None
-    if not uri.startswith(("models:/", "runs:/", "file:", "mlflow-artifacts:")):
-        mlflow_uri = f"models:/{uri}"
-    if mlflow_uri.startswith("models:/"):
-
-        mv = resolve(Workspace.from_env(), mlflow_uri)
-        tag_sha = (mv.tags or {}).get("mlsec.weights_sha256")
-        mlflow_uri = f"models:/{mv.name}/{mv.version}"
+    if uri.startswith(("runs:/", "file:", "mlflow-artifacts:")):
+        raise InvalidInput(f"load a registered model by reference (models:/NAME/VERSION or NAME@ALIAS), not {uri}")
+    name, alias, _ = parse_ref(uri)
+    if alias:
+        assert_alias_recorded(ws, name, alias)
+    mv = resolve(ws, uri)
     with tempfile.TemporaryDirectory(prefix="mlsec-model-") as tmp:
-        root = _download(mlflow_uri, Path(tmp))
-        evidence = verify_model_tree(root)
-        if tag_sha is not None and tag_sha != evidence["weights_sha256"]:
-            raise IntegrityError(f"weights {evidence['weights_sha256'][:16]}... differ from the registered {tag_sha[:16]}...")
+        evidence = verify_version(ws, mv, Path(tmp))
         if not evidence["verdict"].get("passed"):
             raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to load it")
         return load_model_folder(evidence["weights_dir"])
 
 
+def verify_version(ws: Workspace, mv, dest: Path) -> dict[str, Any]:
+    """Download ``mv`` into ``dest`` and verify it against its signature and the ledger."""
+    evidence = verify_model_tree(_download(f"models:/{mv.name}/{mv.version}", dest))
+    record = registration(ws, mv.name, str(mv.version))
+    if record["weights_sha256"] != evidence["weights_sha256"]:
+        raise IntegrityError(f"{mv.name}/{mv.version}: the artifact store serves weights {evidence['weights_sha256'][:16]}..., "
+                             f"the ledger registered {record['weights_sha256'][:16]}...")
+    if record.get("verdict_sha256") != evidence["verdict_sha256"]:
+        raise IntegrityError(f"{mv.name}/{mv.version}: the artifact store serves another verdict than the one registered")
+    assert_not_revoked(ws, name=mv.name, version=str(mv.version), weights_sha256=evidence["weights_sha256"])
+    return evidence
+
+
 def verify_registered_version(ws: Workspace, mv) -> dict[str, Any]:
-    """Download a version, verify it fully and check it against its registry tags."""
-    tags = dict(mv.tags or {})
+    """Download a version and verify it fully (signature, verdict, attestation, ledger record)."""
     with tempfile.TemporaryDirectory(prefix="mlsec-verify-") as tmp:
-        root = _download(f"models:/{mv.name}/{mv.version}", Path(tmp))
-        evidence = verify_model_tree(root)
+        evidence = verify_version(ws, mv, Path(tmp))
         evidence.pop("weights_dir")
-    if tags.get("mlsec.weights_sha256") != evidence["weights_sha256"]:
-        raise IntegrityError(f"{mv.name}/{mv.version}: weights in the artifact store differ from the registered digest")
-
-    run = client(ws).get_run(mv.run_id)
-    try:
-        import mlflow  # MLflow: slow to import, kept off the command line's start
-
-        vpath = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="reports/validation.json")
-        evidence["validation"] = read_json(Path(vpath))
-    except Exception:  # noqa: BLE001 - older runs may lack it; promotion then keeps the old reference
-        evidence["validation"] = {}
-    evidence["run_metrics"] = dict(run.data.metrics)
     return evidence

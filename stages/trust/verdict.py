@@ -6,12 +6,20 @@ refuses (``NOT_BLESSED``) exactly one set of weights, named by their SHA-256.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+from stages.core.canonical import canonical_json
 from stages.core.errors import IntegrityError
 from stages.trust.signing import verify_document
 
 VERDICT_SCHEMA = "mlsec.verdict/v1"
+
+
+def verdict_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of a signed verdict's canonical JSON: how approvals, the ledger and the registry
+    name one verdict, whatever whitespace a copy of the file has."""
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
 def load_verdict(doc: dict[str, Any], *, weights_sha256: str) -> dict[str, Any]:

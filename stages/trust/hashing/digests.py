@@ -70,21 +70,31 @@ def _key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _open_regular(path: str | os.PathLike[str], verb: str) -> tuple[int, os.stat_result]:
+    """An fd of a regular file opened without following symlinks (the caller closes it), and its fstat."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecurityError(f"refusing to {verb} {os.fspath(path)}: it is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecurityError(f"refusing to {verb} {os.fspath(path)}: it is {_kind(st.st_mode)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def _read(path: str | os.PathLike[str], chunk_size: int) -> _Read:
     """Hash one regular file through a reusable buffer; refuse symlinks and special files."""
     if chunk_size < 4096:
         raise InvalidInput(f"chunk_size must be at least 4096 bytes, got {chunk_size}")
     started = time.time_ns()
+    fd, st = _open_regular(path, "hash")
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SecurityError(f"refusing to hash {os.fspath(path)}: it is a symlink") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SecurityError(f"refusing to hash {os.fspath(path)}: it is {_kind(st.st_mode)}")
         buf = _buffer(chunk_size)
         if st.st_size > chunk_size and _FADV_SEQUENTIAL is not None:
             os.posix_fadvise(fd, 0, 0, _FADV_SEQUENTIAL)
@@ -111,32 +121,19 @@ def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = DEFAULT_CHUNK
     return _read(path, chunk_size).sha256
 
 
-def read_file(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> tuple[bytes, str]:
+def read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
     """The bytes of a regular file and their SHA-256 (lowercase hex), from one read.
 
     Callers check the digest and then parse these same bytes, so nothing can swap the file
-    between the check and the use. Opened with ``O_NOFOLLOW | O_NONBLOCK`` like
-    :func:`sha256_file`: a symlink or special file raises :class:`SecurityError`; so does a
-    file larger than ``max_bytes``.
+    between the check and the use. Opened like :func:`sha256_file`: a symlink or special
+    file raises :class:`SecurityError`.
     """
+    fd, _ = _open_regular(path, "read")
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SecurityError(f"refusing to read {os.fspath(path)}: it is a symlink") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SecurityError(f"refusing to read {os.fspath(path)}: it is {_kind(st.st_mode)}")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise SecurityError(f"refusing to read {os.fspath(path)}: {st.st_size} bytes exceeds the {max_bytes}-byte limit")
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+            data = fh.read()
     finally:
         os.close(fd)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise SecurityError(f"refusing to read {os.fspath(path)}: it grew past the {max_bytes}-byte limit while read")
     return data, hashlib.sha256(data).hexdigest()
 
 
