@@ -88,6 +88,11 @@ def test_first_use_signs_the_committed_policy_not_an_edited_copy(workspace, keys
     ws = Workspace(workspace)
     _commit(workspace)
     (workspace / "params.yaml").write_text(_params_text(**{"  min_clean_accuracy: 0.9\n": "  min_clean_accuracy: 0.1\n"}))
+    before = run_cli(["policy", "show", "--json"], cwd=workspace)
+    assert before.returncode == 0, before.stderr
+    pending = json.loads(before.stdout)
+    assert pending["signed"] is None and "at commit" in pending["first_use_would_sign"]
+    assert [d["setting"] for d in pending["params_differences"]] == ["gate.min_clean_accuracy"]
     signed = policy_for_run(ws)
     assert signed.payload["trust"] == "first-use" and signed.payload["gate"]["min_clean_accuracy"] == 0.9
     assert "at commit" in signed.payload["source"]
