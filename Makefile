@@ -48,6 +48,7 @@ bench: setup
 	@$(BIN)/python bench/hashing.py
 	@$(BIN)/python bench/poisoning.py --dataset digits
 	@$(BIN)/python bench/train_mnist.py --quick
+	@$(BIN)/python bench/dp_grad_sample.py --quick
 	@$(BIN)/python bench/pipeline.py
 
 clean-runs:

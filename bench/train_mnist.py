@@ -1,21 +1,30 @@
-"""Benchmark the training modes on MNIST and print a Markdown table.
+"""Train every mode on MNIST and measure it: a Markdown table and a JSON file.
 
-Modes: standard, adversarial FGSM-RS and PGD at epsilon 0.3, and DP-SGD at epsilon 3 and
-1.2 (delta 1e-5). For each: clean accuracy on the test set, accuracy under PGD-50 with 10
-restarts at epsilon 0.3 (L-inf, [0, 1] input scale), epsilon spent, seconds per epoch,
-training images per second, and epoch time relative to standard training.
+Modes (epsilon 0.3 on the [0, 1] input scale, delta 1e-5): standard; adversarial FGSM-RS
+(with the catastrophic-overfitting guard), PGD-40 (Madry) and TRADES; DP-SGD at epsilon 3 and
+1.2 on the DP net (``cnn_dp``), with standard training of that net as the DP cost baseline.
+For each: clean accuracy on every test image; on a seeded sample of test images
+(``--attack-rows``), the pipeline's own evaluation (FGSM, PGD-50 x 10 restarts, APGD-CE and
+APGD-DLR; robust accuracy = per-row worst case) and, independently, torchattacks' AutoAttack
+(standard: APGD-CE, APGD-T, FAB-T, Square); epsilon spent; seconds per epoch, training
+images per second and epoch time relative to standard training of the same net.
 
-    python bench/train_mnist.py --quick      # CPU: 1 epoch on 10k images, PGD on 100 test images
-    python bench/train_mnist.py              # GPU: full training set, full test set
+    python bench/train_mnist.py --full     # 60,000 training images, 10,000 test images
+    python bench/train_mnist.py --quick    # CPU smoke run: 1 epoch on 10,000 images, 100 attacked
 
-Reads the four IDX files (``*-ubyte.gz``) from ``--data``; the format is parsed here with
-gzip and NumPy (big-endian header: magic, then one uint32 per dimension).
+The same command runs on CPU and GPU (CUDA with bf16 mixed precision when present). Results
+and checkpoints go to ``--out`` (default ``bench/out/train_mnist-<full|quick>``); a run
+that is interrupted, or stopped by ``--max-minutes`` (exit code 75), continues where it left
+off when the same command is run again. Reads the IDX files (``*-ubyte.gz``) from ``--data``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -67,82 +76,249 @@ def load_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return images["train"], labels["train"], images["t10k"], labels["t10k"]
 
 
-def bench_modes(*, quick: bool, epochs: int) -> list[tuple[str, dict[str, Any]]]:
-    """(row name, TrainParams fields) for each mode, in the fast_adversarial MNIST recipe."""
-    base = {"model": "cnn_mnist", "epochs": epochs, "batch_size": 100, "lr": 0.005, "weight_decay": 0.0,
-            "dropout": 0.0, "seed": 0, "device": "auto", "amp": True, "num_workers": 0,
-            # epsilon 0.3 from the first step stalls PGD training at chance: ramp it over one epoch
-            "adversarial": {"method": "fgsm_rs", "epsilon": EPSILON, "warmup_epochs": 1,
-                            "pgd_steps": 5 if quick else 40, "alpha": None if quick else 0.01},
-            "dp": {"target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "prv"}}
-    dp = {**base, "mode": "dp", "batch_size": 256}
-    pgd_steps = base["adversarial"]["pgd_steps"]
+EXIT_TIME_UP = 75  # stopped by --max-minutes: run the same command again to continue
+
+
+class TimeUp(Exception):
+    """Raised by the --max-minutes alarm; the last finished epoch or evaluation is kept."""
+
+
+def bench_modes(*, quick: bool, epochs: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, TrainParams fields) for each mode."""
+    n = (lambda full: 1 if quick else full) if epochs is None else (lambda full: epochs)
+    adv = {"method": "fgsm_rs", "epsilon": EPSILON, "alpha": None, "warmup_epochs": 1, "pgd_steps": 40,
+           "guard_rows": 512}
+    base = {"model": "cnn_mnist", "epochs": n(10), "batch_size": 100, "lr": 0.005, "weight_decay": 0.0,
+            "dropout": 0.0, "seed": 0, "device": "auto", "amp": True, "num_workers": 0, "adversarial": adv,
+            "dp": {"target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "prv",
+                   "grad_sample_mode": "hooks"}}
+    dp_net = {**base, "model": "cnn_dp", "epochs": n(15), "batch_size": 512, "lr": 0.01}
     return [
         ("standard", {**base, "mode": "standard"}),
-        (f"adversarial fgsm_rs (eps {EPSILON})", {**base, "mode": "adversarial"}),
-        (f"adversarial pgd-{pgd_steps} (eps {EPSILON})",
-         {**base, "mode": "adversarial", "adversarial": {**base["adversarial"], "method": "pgd"}}),
-        ("dp (eps 3, delta 1e-5)", dp),
-        ("dp (eps 1.2, delta 1e-5)", {**dp, "dp": {**dp["dp"], "target_epsilon": 1.2}}),
+        ("fgsm_rs", {**base, "mode": "adversarial", "epochs": n(15)}),
+        ("standard_dp_net", {**dp_net, "mode": "standard"}),
+        ("dp_eps3", {**dp_net, "mode": "dp"}),
+        ("dp_eps1.2", {**dp_net, "mode": "dp", "dp": {**base["dp"], "target_epsilon": 1.2}}),
+        ("pgd40", {**base, "mode": "adversarial", "adversarial": {**adv, "method": "pgd", "alpha": 0.01}}),
+        ("trades", {**base, "mode": "adversarial",
+                    "adversarial": {**adv, "method": "trades", "pgd_steps": 10, "trades_beta": 6.0}}),
+        ("n_fgsm", {**base, "mode": "adversarial", "epochs": n(15), "adversarial": {**adv, "method": "n_fgsm"}}),
     ]
+
+
+DEFAULT_MODES = ["standard", "standard_dp_net", "dp_eps3", "dp_eps1.2", "fgsm_rs", "pgd40", "trades"]
+LABELS = {"standard": "standard (cnn_mnist)", "fgsm_rs": f"adversarial FGSM-RS, eps {EPSILON}",
+          "standard_dp_net": "standard (cnn_dp, DP baseline)", "dp_eps3": "DP-SGD eps 3 (cnn_dp)",
+          "dp_eps1.2": "DP-SGD eps 1.2 (cnn_dp)", "pgd40": f"adversarial PGD-40, eps {EPSILON}",
+          "trades": f"adversarial TRADES (beta 6, PGD-10), eps {EPSILON}", "n_fgsm": f"adversarial N-FGSM, eps {EPSILON}"}
+BASELINE = {"dp_eps3": "standard_dp_net", "dp_eps1.2": "standard_dp_net", "standard_dp_net": "standard_dp_net"}
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _checkpoint_key(out: Path) -> bytes:
+    """This results folder's checkpoint sealing key (random, made once, readable by the owner only)."""
+    path = out / "checkpoint.key"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32))
+    return path.read_bytes()
+
+
+def _train(name: str, raw: dict[str, Any], data, out: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Train (resuming from this mode's checkpoint) and return (model, training figures)."""
+    from stages.core.params import TrainParams
+    from stages.ml.training import fit
+    from stages.ml.training.checkpoints import CheckpointStore
+
+    Xtr, ytr = data
+    params = TrainParams.model_validate(raw)
+    store = CheckpointStore(out / "checkpoints" / name, run_id=f"bench-{name}", key=_checkpoint_key(out))
+    result = fit(Xtr, ytr, params=params, num_classes=10, checkpoints=store, progress=progress)
+    hist = result.history
+    figures = {"epochs": len(hist), "model": result.model_name, "device": result.device,
+               "epoch_seconds": [h["seconds"] for h in hist], "images_per_s": [h["images_per_s"] for h in hist],
+               "guard_seconds": [h.get("guard_seconds", 0.0) for h in hist], "guard": result.guard,
+               "privacy": result.privacy, "params": params.model_dump(mode="json")}
+    return result.model, figures
+
+
+def _evaluate(model, name: str, row: dict[str, Any], test, sample: np.ndarray, *, device, save) -> None:
+    """Each evaluation is one unit of work whose result is saved as soon as it is done."""
+    import torch
+
+    from stages.ml.robustness import evaluate_robustness
+    from stages.ml.runtime import predict_logits
+
+    Xte, yte = test
+    model = model.to(device).eval()
+    ev = row.setdefault("evaluation", {})
+    batch = 1000 if device.type == "cuda" else 200
+    if "clean_accuracy" not in ev:
+        ev["clean_accuracy"] = float((predict_logits(model, Xte, batch_size=1000).argmax(1) == yte).mean())
+        ev["n_clean"] = int(len(Xte))
+        save()
+    if name.startswith("dp") or name == "standard_dp_net":
+        return  # no robustness claim for these nets: clean accuracy and epsilon only
+    if "pipeline" not in ev:
+        start = time.perf_counter()
+        report = evaluate_robustness(model, Xte[sample], yte[sample], epsilons=[EPSILON], pgd_steps=50, restarts=10,
+                                     attacks=["fgsm", "pgd", "apgd_ce", "apgd_dlr"], apgd_steps=100,
+                                     batch_size=batch, seed=0)
+        ev["pipeline"] = {**{a: report.attack_accuracy[a][EPSILON] for a in report.attacks},
+                          "worst_case": report.robust_accuracy[EPSILON], "clean_on_sample": float(report.correct[:, 0].mean()),
+                          "n": int(len(sample)), "seconds": time.perf_counter() - start,
+                          "per_row_ok": report.correct.all(axis=1).tolist()}
+        save()
+    if "autoattack" not in ev:
+        import torchattacks
+
+        start = time.perf_counter()
+        X = torch.from_numpy(Xte[sample]).to(device)
+        y = torch.from_numpy(yte[sample]).to(device)
+        attack = torchattacks.AutoAttack(model, norm="Linf", eps=EPSILON, version="standard", n_classes=10, seed=0)
+        ok = []
+        for i in range(0, len(X), batch):
+            adv = attack(X[i:i + batch], y[i:i + batch])
+            with torch.no_grad():
+                ok += (model(adv).argmax(1) == y[i:i + batch]).cpu().tolist()
+        ev["autoattack"] = {"accuracy": float(np.mean(ok)), "n": len(ok), "seconds": time.perf_counter() - start,
+                            "implementation": "torchattacks 3.5.1 AutoAttack(version='standard')"}
+        ev["autoattack"]["agrees_with_pipeline_within_2_points"] = bool(
+            abs(ev["autoattack"]["accuracy"] - ev["pipeline"]["worst_case"]) <= 0.02)
+        save()
+
+
+def render(state: dict[str, Any]) -> str:
+    """The Markdown table of everything finished so far."""
+    cfg = state["config"]
+    rows = state["rows"]
+    lines = [f"MNIST, {cfg['n_train']:,} training images, device {cfg['device']}; clean accuracy on {cfg['n_test']:,} "
+             f"test images; attacks at eps {EPSILON} ([0, 1] scale) on a seeded sample of {cfg['attack_rows']:,} "
+             f"test images (seed 0). Pipeline = per-row worst case over FGSM, PGD-50x10, APGD-CE-100, APGD-DLR-100; "
+             f"AutoAttack = torchattacks standard (APGD-CE, APGD-T, FAB-T, Square).", "",
+             "| mode | epochs | clean acc | PGD-50x10 | APGD-CE | APGD-DLR | pipeline worst case | AutoAttack | "
+             "epsilon spent | epoch s | images/s | epoch vs standard (same net) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in cfg["modes"]:
+        row = rows.get(name)
+        if not row or "training" not in row:
+            lines.append(f"| {LABELS.get(name, name)} | not run yet | | | | | | | | | | |")
+            continue
+        t, ev = row["training"], row.get("evaluation", {})
+        pipe, aa = ev.get("pipeline", {}), ev.get("autoattack", {})
+        f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        epoch_s = float(np.mean([a + b for a, b in zip(t["epoch_seconds"], t["guard_seconds"])]))
+        base = rows.get(BASELINE.get(name, "standard"), {}).get("training")
+        ratio = "-"
+        if base:
+            base_s = float(np.mean([a + b for a, b in zip(base["epoch_seconds"], base["guard_seconds"])]))
+            ratio = f"{epoch_s / base_s:.2f}x"
+        spent = f"{t['privacy']['epsilon_spent']:.2f}" if t.get("privacy") else "-"
+        guard = t.get("guard") or {}
+        note = f" ({guard['restores']} guard restore(s))" if guard.get("restores") else ""
+        lines.append(f"| {LABELS.get(name, name)}{note} | {t['epochs']} | {f(ev.get('clean_accuracy'))} | "
+                     f"{f(pipe.get('pgd'))} | {f(pipe.get('apgd_ce'))} | {f(pipe.get('apgd_dlr'))} | "
+                     f"{f(pipe.get('worst_case'))} | {f(aa.get('accuracy'))} | {spent} | {epoch_s:.1f} | "
+                     f"{np.mean(t['images_per_s']):,.0f} | {ratio} |")
+    lines += ["", "Epoch seconds include the collapse guard's per-epoch check (FGSM-RS, N-FGSM). "
+              f"Status: {state['status']}."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--full", action="store_true", help="all 60,000 training and 10,000 test images")
+    size.add_argument("--quick", action="store_true", help="1 epoch on 10,000 training images, 100 attacked")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mnist",
-                        help="folder with the MNIST IDX .gz files")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU-sized run: 1 epoch on a 10k training subset, PGD on 100 test images")
-    parser.add_argument("--epochs", type=int, help="override the number of epochs")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar per training run")
+                        help="folder with the MNIST IDX files (default ../shared/data/mnist)")
+    parser.add_argument("--out", type=Path, help="results and checkpoints (default bench/out/train_mnist-<size>)")
+    parser.add_argument("--attack-rows", type=int, help="seeded test sample for the attacks (default 1000; quick 100)")
+    parser.add_argument("--modes", nargs="+", choices=[m for m, _ in bench_modes(quick=False, epochs=None)],
+                        help=f"modes to run, in order (default: {' '.join(DEFAULT_MODES)})")
+    parser.add_argument("--epochs", type=int, help="override every mode's number of epochs")
+    parser.add_argument("--max-minutes", type=float, help="stop after this long (exit 75); rerun to continue")
+    parser.add_argument("--progress", action="store_true", help="a progress bar per training run")
     args = parser.parse_args(argv)
+    size_name = "quick" if args.quick else "full"
+    out = args.out or ROOT / "bench" / "out" / f"train_mnist-{size_name}"
+    if args.max_minutes is not None:
+        if args.max_minutes <= 0:
+            print(f"train_mnist: --max-minutes must be > 0, got {args.max_minutes}", file=sys.stderr)
+            return 2
 
-    import torch
+        def time_up(signum, frame):
+            raise TimeUp()
 
-    from stages.core.params import TrainParams
-    from stages.ml.robustness import evaluate_robustness
-    from stages.ml.runtime import predict_logits, resolve_device
-    from stages.ml.training import fit
+        signal.signal(signal.SIGALRM, time_up)
+        signal.alarm(max(1, int(args.max_minutes * 60)))
+    try:
+        Xtr, ytr, Xte, yte = load_mnist(args.data)
+    except (InvalidInput, OSError) as err:
+        print(f"train_mnist: cannot read MNIST from {args.data}: {err}", file=sys.stderr)
+        return 2
 
-    Xtr, ytr, Xte, yte = load_mnist(args.data)
-    epochs = args.epochs or (1 if args.quick else 10)
-    n_train = 10_000 if args.quick else len(Xtr)
-    n_attack = 100 if args.quick else len(Xte)
-    rng = np.random.default_rng(0)
-    train_idx = np.sort(rng.choice(len(Xtr), size=n_train, replace=False))
-    attack_idx = np.sort(rng.choice(len(Xte), size=n_attack, replace=False))
+    from stages.ml.runtime import resolve_device
+
     device = resolve_device("auto")
-    print(f"MNIST: {n_train} training images, {epochs} epoch(s), device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
-          f"clean accuracy on all {len(Xte)} test images, PGD-50x10 at eps {EPSILON} on {n_attack}.",
-          file=sys.stderr)
-
-    rows = []
-    for name, raw in bench_modes(quick=args.quick, epochs=epochs):
-        params = TrainParams.model_validate(raw)
-        start = time.perf_counter()
-        result = fit(Xtr[train_idx], ytr[train_idx], params=params, num_classes=10, progress=args.progress)
-        total = time.perf_counter() - start
-        model = result.model.to(device)
-        clean = float((predict_logits(model, Xte, batch_size=1000).argmax(1) == yte).mean())
-        report = evaluate_robustness(model, Xte[attack_idx], yte[attack_idx], epsilons=[EPSILON], pgd_steps=50,
-                                     restarts=10, batch_size=1000 if device.type == "cuda" else 100, seed=0)
-        epoch_s = float(np.mean([h["seconds"] for h in result.history]))
-        img_s = float(np.mean([h["images_per_s"] for h in result.history]))
-        spent = result.privacy["epsilon_spent"] if result.privacy else None
-        rows.append((name, clean, report.pgd_accuracy[EPSILON], spent, epoch_s, img_s))
-        print(f"  {name}: clean {clean:.4f}, pgd {report.pgd_accuracy[EPSILON]:.4f}, fit {total:.1f} s",
+    n_train = min(10_000, len(Xtr)) if args.quick else len(Xtr)
+    attack_rows = min(args.attack_rows or (100 if args.quick else 1000), len(Xte))
+    rng = np.random.default_rng(0)
+    train_idx = np.sort(rng.choice(len(Xtr), size=n_train, replace=False)) if n_train < len(Xtr) else np.arange(len(Xtr))
+    sample = np.sort(np.random.default_rng(0).choice(len(Xte), size=attack_rows, replace=False))
+    modes = args.modes or DEFAULT_MODES
+    config = {"size": size_name, "n_train": n_train, "n_test": len(Xte), "attack_rows": attack_rows,
+              "epochs": args.epochs, "modes": modes, "epsilon": EPSILON}
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "results.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state and {k: v for k, v in state["config"].items() if k != "device"} != config:
+        print(f"train_mnist: {out} holds results for other settings ({state['config']}); use --out or remove it",
               file=sys.stderr)
+        return 2
+    state = state or {"config": config, "rows": {}, "status": "running", "invocations": []}
+    state["config"]["device"] = str(device) + (f" ({__import__('torch').cuda.get_device_name(device)})"
+                                               if device.type == "cuda" else "")
+    state["invocations"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "device": state["config"]["device"]})
 
-    pgd_head = f"PGD-50x10 acc @ eps {EPSILON}" + (f" (n={n_attack} of {len(Xte)}, --quick)" if args.quick else "")
-    print(f"| mode | clean acc | {pgd_head} | epsilon spent | epoch s | images/s | epoch time vs standard |")
-    print("|---|---|---|---|---|---|---|")
-    base_s = rows[0][4]
-    for name, clean, pgd, spent, epoch_s, img_s in rows:
-        eps = f"{spent:.2f}" if spent is not None else "-"
-        print(f"| {name} | {clean:.4f} | {pgd:.3f} | {eps} | {epoch_s:.1f} | {img_s:,.0f} | {epoch_s / base_s:.2f}x |")
-    print(f"\n{n_train} training images, {epochs} epoch(s), device {device}; epsilons on the [0, 1] input scale.")
-    return 0
+    def save() -> None:
+        _save(state_path, state)
+        (out / "results.md").write_text(render(state) + "\n")
+
+    print(f"MNIST bench ({size_name}): {n_train} training images, device {state['config']['device']}, "
+          f"results in {out}", file=sys.stderr)
+    recipes = dict(bench_modes(quick=args.quick, epochs=args.epochs))
+    code = 0
+    try:
+        for name in modes:
+            row = state["rows"].setdefault(name, {})
+            if "evaluation" in row and row.get("done"):
+                continue
+            started = time.perf_counter()
+            model, row["training"] = _train(name, recipes[name], (Xtr[train_idx], ytr[train_idx]), out, args.progress)
+            save()
+            _evaluate(model, name, row, (Xte, yte), sample, device=device, save=save)
+            row["done"] = True
+            print(f"  {name}: done in {time.perf_counter() - started:.0f} s this run", file=sys.stderr)
+            save()
+        state["status"] = "complete"
+    except (TimeUp, KeyboardInterrupt) as stop:
+        state["status"] = "stopped by --max-minutes; run the same command to continue" if isinstance(stop, TimeUp) \
+            else "interrupted; run the same command to continue"
+        code = EXIT_TIME_UP if isinstance(stop, TimeUp) else 130
+    finally:
+        signal.alarm(0)
+        state["invocations"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        save()
+    print(render(state))
+    return code
 
 
 if __name__ == "__main__":

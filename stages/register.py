@@ -36,6 +36,7 @@ from stages.models.safety import SIGNATURE_NAME
 from stages.models.signing import sign_model_dir
 from stages.models.store import CHALLENGER, client, ensure_experiment
 from stages.models.verify import load_verified_model, verify_model_tree
+from stages.ml.dp_audit import audit_fields
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 from stages.trust.verdict import load_verdict, verdict_digest
@@ -105,7 +106,7 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
     ctx.verify_all(where=STAGE)
     records = ctx.recorded(where=STAGE)
     manifest = ctx.manifest(where=STAGE)
-    inputs = ctx.input_bytes("verdict", "evaluation", "screen_report", where=STAGE)
+    inputs = ctx.input_bytes("verdict", "evaluation", "screen_report", "train_report", where=STAGE)
     verdict_doc = json.loads(inputs["verdict"])
     verdict = load_verdict(verdict_doc, weights_sha256=records["weights"]["sha256"])
     if verdict.get("run_id") != ctx.run_id:
@@ -123,6 +124,12 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
         flat = {k: ("null" if v is None else str(v))[:500] for k, v in params.flat().items()}
         mlflow.log_params(flat)
         mlflow.log_metrics({k: float(v) for k, v in evaluation["metrics"].items()})
+        _log_training(json.loads(inputs["train_report"]))
+        if evaluation.get("privacy"):
+            # every input of the accountant, so that an auditor can recompute epsilon from MLflow alone
+            dp_params, dp_metrics = audit_fields(evaluation["privacy"])
+            mlflow.log_params(dp_params)
+            mlflow.log_metrics(dp_metrics)
         if timings:
             mlflow.log_metrics({f"seconds_{k}": float(v) for k, v in timings.items()})
         for key in ("validation", "screen_report", "quarantine", "evaluation", "train_report", "verdict", "manifest",
@@ -161,6 +168,24 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
     else:
         ctx.log("register.skipped", {"reason": "verdict NOT_BLESSED", "mlflow_run_id": result["mlflow_run_id"]})
     return result
+
+
+def _log_training(report: dict[str, Any]) -> None:
+    """Per-epoch training figures as MLflow metric histories, and what the collapse guard did."""
+    import mlflow  # slow to import, kept off the command line's start
+
+    for entry in report.get("history", []):
+        step = int(entry["epoch"])
+        mlflow.log_metrics({f"train.{k}": float(v) for k, v in entry.items() if k != "epoch" and v is not None}, step=step)
+    guard = report.get("collapse_guard")
+    if guard:
+        mlflow.log_metrics({"train.guard_restores": float(guard["restores"]),
+                            "train.guard_collapses": float(len(guard["events"])),
+                            "train.final_alpha": float(guard["final_alpha"])})
+        for event in guard["events"]:
+            mlflow.log_metrics({"train.collapse_pgd_accuracy": float(event["guard_pgd_accuracy"]),
+                                "train.collapse_fgsm_accuracy": float(event["guard_fgsm_accuracy"])},
+                               step=int(event["epoch"]))
 
 
 def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, verdict_doc, who: str,

@@ -47,12 +47,16 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
               "output": "logits", "data_sha256": manifest["merkle_root"]}
     files = save_model(result.model, ctx.run_dir / "model", config)
     report = {"mode": params.train.mode, "architecture": result.model_name, "device": result.device,
-              "n_train": int(len(accepted_idx)), "history": result.history, "privacy": result.privacy}
+              "n_train": int(len(accepted_idx)), "history": result.history, "privacy": result.privacy,
+              "collapse_guard": result.guard}
     report_path = ctx.path("train.json")
     write_json(report_path, report)
     records = ctx.record_outputs(STAGE, {**files, "train_report": report_path})
     ctx.log("train.model", {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name,
-                            "mode": params.train.mode, "privacy": result.privacy})
+                            "mode": params.train.mode, "privacy": result.privacy,
+                            "collapse_guard": _guard_summary(result.guard)})
+    for event in (result.guard or {}).get("events", []):
+        ctx.log("train.catastrophic_overfitting", event)
     last = result.history[-1] if result.history else {}
     return {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name, "device": result.device,
             "epochs": len(result.history), "train_accuracy": last.get("accuracy"), "privacy": result.privacy}
@@ -68,6 +72,14 @@ def _check_accepted(ctx: RunContext, screen: dict[str, Any], manifest: dict[str,
         raise ctx.violation(file=rel, expected=str(screen.get("accepted_sha256")), actual=digest, where=STAGE,
                             reason=f"the accepted rows digest {digest[:16]}... differs from the screen's accepted_sha256 "
                                    f"{str(screen.get('accepted_sha256'))[:16]}...")
+
+
+def _guard_summary(guard: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the ledger keeps of the collapse guard: whether it ran, what it did, the final step."""
+    if guard is None:
+        return None
+    return {"restores": guard["restores"], "collapses": len(guard["events"]), "final_alpha": guard["final_alpha"],
+            "stopped_early": any(e["new_alpha"] is None for e in guard["events"])}
 
 
 def main(argv: list[str] | None = None) -> int:

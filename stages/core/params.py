@@ -71,12 +71,16 @@ class ScreenParams(_Section):
 
 
 class AdversarialParams(_Section):
-    method: Literal["fgsm_rs", "pgd", "trades"] = "fgsm_rs"
+    method: Literal["fgsm_rs", "n_fgsm", "pgd", "trades"] = "fgsm_rs"
     epsilon: float = Field(gt=0, le=1)
     alpha: float | None = Field(default=None, gt=0)
     pgd_steps: int = Field(default=7, ge=1)
     trades_beta: float = Field(default=6.0, gt=0)
     warmup_epochs: int = Field(default=0, ge=0)
+    guard_rows: int = Field(default=512, ge=0)
+    guard_drop: float = Field(default=0.2, gt=0, le=1)
+    guard_alpha_factor: float = Field(default=0.75, gt=0, lt=1)
+    guard_max_restores: int = Field(default=2, ge=0)
 
 
 class DPParams(_Section):
@@ -87,6 +91,8 @@ class DPParams(_Section):
     accountant: Literal["prv", "rdp", "gdp"] = "prv"
     secure_rng: bool = False
     poisson_sampling: bool = True
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    max_physical_batch_size: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> "DPParams":

@@ -99,6 +99,21 @@ def pgd_delta(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, alpha: 
     return delta.detach()
 
 
+def n_fgsm_delta(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, alpha: float, noise: float,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """N-FGSM (de Jorge et al., "Make some noise"): a uniform start in [-noise, noise] and one
+    signed step of ``alpha``, not projected back onto the epsilon ball (only onto [0, 1]).
+
+    A training-time perturbation (no mode switch, no checks); ``epsilon`` only documents the
+    budget it is meant for (the paper's defaults: ``noise = 2 * epsilon``, ``alpha = epsilon``).
+    """
+    device = generator.device if generator is not None else X.device
+    start = (2 * torch.rand(X.shape, generator=generator, device=device, dtype=X.dtype).to(X.device) - 1) * noise
+    delta = torch.clamp(start, -X, 1 - X)
+    delta = torch.clamp(delta + alpha * _loss_grad(model, X, y, delta).sign(), -X, 1 - X)
+    return delta.detach()
+
+
 @register_attack("pgd")
 def attack_pgd(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, alpha: float, steps: int, restarts: int,
                random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:

@@ -71,6 +71,32 @@ class _MnistNet(nn.Module):
         return self.head(self.features_of(x))
 
 
+class _TemperedNet(nn.Module):
+    """Papernot et al.'s DP-SGD CNN with tanh ("tempered sigmoid") activations, as used by
+    Tramer and Boneh: two strided convolutions, each followed by a stride-1 max pool, and a
+    32-unit head. Small activations keep per-sample gradients cheap, and bounded ones keep
+    clipped gradients informative."""
+
+    def __init__(self, *, in_channels: int, side: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+        )
+        s1 = (side + 2 * 3 - 8) // 2 + 1 - 1
+        s2 = (s1 - 4) // 2 + 1 - 1
+        if s2 < 1:
+            raise InvalidInput(f"cnn_dp needs images of at least 16 x 16 pixels, got side {side}")
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(32 * s2 * s2, 32), nn.Tanh(), nn.Dropout(dropout))
+        self.head = nn.Linear(32, num_classes)
+
+    def features_of(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features_of(x))
+
+
 class _MLP(nn.Module):
     def __init__(self, *, in_features: int, num_classes: int, hidden: int, dropout: float):
         super().__init__()
@@ -107,6 +133,14 @@ def cnn_mnist(*, input_shape: tuple[int, ...], num_classes: int, dropout: float 
     return _MnistNet(in_channels=channels, side=side, num_classes=num_classes, dropout=dropout)
 
 
+@register_model("cnn_dp")
+def cnn_dp(*, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """Two strided tanh conv layers (16-32) and a 32-unit head (about 26k weights on MNIST);
+    the DP-SGD net of Papernot et al. / Tramer and Boneh, for images of at least 16 x 16."""
+    channels, side = _image_dims(input_shape)
+    return _TemperedNet(in_channels=channels, side=side, num_classes=num_classes, dropout=dropout)
+
+
 @register_model("mlp")
 def mlp(*, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> nn.Module:
     """Two hidden layers of 256 units, for tabular rows (N x F)."""
@@ -116,9 +150,13 @@ def mlp(*, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0)
     return _MLP(in_features=in_features, num_classes=num_classes, hidden=256, dropout=dropout)
 
 
-def default_model_name(input_shape: tuple[int, ...]) -> str:
+def default_model_name(input_shape: tuple[int, ...], mode: str = "standard") -> str:
+    """``cnn_small`` for small images, ``cnn_mnist`` for MNIST-sized ones (``cnn_dp`` when
+    trained with DP-SGD), ``mlp`` for tabular rows."""
     if len(input_shape) == 3:
-        return "cnn_mnist" if input_shape[1] >= 20 else "cnn_small"
+        if input_shape[1] >= 20:
+            return "cnn_dp" if mode == "dp" else "cnn_mnist"
+        return "cnn_small"
     return "mlp"
 
 

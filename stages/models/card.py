@@ -37,8 +37,13 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
         eps_rows.append((f"ε = {key} ({attacked} rows attacked)", " · ".join(parts)))
     privacy = evaluation.get("privacy")
     if privacy:
-        privacy_text = (f"DP-SGD (Opacus): ε = {privacy['epsilon_spent']:.3f} at δ = {privacy['delta']:g}, noise multiplier "
-                        f"{privacy['noise_multiplier']:.3f}, clipping norm {privacy['max_grad_norm']}, accountant {privacy['accountant']}.")
+        rows = [("dp.epsilon_spent", f"{privacy['epsilon_spent']:.4f}"), ("dp.delta", f"{privacy['delta']:g}"),
+                ("dp.noise_multiplier", f"{privacy['noise_multiplier']!r}"), ("dp.sample_rate", f"{privacy['sample_rate']!r}"),
+                ("dp.steps", str(privacy["steps"])), ("dp.accountant", str(privacy["accountant"])),
+                ("dp.max_grad_norm", str(privacy["max_grad_norm"])), ("dp.poisson_sampling", str(privacy["poisson_sampling"]))]
+        privacy_text = ("DP-SGD (Opacus), per-sample clipping and Gaussian noise. The accountant's inputs are MLflow params of "
+                        "this version's run (`dp.*`); `stages.ml.dp_audit.recompute_epsilon(run.data.params)` recomputes ε "
+                        "from them with Opacus' accountant.\n\n" + _table(rows, ("privacy", "value")))
     else:
         privacy_text = "No formal differential-privacy guarantee (trained without DP-SGD)."
     mia = evaluation.get("membership_inference")

@@ -1,5 +1,5 @@
-"""The per-batch loss of each training mode: clean cross-entropy, FGSM with random start, PGD,
-TRADES; with the epsilon warm-up. Epsilons and steps are on the [0, 1] input scale."""
+"""The per-batch loss of each training mode: clean cross-entropy, FGSM with random start, N-FGSM,
+PGD, TRADES; with the epsilon warm-up. Epsilons and steps are on the [0, 1] input scale."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.core.params import TrainParams
-from stages.ml.attacks import pgd_delta
+from stages.ml.attacks import n_fgsm_delta, pgd_delta
 from stages.ml.runtime import eval_mode
 
 
@@ -40,6 +40,8 @@ class BatchLoss:
             self.alpha = self.adv.alpha
         elif method == "fgsm_rs":
             self.alpha = 1.25 * self.adv.epsilon
+        elif method == "n_fgsm":
+            self.alpha = self.adv.epsilon
         else:
             self.alpha = 2.5 * self.adv.epsilon / self.adv.pgd_steps
 
@@ -62,9 +64,12 @@ class BatchLoss:
             logits = model(xb)
             robust = F.kl_div(F.log_softmax(model(X_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
             return F.cross_entropy(logits, yb) + self.adv.trades_beta * robust, logits
-        steps = 1 if self.adv.method == "fgsm_rs" else self.adv.pgd_steps
         with eval_mode(model):
-            delta = pgd_delta(model, xb, yb, epsilon=eps, alpha=alpha, steps=steps, random_start=True,
-                              generator=self.generator)
+            if self.adv.method == "n_fgsm":
+                delta = n_fgsm_delta(model, xb, yb, epsilon=eps, alpha=alpha, noise=2 * eps, generator=self.generator)
+            else:
+                steps = 1 if self.adv.method == "fgsm_rs" else self.adv.pgd_steps
+                delta = pgd_delta(model, xb, yb, epsilon=eps, alpha=alpha, steps=steps, random_start=True,
+                                  generator=self.generator)
         logits = model(xb + delta)
         return F.cross_entropy(logits, yb), logits

@@ -28,7 +28,8 @@ from stages.ml.training.checkpoints import (
     _set_rng_state,
     checkpoint_binding,
 )
-from stages.ml.training.dp import make_private, privacy_report
+from stages.ml.training.guard import CollapseGuard
+from stages.ml.training.dp import make_private, physical_batches, privacy_report, stepped
 
 PEAK_FRACTION = 0.4  # one-cycle learning rate peaks after this fraction of all steps
 
@@ -41,6 +42,7 @@ class FitResult:
     history: list[dict[str, float]]
     privacy: dict[str, Any] | None
     device: str
+    guard: dict[str, Any] | None = None
 
 
 def check_training_data(X: np.ndarray, y: np.ndarray, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +93,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
     device = resolve_device(params.device)
     seed_everything(params.seed)
     input_shape = tuple(int(d) for d in X.shape[1:])
-    model_name = default_model_name(input_shape) if params.model == "auto" else params.model
+    model_name = default_model_name(input_shape, params.mode) if params.model == "auto" else params.model
     model = build_model(model_name, input_shape=input_shape, num_classes=num_classes, dropout=params.dropout)
     model.to(device)
 
@@ -128,12 +130,16 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
             engine.accountant.load_state_dict(ckpt["accountant"])
         _set_rng_state(ckpt["rng"], generators)
         history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+    guard = CollapseGuard(X, y, params, device=device)
+    if ckpt is not None and "guard" in ckpt:
+        trainer.alpha = float(ckpt["guard"]["alpha"])
+        guard.events, guard.restores = list(ckpt["guard"]["events"]), int(ckpt["guard"]["restores"])
 
     with small_model_threads(device, input_shape):
         history = _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast,
                                 engine=engine, device=device, params=params, history=history, start_epoch=start_epoch,
                                 steps_per_epoch=steps_per_epoch, checkpoints=checkpoints, binding=binding,
-                                generators=generators, progress=progress)
+                                generators=generators, progress=progress, guard=guard)
 
     privacy = privacy_report(engine, train_optimizer, params, sample_rate=1 / steps_per_epoch) if engine is not None else None
     trained = _inner(model)
@@ -141,34 +147,77 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
         model._close()  # drop Opacus hooks and per-sample gradients
     final = build_model(model_name, input_shape=input_shape, num_classes=num_classes, dropout=params.dropout)
     final.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
-    return FitResult(model=final.eval(), model_name=model_name, history=history, privacy=privacy, device=str(device))
+    return FitResult(model=final.eval(), model_name=model_name, history=history, privacy=privacy, device=str(device),
+                     guard=guard.report(trainer.alpha) if guard.enabled else None)
 
 
 def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast, *, engine, device,
                   params: TrainParams, history: list[dict[str, float]], start_epoch: int, steps_per_epoch: int,
                   checkpoints: CheckpointStore | None, binding: dict[str, str], generators: dict[str, torch.Generator],
-                  progress: bool) -> list[dict[str, float]]:
-    """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history."""
+                  progress: bool, guard: CollapseGuard) -> list[dict[str, float]]:
+    """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history.
+
+    With the collapse guard on, a collapsed epoch is not kept: the last good epoch's state comes
+    back from memory (never from a checkpoint file) and training goes on from there with a
+    smaller step (``guard.py``).
+    """
     bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for epoch in range(start_epoch, params.epochs):
+
+    def state() -> dict[str, Any]:
+        return {"model": _inner(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(generators)}
+
+    def save(epoch: int) -> None:
+        if checkpoints is None:
+            return
+        payload = {"format": CHECKPOINT_FORMAT, "epoch": epoch, **state(), "history": history}
+        if engine is not None:
+            payload["accountant"] = engine.accountant.state_dict()
+        if guard.enabled:
+            payload["guard"] = {"alpha": trainer.alpha, "events": guard.events, "restores": guard.restores}
+        checkpoints.save(payload, binding=binding, epoch=epoch)
+
+    epoch = start_epoch
+    while epoch < params.epochs:
         with warnings.catch_warnings():
             # Opacus' per-sample hooks fire on module outputs because inputs need no grad: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             stats = _run_epoch(model, loader, train_optimizer, scheduler, scaler, trainer, autocast,
                                device=device, first_step=epoch * steps_per_epoch)
+        if guard.enabled:
+            started = time.perf_counter()
+            stats.update(guard.measure(_inner(model)))
+            stats["guard_seconds"] = time.perf_counter() - started
+            if guard.collapsed(stats):
+                stop = guard.restores >= params.adversarial.guard_max_restores
+                new_alpha = trainer.alpha * params.adversarial.guard_alpha_factor
+                event = guard.record_collapse(epoch + 1, stats, alpha=trainer.alpha, new_alpha=new_alpha, stopped=stop)
+                good = guard.last_good
+                _inner(model).load_state_dict(good["state"]["model"])
+                optimizer.load_state_dict(good["state"]["optimizer"])
+                scheduler.load_state_dict(good["state"]["scheduler"])
+                scaler.load_state_dict(good["state"]["scaler"])
+                _set_rng_state(good["state"]["rng"], generators)
+                epoch, history = good["epoch"], history[:good["epoch"]]
+                bar.reset(total=params.epochs)
+                bar.update(epoch)
+                print(f"train: catastrophic overfitting in epoch {event['epoch']} (PGD accuracy "
+                      f"{event['guard_pgd_accuracy']:.3f} vs {good['stats']['guard_pgd_accuracy']:.3f} after epoch "
+                      f"{epoch}); {event['action']}" + ("" if stop else f", alpha {trainer.alpha:g} -> {new_alpha:g}"),
+                      file=sys.stderr)
+                if stop:
+                    break
+                trainer.alpha = new_alpha
+                save(epoch)
+                continue
+            guard.remember(epoch + 1, {k: stats[k] for k in ("guard_fgsm_accuracy", "guard_pgd_accuracy")}, state())
         history.append({"epoch": epoch + 1, **stats})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
                         img_s=f"{stats['images_per_s']:.0f}")
-        if checkpoints is not None:
-            payload = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1,
-                       "model": _inner(model).state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                       "rng": _rng_state(generators), "history": history}
-            if engine is not None:
-                payload["accountant"] = engine.accountant.state_dict()
-            checkpoints.save(payload, binding=binding, epoch=epoch + 1)
+        save(epoch + 1)
+        epoch += 1
     bar.close()
     return history
 
@@ -179,22 +228,26 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: 
     model.train()
     start = time.perf_counter()
     loss_sum, correct, seen, step = 0.0, 0, 0, first_step
-    for xb, yb in loader:
-        if len(xb) == 0:  # an empty Poisson batch: nothing to learn from
-            continue
-        xb = xb.to(device, non_blocking=True)
-        yb = yb.to(device, non_blocking=True)
-        with autocast:
-            loss, logits = trainer.loss(model, xb, yb, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += float(loss.detach()) * len(yb)
-        correct += int((logits.detach().argmax(1) == yb).sum())
-        seen += len(yb)
-        step += 1
+    batches = physical_batches(loader, optimizer, trainer.params) if trainer.params.mode == "dp" else nullcontext(loader)
+    with batches as physical:
+        for xb, yb in physical:
+            if len(xb) == 0:  # an empty Poisson batch: nothing to learn from
+                continue
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+            # cleared before the forward pass: expanded weights refuse to run over last step's grad_sample
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss, logits = trainer.loss(model, xb, yb, step)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.detach().argmax(1) == yb).sum())
+            seen += len(yb)
+            if stepped(optimizer):
+                scheduler.step()
+                step += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
