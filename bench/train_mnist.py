@@ -274,15 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     sample = np.sort(np.random.default_rng(0).choice(len(Xte), size=attack_rows, replace=False))
     modes = args.modes or DEFAULT_MODES
     config = {"size": size_name, "n_train": n_train, "n_test": len(Xte), "attack_rows": attack_rows,
-              "epochs": args.epochs, "modes": modes, "epsilon": EPSILON}
+              "epochs": args.epochs, "epsilon": EPSILON}
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "results.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and {k: v for k, v in state["config"].items() if k != "device"} != config:
+    if state and {k: v for k, v in state["config"].items() if k not in ("device", "modes")} != config:
         print(f"train_mnist: {out} holds results for other settings ({state['config']}); use --out or remove it",
               file=sys.stderr)
         return 2
-    state = state or {"config": config, "rows": {}, "status": "running", "invocations": []}
+    state = state or {"config": {**config, "modes": []}, "rows": {}, "status": "running", "invocations": []}
+    # a row does not depend on the others: later runs may add modes to the same table
+    state["config"]["modes"] += [m for m in modes if m not in state["config"]["modes"]]
+    state["status"] = "running"
     state["config"]["device"] = str(device) + (f" ({__import__('torch').cuda.get_device_name(device)})"
                                                if device.type == "cuda" else "")
     state["invocations"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             row["done"] = True
             print(f"  {name}: done in {time.perf_counter() - started:.0f} s this run", file=sys.stderr)
             save()
-        state["status"] = "complete"
+        state["status"] = "complete" if all(state["rows"].get(m, {}).get("done") for m in state["config"]["modes"]) \
+            else "complete for the modes asked; others not run"
     except (TimeUp, KeyboardInterrupt) as stop:
         state["status"] = "stopped by --max-minutes; run the same command to continue" if isinstance(stop, TimeUp) \
             else "interrupted; run the same command to continue"

@@ -70,3 +70,10 @@ def test_a_run_writes_results_and_the_same_command_resumes(tiny_mnist, tmp_path)
 
     other = _bench(*args[:-1], "16")
     assert other.returncode == 2 and "holds results for other settings" in other.stderr
+
+    more = _bench("--quick", "--data", str(tiny_mnist), "--out", str(out), "--modes", "standard_dp_net",
+                  "--attack-rows", "8")
+    assert more.returncode == 0, more.stderr[-2000:]
+    state = json.loads((out / "results.json").read_text())
+    assert state["config"]["modes"] == ["standard", "dp_eps3", "standard_dp_net"] and state["status"] == "complete"
+    assert "| DP-SGD eps 3 (cnn_dp) | 1 |" in (out / "results.md").read_text()

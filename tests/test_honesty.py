@@ -20,7 +20,7 @@ from tests.support import make_workspace, run_cli
 pytestmark = pytest.mark.slow
 
 QUICK = ["screen.detectors=[label_issues]", "gate.no_regression=null", "evaluate.epsilons=[0.1]",
-         "evaluate.pgd_steps=10", "evaluate.restarts=1"]
+         "evaluate.pgd_steps=10", "evaluate.restarts=1", "evaluate.membership_inference=false", "gate.max_mia_auc=null"]
 
 
 def _run(ws, overrides: list[str]) -> dict:
@@ -70,7 +70,7 @@ def ws(tmp_path_factory, prefect_server):
 
 
 def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(ws, monkeypatch):
-    summary = _run(ws, ["train.epochs=12"])
+    summary = _run(ws, ["train.epochs=10", "evaluate.attack_rows=200"])
     logged = summary["metrics"]["robust_accuracy"]
     assert {"apgd_ce_accuracy_eps_0.1", "apgd_dlr_accuracy_eps_0.1"} <= set(summary["metrics"])
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
@@ -78,11 +78,14 @@ def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(ws, monke
     from stages.models.verify import load_verified_model
 
     model = load_verified_model(summary["model"]["uri"])
-    with np.load(ws / "runs" / summary["run_id"] / "screen" / "split.npz") as split:
+    run_dir = ws / "runs" / summary["run_id"]
+    with np.load(run_dir / "screen" / "split.npz") as split:
         eval_idx, eval_labels = split["eval_idx"], split["eval_labels"]
-    X = torch.from_numpy(load_source("sklearn:digits").X[eval_idx]).float()
-    y = torch.from_numpy(eval_labels).long()
-    assert summary["metrics"]["attacked_rows"] == len(X)
+    with np.load(run_dir / "evaluation" / "per_sample.npz") as per_sample:
+        attacked = per_sample["attacked"]  # the seeded sample the pipeline attacked
+    X = torch.from_numpy(load_source("sklearn:digits").X[eval_idx[attacked]]).float()
+    y = torch.from_numpy(eval_labels[attacked]).long()
+    assert summary["metrics"]["attacked_rows"] == len(X) == 200
     independent = _independent_robust_accuracy(model, X, y, epsilon=0.1)
     for name, ok in independent.items():
         assert abs(ok.mean() - logged) <= 0.02, (name, float(ok.mean()), logged)
@@ -94,7 +97,7 @@ def test_dp_epsilon_recomputes_from_mlflow_params_and_shows_on_the_card(ws):
     from stages.ml.dp_audit import recompute_epsilon
 
     summary = _run(ws, ["train.mode=dp", "train.epochs=3", "gate.min_robust_accuracy={}", "gate.min_clean_accuracy=0.5",
-                        "gate.max_dp_epsilon=3.0", "gate.max_mia_auc=0.7"])
+                        "gate.max_dp_epsilon=3.0", "evaluate.attacks=[fgsm]"])
     run = _mlflow_run(ws, summary["run_id"])
     params, metrics = run.data.params, run.data.metrics
     assert {"dp.noise_multiplier", "dp.sample_rate", "dp.steps", "dp.accountant", "dp.delta"} <= set(params)
