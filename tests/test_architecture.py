@@ -7,8 +7,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# lowest first; a module may import its own layer and the ones before it
-LAYERS = ["stages.core", "stages.trust", "stages.data", "stages.ml", "stages.screening", "stages.models", "stages", "flows"]
+# lowest first; a module may import its own layer and the ones before it. stages.monitoring
+# (the serving cores: detectors, drift, telemetry, access) sits above stages.models because it
+# loads verified models and reads the champion's signed records, and below the stage modules
+# and flows because the service, the playbooks and the drill all build on it.
+LAYERS = ["stages.core", "stages.trust", "stages.data", "stages.ml", "stages.screening", "stages.models",
+          "stages.monitoring", "stages", "flows"]
 MAX_LINES = 400
 
 

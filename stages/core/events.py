@@ -29,6 +29,9 @@ ALIAS_MOVED = "mlsec.model.alias-moved"
 MONITOR_DRIFT = "mlsec.monitor.drift"
 MONITOR_ATTACK = "mlsec.monitor.attack-suspected"
 RETRAIN_REQUESTED = "mlsec.retrain.requested"
+MONITOR_DEGRADED = "mlsec.monitor.degraded"
+SERVING_REFUSED = "mlsec.serving.refused"
+SERVING_TELEMETRY = "mlsec.serving.telemetry"
 
 RESOURCE_PREFIX = "mlsec.model."
 
@@ -70,6 +73,16 @@ CATALOGUE: dict[str, EventSpec] = {spec.name: spec for spec in (
     EventSpec(RETRAIN_REQUESTED, "the monitor, playbooks or an operator", "automation 'mlsec-retrain-on-alert' (starts secure-training)",
               ("model", "reason"), ("data", "alert", "alert_id"),
               "Retrain model through the full gate; data empty or absent means params.yaml's data.source."),
+    EventSpec(MONITOR_DEGRADED, "the model server's monitor", "the degradation-response playbook (automation 'mlsec-degradation-response')",
+              ("model", "version", "statistic", "value", "threshold"), ("window",),
+              "The share of low-confidence predictions over a window of requests is past its threshold."),
+    EventSpec(SERVING_REFUSED, "the model server", "operators (an integrity incident: see docs/playbooks.md)",
+              ("model", "version", "reason"), ("served_version",),
+              "The server refused to serve a version: the alias was moved outside the pipeline, or the version failed "
+              "verification or was revoked; served_version keeps serving."),
+    EventSpec(SERVING_TELEMETRY, "the model server", "operators",
+              ("model", "healthy"), ("error",),
+              "The telemetry store stopped accepting writes (healthy false; predictions are queued and retried) or recovered."),
 )}
 
 

@@ -49,6 +49,7 @@ def _build(config: dict[str, Any], state: dict):
     model = build_model(config["architecture"], input_shape=tuple(config["input_shape"]), num_classes=config["num_classes"],
                         dropout=float(config.get("dropout", 0.0)))
     model.load_state_dict(state, strict=True)
+    model.mlsec_config = dict(config)  # input shape and classes, for callers such as the prediction service
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Incident playbooks (see docs/playbooks.md).
+"""Maintenance playbooks (see docs/playbooks.md).
 
 ``rollback``: point ``champion`` back at the previous champion, with a reason in the ledger.
 ``purge-retrain``: after a poisoning incident, take the rows a run quarantined out of the
@@ -41,7 +41,9 @@ def purge_quarantined(ws: Workspace, run_id: str) -> dict[str, Any]:
     return {"purged_rows": len(drop), "kept_rows": int(len(keep)), "source": str(out), "from_data_sha256": manifest["merkle_root"]}
 
 
-def run_playbook(ws: Workspace, playbook: str, *, model: str, run_id: str | None, reason: str, retrain: bool) -> dict[str, Any]:
+def run_maintenance(ws: Workspace, playbook: str, *, model: str, run_id: str | None, reason: str,
+                    retrain: bool) -> dict[str, Any]:
+    """``rollback`` or ``purge-retrain``, with a start and a finish entry in the ledger."""
     ledger = Ledger(ws.ledger_path)
     ledger.append("playbook.start", {"playbook": playbook, "model": model, "run_id": run_id, "reason": reason})
     result: dict[str, Any] = {"playbook": playbook, "model": model}

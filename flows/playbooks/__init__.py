@@ -1,0 +1,39 @@
+"""Incident playbooks (``mlsec playbook ...``; docs/playbooks.md).
+
+``rollback`` and ``purge-retrain`` (``maintenance``); ``evasion-response``,
+``degradation-response`` and ``poisoning-response`` as Prefect flows (``incidents``), each
+startable by hand or by an automation on its alert (``automations``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.playbooks.maintenance import purge_quarantined, run_maintenance
+from stages.core.errors import InvalidInput
+from stages.core.workspace import Workspace
+
+PLAYBOOKS = ("rollback", "purge-retrain", "evasion-response", "degradation-response", "poisoning-response")
+
+
+def run_playbook(ws: Workspace, playbook: str, *, model: str, reason: str, run_id: str | None = None,
+                 retrain: bool = False, since_hours: float | None = None, digests: str | None = None,
+                 trigger: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    if playbook in ("rollback", "purge-retrain"):
+        return run_maintenance(ws, playbook, model=model, run_id=run_id, reason=reason, retrain=retrain)
+    if not reason or not reason.strip():
+        raise InvalidInput("a playbook needs --reason")
+    from flows.playbooks import incidents  # Prefect: slow to import, only these playbooks need it
+
+    if playbook == "evasion-response":
+        return incidents.evasion_response(model=model, reason=reason, since_hours=since_hours or 24.0, retrain=retrain,
+                                          overrides=overrides or [])
+    if playbook == "degradation-response":
+        return incidents.degradation_response(model=model, reason=reason, since_hours=since_hours or 1.0)
+    if playbook == "poisoning-response":
+        return incidents.poisoning_response(model=model, reason=reason, digests_file=digests, trigger_file=trigger,
+                                            overrides=overrides or [])
+    raise InvalidInput(f"unknown playbook {playbook!r}; known: {PLAYBOOKS}")
+
+
+__all__ = ["PLAYBOOKS", "purge_quarantined", "run_playbook"]

@@ -1,0 +1,112 @@
+"""The data the incident playbooks work on: every dataset version in the workspace and the
+champion's, each read through its signed manifest; suspect rows by digest or trigger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.core.errors import IntegrityError, InvalidInput
+from stages.core.workspace import Workspace
+from stages.data.prepared import read_prepared
+from stages.models.store import resolve
+from stages.data.prepared import row_digest as sample_digest  # a quarantine entry's sha256
+from stages.trust.context import RunContext
+
+TRIGGER_TOLERANCE = 1e-3   # on the [0, 1] scale: a stamped pixel matches its pattern value within this
+
+
+@dataclass
+class DatasetVersion:
+    run_id: str
+    data_sha256: str
+    source: str
+    X: np.ndarray
+    y: np.ndarray
+
+
+def _read(ws: Workspace, run_id: str) -> DatasetVersion:
+    folder, manifest = RunContext(ws, run_id).dataset(where="playbook")
+    X, y, _, _ = read_prepared(folder)
+    return DatasetVersion(run_id, manifest["merkle_root"], str(manifest.get("source")), X, y)
+
+
+def dataset_versions(ws: Workspace) -> list[DatasetVersion]:
+    """Every distinct dataset version a run of this workspace ingested (verified bytes)."""
+    seen: dict[str, DatasetVersion] = {}
+    for manifest in sorted(ws.runs_dir.glob("*/manifest.json")):
+        version = _read(ws, manifest.parent.name)
+        seen.setdefault(version.data_sha256, version)
+    return list(seen.values())
+
+
+def champion_data(ws: Workspace, model: str) -> DatasetVersion:
+    """The dataset version the current champion was trained on."""
+    mv = resolve(ws, f"{model}@champion")
+    run_id = (mv.tags or {}).get("mlsec.run_id")
+    if not run_id:
+        raise IntegrityError(f"{model}@champion names no run: its training data cannot be found")
+    version = _read(ws, run_id)
+    if version.data_sha256 != (mv.tags or {}).get("mlsec.data_sha256"):
+        raise IntegrityError(f"{model}@champion: run {run_id}'s data is not the data the version was registered with")
+    return version
+
+
+def read_digests(path: str) -> set[str]:
+    """SHA-256 digests, one per line, or a quarantine list (``samples[].sha256``)."""
+    import json
+
+    text = Path(path).read_text() if Path(path).is_file() else None
+    if text is None:
+        raise InvalidInput(f"digest file not found: {path}")
+    try:
+        doc = json.loads(text)
+        items = [s["sha256"] for s in doc.get("payload", doc)["samples"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        items = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    bad = [d for d in items if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
+    if bad or not items:
+        raise InvalidInput(f"{path}: expected SHA-256 hex digests, got {bad[:1] or 'none'}")
+    return set(items)
+
+
+def load_trigger(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A trigger ``.npz`` with ``mask`` (bool) and ``pattern`` (floats on [0, 1]) of one input's shape."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mask, pattern = np.asarray(f["mask"], dtype=bool), np.asarray(f["pattern"], dtype=np.float32)
+    except (OSError, KeyError, ValueError) as err:
+        raise InvalidInput(f"trigger file {path}: {err} (expected an .npz with 'mask' and 'pattern')") from None
+    if mask.shape != pattern.shape or not mask.any():
+        raise InvalidInput(f"trigger file {path}: mask {mask.shape} and pattern {pattern.shape} must match and mask something")
+    return mask, pattern
+
+
+def find_suspects(X: np.ndarray, y: np.ndarray, *, digests: set[str],
+                  trigger: tuple[np.ndarray, np.ndarray] | None) -> list[tuple[int, str]]:
+    """(row, reason) of rows whose digest is listed or that carry the trigger."""
+    hits: dict[int, str] = {}
+    if digests:
+        for i in range(len(y)):
+            if sample_digest(X, int(y[i]), i) in digests:
+                hits[i] = "listed digest"
+    if trigger is not None:
+        mask, pattern = trigger
+        if mask.size != X[0].size:
+            raise InvalidInput(f"trigger has {mask.size} values, the data's rows {X[0].size}")
+        flat = X.reshape(len(X), -1)
+        m = mask.reshape(-1)
+        stamped = np.abs(flat[:, m] - pattern.reshape(-1)[m]).max(axis=1) <= TRIGGER_TOLERANCE
+        for i in np.flatnonzero(stamped):
+            hits.setdefault(int(i), "carries the trigger")
+    return sorted(hits.items())
+
+
+def write_source(ws: Workspace, name: str, X: np.ndarray, y: np.ndarray) -> str:
+    """Write rows as a new ``.npz`` source under ``data/purged/`` (ingest versions it like any other)."""
+    out = ws.root / "data" / "purged" / f"{name}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, X=X, y=y)
+    return str(out)

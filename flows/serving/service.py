@@ -1,0 +1,241 @@
+"""One prediction, from API key to response, without the web framework.
+
+Order of checks: key (401), extraction block (403), rate limit (429), inputs (422), query
+budget (429), then the model with the detectors; the prediction is logged before it is
+answered, and a prediction that cannot be logged (telemetry queue full) is refused (503).
+Bad input never reaches the model and never costs budget.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from stages.core.errors import InvalidInput
+from stages.core.params import Params
+from stages.core.workspace import Workspace
+from stages.monitoring.access import Budgets, Client, KeyStore, keys_path
+from stages.monitoring.alerts import Alert, RateRules
+from stages.monitoring.extraction import ExtractionDetector
+from stages.monitoring.inputs import check_inputs, row_digest, row_summary
+from stages.monitoring.store import TelemetryStore, default_url
+
+from flows.serving.alerting import AlertSink
+from flows.serving.host import ModelHost, Served
+from flows.serving.metrics import Metrics
+
+
+@dataclass
+class Refusal(Exception):
+    """A request the service will not answer: HTTP status, a stable code and one clear line."""
+
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "detail": self.message}
+
+
+class PredictionService:
+    def __init__(self, ws: Workspace, params: Params, *, ref: str | None = None):
+        self.ws, self.params = ws, params
+        sp = params.serving
+        self.sp = sp
+        self.metrics = Metrics()
+        self.store: TelemetryStore | None = None
+        if sp.telemetry.enabled:
+            self.store = TelemetryStore(sp.telemetry.url or default_url(ws.root), queue_max=sp.telemetry.queue_max,
+                                        retention_s=sp.telemetry.retention_days * 86_400, on_health=self._telemetry_health)
+        ref = ref or sp.model or f"{params.project.name}@champion"
+        self.sink = AlertSink(ws, ref.split("@")[0], self.store, count=self.metrics.alert)
+        self.host = ModelHost(ws, sp, ref, on_alert=self.sink)
+        self.keys = KeyStore(keys_path(ws))
+        period = sp.access.budget_period_s
+        used = {}
+        if self.store is not None:
+            used = self.store.usage_since(time.time() - time.time() % period)
+        self.budgets = Budgets(default_budget=sp.access.budget, period_s=period, used=used)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._rate = parse(sp.access.rate_limit)
+        self._throttled_rate = parse(sp.extraction.throttled_rate)
+        self.extraction = ExtractionDetector(min_queries=sp.extraction.min_queries, delta=sp.extraction.prada_delta,
+                                             ood_fraction=sp.extraction.ood_fraction) if sp.extraction.enabled else None
+        self.rules = RateRules(window=sp.alerts.window, low_confidence=sp.alerts.low_confidence,
+                               max_low_confidence_rate=sp.alerts.max_low_confidence_rate,
+                               max_detector_rate=sp.alerts.max_detector_rate)
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor")
+        self._flagged_clients: set[str] = set()
+        self._lock = threading.Lock()
+        self.started = time.time()
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self.store is not None:
+            self.store.start()
+        served = self.host.start()
+        self.metrics.served(served.version)
+        self.host.watch()
+
+    def stop(self) -> None:
+        self.host.stop()
+        self._background.shutdown(wait=True, cancel_futures=False)
+        if self.store is not None:
+            self.store.close()
+
+    def _telemetry_health(self, healthy: bool, error: str | None) -> None:
+        served = self.host.current
+        message = ("telemetry store is writable again; the queued predictions were written" if healthy else
+                   f"telemetry store refuses writes ({error}); predictions are queued in memory and retried")
+        self.sink(Alert("telemetry", "info" if healthy else "critical", message, {"healthy": healthy, "error": error}),
+                  served.version if served else None)
+
+    # -- requests ---------------------------------------------------------------------
+    def authenticate(self, token: str | None, *, admin: bool = False) -> Client:
+        client = self.keys.authenticate(token)
+        if client is None:
+            raise Refusal(401, "unauthorized", "missing or unknown API key (send it as 'Authorization: Bearer <key>')",
+                          {"WWW-Authenticate": "Bearer"})
+        if admin and not client.is_admin:
+            raise Refusal(403, "forbidden", f"client {client.name!r} is not an administrator")
+        return client
+
+    def _limit(self, client: Client) -> None:
+        throttled = client.name in self._flagged_clients and self.sp.extraction.action == "throttle"
+        if client.name in self._flagged_clients and self.sp.extraction.action == "block":
+            raise Refusal(403, "blocked", "this key is blocked: its queries look like a model-extraction sweep")
+        item = self._throttled_rate if throttled else self._rate
+        if not self._limiter.hit(item, "rate", client.name):
+            stats = self._limiter.get_window_stats(item, "rate", client.name)
+            wait = max(1, int(stats.reset_time - time.time()) + 1)
+            raise Refusal(429, "rate_limited", f"more than {item} requests for this key"
+                          + (" (throttled: extraction suspected)" if throttled else ""), {"Retry-After": str(wait)})
+
+    def predict(self, client: Client, body: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._limit(client)
+        served: Served = self.host.current
+        if not isinstance(body, dict) or set(body) - {"inputs"} or "inputs" not in body:
+            keys = sorted(body) if isinstance(body, dict) else type(body).__name__
+            raise Refusal(422, "invalid_input", f"the body must be a JSON object with one key 'inputs', got {keys}")
+        try:
+            X = check_inputs(body["inputs"], input_shape=served.input_shape, max_batch=self.sp.max_batch)
+        except InvalidInput as err:
+            self.metrics.request("invalid")
+            raise Refusal(422, "invalid_input", str(err)) from None
+        ok, left = self.budgets.try_spend(client, len(X))
+        if not ok:
+            self.metrics.request("budget")
+            raise Refusal(429, "budget_exhausted", f"this key has {left} rows left in its query budget; the request has {len(X)}")
+        logits, score, flagged = self._run(served, X)
+        probs = torch.softmax(logits.float(), dim=1).numpy()
+        pred = probs.argmax(axis=1)
+        conf = probs[np.arange(len(pred)), pred]
+        was_flagged = client.name in self._flagged_clients
+        now_flagged = self._extraction(client, X, pred, flagged, served)
+        rejected = self.sp.detectors.action == "reject" and bool(flagged.any())
+        latency_ms = (time.perf_counter() - started) * 1000
+        self._log(client, served, X, pred, conf, score, flagged, now_flagged or was_flagged, latency_ms, rejected)
+        self._monitor(served, X, conf, flagged)
+        self.metrics.observe(len(X), int(flagged.sum()), latency_ms / 1000, "rejected" if rejected else "answered")
+        if rejected:
+            rows = [int(i) for i in np.flatnonzero(flagged)]
+            raise Refusal(422, "input_rejected", f"rows {rows[:20]} look adversarial or out of distribution; not answered")
+        return self._response(served, probs, pred, conf)
+
+    def _run(self, served: Served, X: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
+        Xt = torch.from_numpy(X)
+        with torch.no_grad():
+            if served.detector is not None:
+                logits, score, flagged = served.detector.score(served.model, Xt)
+                return logits, score.numpy(), flagged.numpy()
+            return served.model(Xt), None, np.zeros(len(X), dtype=bool)
+
+    def _extraction(self, client: Client, X: np.ndarray, pred: np.ndarray, flagged: np.ndarray, served: Served) -> bool:
+        if self.extraction is None or client.is_admin:
+            return False
+        hit = self.extraction.observe(client.name, X, pred, flagged)
+        if hit and client.name not in self._flagged_clients:
+            with self._lock:
+                self._flagged_clients.add(client.name)
+            state = self.extraction.state(client.name)
+            score = state["w"] if state.get("w") is not None and "Shapiro" in (state["reason"] or "") else state["ood_share"]
+            threshold = self.sp.extraction.prada_delta if "Shapiro" in (state["reason"] or "") else self.sp.extraction.ood_fraction
+            self.sink(Alert("extraction", "critical",
+                            f"client {client.name!r} looks like a model-extraction sweep after {state['flagged_at']} queries: "
+                            f"{state['reason']}; action: {self.sp.extraction.action}",
+                            {"client": client.name, "score": score, "threshold": threshold, "queries": state["flagged_at"],
+                             "action": self.sp.extraction.action}), served.version)
+        return hit
+
+    def _log(self, client: Client, served: Served, X: np.ndarray, pred: np.ndarray, conf: np.ndarray,
+             score: np.ndarray | None, flagged: np.ndarray, extraction_flagged: bool, latency_ms: float,
+             rejected: bool) -> None:
+        if self.store is None:
+            return
+        now, request_id = time.time(), secrets.token_hex(8)
+        summary = row_summary(X)
+        digests = [row_digest(row) for row in X]
+        rows = [{"time": now, "client": client.name, "model_version": served.version, "request_id": request_id,
+                 "input_sha256": digests[i], "input_mean": float(summary["mean"][i]), "input_std": float(summary["std"][i]),
+                 "input_min": float(summary["min"][i]), "input_max": float(summary["max"][i]), "prediction": int(pred[i]),
+                 "confidence": float(conf[i]), "latency_ms": latency_ms,
+                 "detector_score": None if score is None else float(score[i]), "flagged": bool(flagged[i]),
+                 "extraction_flagged": extraction_flagged, "outcome": "rejected" if rejected else "answered"}
+                for i in range(len(X))]
+        if not self.store.submit("predictions", rows):
+            self.metrics.request("unlogged")
+            raise Refusal(503, "telemetry_unavailable", "the telemetry store is unavailable and its queue is full: "
+                          "a prediction that cannot be logged is not answered; retry later", {"Retry-After": "5"})
+        if flagged.any():
+            self.store.submit("flagged_inputs", [
+                {"input_sha256": digests[i], "time": now, "client": client.name, "model_version": served.version,
+                 "prediction": int(pred[i]), "detector_score": float(score[i]) if score is not None else 0.0,
+                 "shape": str(list(X.shape[1:])), "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes()}
+                for i in np.flatnonzero(flagged)])
+
+    def _monitor(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:
+        for alert in self.rules.observe(conf.tolist(), flagged.tolist()):
+            alert.payload["threshold"] = (self.sp.alerts.max_detector_rate if alert.kind == "evasion"
+                                          else self.sp.alerts.max_low_confidence_rate)
+            self.sink(alert, served.version)
+        window = served.drift.add(X)
+        if window is not None:
+            self._background.submit(self._drift, served, window)
+
+    def _drift(self, served: Served, window: np.ndarray) -> None:
+        result = served.drift.evaluate(window)
+        self.metrics.drift(result)
+        if result.drifted and self.rules.allow("drift", served.version):
+            d = self.sp.drift
+            statistic, value, threshold = (("mean_z", result.max_mean_z, d.max_mean_z) if result.mean_z_features
+                                           else ("ks_drifted_features", float(result.drifted_features), 0.0))
+            self.sink(Alert("drift", "warning",
+                            f"inputs drifted from the training data of version {served.version}: {result.mean_z_features} "
+                            f"features past {d.max_mean_z} standard errors, {result.drifted_features} failing KS at "
+                            f"p < {d.p_value} (corrected), over the last {result.n} inputs",
+                            {"statistic": statistic, "value": value if np.isfinite(value) else 1e9, "threshold": threshold,
+                             "window": result.n, "features": result.mean_z_features + result.drifted_features,
+                             "retrain": d.retrain, **result.to_dict()}), served.version)
+
+    def _response(self, served: Served, probs: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> dict[str, Any]:
+        out = self.sp.output
+        rnd = (lambda v: round(float(v), out.round_decimals)) if out.round_decimals is not None else float
+        rows = []
+        for i in range(len(pred)):
+            row: dict[str, Any] = {"label": int(pred[i]), "confidence": rnd(conf[i])}
+            if not out.top1_only:
+                row["probabilities"] = [rnd(p) for p in probs[i]]
+            rows.append(row)
+        return {"model": served.name, "version": served.version, "predictions": rows}

@@ -1,0 +1,116 @@
+"""Model-extraction detection over each client's query stream.
+
+PRADA (Juuti et al., 2019): for every query, the L2 distance to the nearest earlier query
+of the same client that the model put in the same class. Natural inputs give distances that
+are close to normally distributed; the synthetic queries of an extraction attack (small
+steps around seed inputs, interpolations, sweeps) do not. Once a client has sent
+``min_queries`` distances, a Shapiro-Wilk test runs on them, and a W statistic below
+``delta`` flags the client. Noise sweeps, whose distances can look normal, are caught by the
+second rule: a client whose recent queries the input detector mostly flags.
+
+Per-class sets grow only with queries farther than the class threshold (mean minus one
+standard deviation of the distances that grew it), as in the paper, so memory grows with
+the variety of a client's queries, not their count.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAX_DISTANCES = 2000          # most recent distances the normality test looks at (Shapiro-Wilk is exact up to 5000)
+MAX_SET = 4000                # per class, queries kept for the distance search
+OOD_WINDOW = 100              # recent queries over which the share flagged by the input detector is taken
+
+
+@dataclass
+class ClientStream:
+    queries: int = 0
+    sets: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    grown: dict[int, list[float]] = field(default_factory=dict)
+    distances: deque = field(default_factory=lambda: deque(maxlen=MAX_DISTANCES))
+    recent_ood: deque = field(default_factory=lambda: deque(maxlen=OOD_WINDOW))
+    w: float | None = None
+    flagged_at: int | None = None       # queries seen when first flagged
+    reason: str | None = None
+
+
+class ExtractionDetector:
+    """Per-client PRADA state; ``observe`` returns whether the client is flagged."""
+
+    def __init__(self, *, min_queries: int, delta: float, ood_fraction: float, test_every: int = 10):
+        self.min_queries = min_queries
+        self.delta = delta
+        self.ood_fraction = ood_fraction
+        self.test_every = test_every
+        self._streams: dict[str, ClientStream] = {}
+        self._lock = threading.Lock()
+
+    def _threshold(self, grown: list[float]) -> float:
+        return float(np.mean(grown) - np.std(grown)) if grown else 0.0
+
+    def observe(self, client: str, X: np.ndarray, labels: np.ndarray, ood: np.ndarray) -> bool:
+        """Feed a batch of one client's queries (rows ``X`` (N, ...), predicted ``labels``,
+        input-detector alarms ``ood``); True once the client is flagged (it stays flagged)."""
+        flat = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        with self._lock:
+            s = self._streams.setdefault(client, ClientStream())
+            for row, label, alarm in zip(flat, np.asarray(labels).tolist(), np.asarray(ood).tolist()):
+                s.queries += 1
+                s.recent_ood.append(bool(alarm))
+                members = s.sets.setdefault(int(label), [])
+                grown = s.grown.setdefault(int(label), [])
+                if not members:
+                    members.append(row)
+                    continue
+                d = float(np.sqrt(((np.stack(members) - row) ** 2).sum(axis=1)).min())
+                s.distances.append(d)
+                if d > self._threshold(grown) and len(members) < MAX_SET:
+                    members.append(row)
+                    grown.append(d)
+                if s.flagged_at is None:
+                    self._test(s)
+            return s.flagged_at is not None
+
+    def _test(self, s: ClientStream) -> None:
+        if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and \
+                sum(s.recent_ood) / len(s.recent_ood) >= self.ood_fraction:
+            s.flagged_at, s.reason = s.queries, f"{sum(s.recent_ood)} of the last {len(s.recent_ood)} queries were flagged by the input detector"
+            return
+        if len(s.distances) < self.min_queries or len(s.distances) % self.test_every:
+            return
+        s.w = shapiro_w(np.fromiter(s.distances, dtype=np.float64))
+        if s.w < self.delta:
+            s.flagged_at, s.reason = s.queries, f"query distances are not normal (Shapiro-Wilk W {s.w:.3f} < {self.delta})"
+
+    def state(self, client: str) -> dict[str, Any]:
+        with self._lock:
+            s = self._streams.get(client)
+            if s is None:
+                return {"queries": 0, "flagged": False}
+            return {"queries": s.queries, "flagged": s.flagged_at is not None, "flagged_at": s.flagged_at,
+                    "reason": s.reason, "w": None if s.w is None else round(s.w, 4),
+                    "ood_share": round(sum(s.recent_ood) / len(s.recent_ood), 4) if s.recent_ood else 0.0}
+
+    def clients(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            names = list(self._streams)
+        return {n: self.state(n) for n in names}
+
+
+def shapiro_w(distances: np.ndarray) -> float:
+    """Shapiro-Wilk W of the distances (1.0 for a constant sample: nothing to judge)."""
+    from scipy.stats import shapiro  # SciPy: slow to import, only the test needs it
+
+    if len(distances) < 3 or float(np.ptp(distances)) == 0.0:
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = float(shapiro(distances).statistic)
+    return w if math.isfinite(w) else 1.0

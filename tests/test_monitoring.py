@@ -1,0 +1,253 @@
+"""The serving cores on their own: input checks, keys and budgets, the telemetry store under a
+locked or full database, the adversarial and extraction detectors, drift and alert rules."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.core.errors import InvalidInput
+from stages.monitoring.access import Budgets, Client, KeyStore
+from stages.monitoring.alerts import RateRules
+from stages.monitoring.diagnosis import diagnose
+from stages.monitoring.drift import DriftMonitor, drift_test
+from stages.monitoring.extraction import ExtractionDetector
+from stages.monitoring.inputs import check_inputs, row_digest
+from stages.monitoring.store import TelemetryStore
+
+SHAPE = (1, 8, 8)
+
+
+# -- inputs -----------------------------------------------------------------------------
+def test_inputs_accept_both_layouts_and_give_one_digest():
+    rows = np.random.default_rng(0).random((3, 64)).round(3)
+    flat = check_inputs(rows.tolist(), input_shape=SHAPE, max_batch=8)
+    shaped = check_inputs(rows.reshape(3, 1, 8, 8).tolist(), input_shape=SHAPE, max_batch=8)
+    assert flat.shape == shaped.shape == (3, 1, 8, 8) and flat.dtype == np.float32
+    assert [row_digest(r) for r in flat] == [row_digest(r) for r in shaped]
+
+
+@pytest.mark.parametrize("value, match", [
+    ("x", "list of rows"), ([], "empty"), ([[0.5] * 63], "shape"), ([[0.5] * 64, [0.5] * 63], "shape|ragged"),
+    ([[float("nan")] + [0.5] * 63], "NaN"), ([[float("inf")] + [0.5] * 63], "NaN"), ([[1.5] + [0.5] * 63], r"\[0, 1\]"),
+    ([[True] + [0.5] * 63], "numbers"), ([["0.5"] + [0.5] * 63], "numbers"), ([[None] + [0.5] * 63], "numbers"),
+    ([[10**400] + [0.5] * 63], "too large|\\[0, 1\\]"), ([[0.5] * 64] * 9, "more than the limit"),
+    ([[[[[0.5]]]]], "nested|shape"),
+])
+def test_inputs_refuse_with_a_message_that_shows_what_was_seen(value, match):
+    with pytest.raises(InvalidInput, match=match):
+        check_inputs(value, input_shape=SHAPE, max_batch=8)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3),
+                    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                    max_leaves=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_any_json_value_is_accepted_or_refused_as_bad_input_never_anything_else(value):
+    try:
+        out = check_inputs(value, input_shape=(2,), max_batch=4)
+    except InvalidInput:
+        return
+    assert out.dtype == np.float32 and out.shape[1:] == (2,) and np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+# -- keys and budgets -------------------------------------------------------------------
+def test_keys_are_stored_hashed_and_name_exactly_one_client(tmp_path):
+    store = KeyStore(tmp_path / "keys.json")
+    alice, bob = store.add("alice"), store.add("bob", budget=5)
+    text = (tmp_path / "keys.json").read_text()
+    assert alice not in text and bob not in text and alice.split("_")[-1] not in text
+    assert store.authenticate(alice).name == "alice" and store.authenticate(bob) == Client("bob", "client", 5)
+    for wrong in (None, "", alice[:-1], alice + "x", "mlsec_alice_" + "A" * 43, "x" * 10_000):
+        assert store.authenticate(wrong) is None
+    with pytest.raises(InvalidInput, match="already has a key"):
+        store.add("alice")
+    with pytest.raises(InvalidInput, match="client name"):
+        store.add("../evil")
+    store.remove("alice")
+    assert store.authenticate(alice) is None and store.authenticate(bob).name == "bob"
+
+
+def test_budgets_charge_the_presenting_client_and_refuse_past_the_limit():
+    budgets = Budgets(default_budget=10, period_s=3600, used={"alice": 8})
+    alice, bob = Client("alice", "client", None), Client("bob", "client", 3)
+    assert budgets.try_spend(alice, 2) == (True, 0)
+    assert budgets.try_spend(alice, 1) == (False, 0)
+    assert budgets.try_spend(bob, 3) == (True, 0) and budgets.try_spend(bob, 1)[0] is False
+    assert budgets.used("alice") == 10 and budgets.used("bob") == 3
+
+
+# -- telemetry store --------------------------------------------------------------------
+def _row(i: int, client: str = "alice", t: float | None = None) -> dict:
+    return {"time": time.time() if t is None else t, "client": client, "model_version": "1", "request_id": f"r{i}",
+            "input_sha256": f"{i:064x}", "input_mean": 0.1, "input_std": 0.2, "input_min": 0.0, "input_max": 1.0,
+            "prediction": i % 10, "confidence": 0.9, "latency_ms": 1.0, "detector_score": 0.0, "flagged": False,
+            "extraction_flagged": False, "outcome": "answered"}
+
+
+def test_store_keeps_rows_while_the_database_is_locked_and_writes_them_after(tmp_path):
+    db = tmp_path / "t.db"
+    health = []
+    store = TelemetryStore(f"sqlite:///{db}", queue_max=1000, retention_s=3600,
+                           on_health=lambda ok, err: health.append((ok, err))).start()
+    store.submit("predictions", [_row(0)])
+    assert store.flush()
+    blocker = sqlite3.connect(db, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    assert store.submit("predictions", [_row(i) for i in range(1, 51)])
+    deadline = time.time() + 20
+    while store.healthy and time.time() < deadline:
+        time.sleep(0.1)
+    assert not store.healthy and health and health[0][0] is False and "locked" in health[0][1]
+    assert store.backlog() == 50                      # kept, not dropped
+    blocker.rollback()
+    blocker.close()
+    assert store.flush(timeout=30)
+    assert store.healthy and health[-1] == (True, None)
+    assert store.rows_since(0) == 51
+    store.close()
+
+
+def test_store_keeps_rows_when_the_database_is_full_and_refuses_only_when_its_queue_is(tmp_path):
+    db = tmp_path / "full.db"
+    store = TelemetryStore(f"sqlite:///{db}", queue_max=40, retention_s=3600)
+    page_count = sqlite3.connect(db).execute("PRAGMA page_count").fetchone()[0]
+
+    @__import__("sqlalchemy").event.listens_for(store.engine, "connect")
+    def _cap(conn, _rec):
+        conn.execute(f"PRAGMA max_page_count={page_count + 1}")
+
+    store.engine.dispose()
+    store.start()
+    big = [_row(i) for i in range(30)]
+    assert store.submit("predictions", big)
+    deadline = time.time() + 20
+    while store.healthy and time.time() < deadline:
+        time.sleep(0.1)
+    assert not store.healthy and "full" in store.last_error
+    assert store.submit("predictions", [_row(100 + i) for i in range(20)]) is False   # no room: refused, nothing half-queued
+    assert store.backlog() == 30
+    store._stop.set()
+    store._thread.join(timeout=5)
+
+
+def test_retention_deletes_only_old_rows(tmp_path):
+    store = TelemetryStore(f"sqlite:///{tmp_path / 'r.db'}", queue_max=100, retention_s=3600).start()
+    store.submit("predictions", [_row(0, t=time.time() - 7200), _row(1)])
+    store.submit("alerts", [{"time": time.time() - 7200, "kind": "drift", "severity": "warning", "message": "m",
+                             "payload": json.dumps({})}])
+    assert store.flush()
+    store.prune()                                    # the writer also prunes on its own when idle
+    assert store.rows_since(0) == 1 and store.alerts() == [] and store.predictions()[0]["request_id"] == "r1"
+    store.close()
+
+
+# -- detectors --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_model():
+    """A small CNN trained on digits the way the train stage does (a few epochs)."""
+    from stages.core.params import load_params
+    from stages.data.io import load_source
+    from stages.data.prepared import split_indices
+    from stages.ml.training.loop import fit
+    from tests.support import ROOT
+
+    params = load_params(ROOT / "params.yaml", ["train.mode=standard", "train.epochs=6", "train.device=cpu"])
+    d = load_source("sklearn:digits")
+    X, y = d.X.astype(np.float32), d.y.astype(np.int64)
+    train, held = split_indices(y, test_fraction=0.2, seed=0)
+    model = fit(X[train], y[train], params=params.train, num_classes=10, progress=False).model
+    return model, X, y, train, held
+
+
+def test_detector_catches_pgd_and_noise_at_the_false_positive_rate_it_promises(digits_model):
+    from stages.monitoring.detector import calibrate_detector
+
+    model, X, y, train, held = digits_model
+    det = calibrate_detector(model, X_train=X[train], y_train=y[train], X_held=X[held], y_held=y[held], num_classes=10,
+                             epsilons=[0.1, 0.3], target_fpr=0.05)
+    r = det.report                                     # measured on held-out rows calibration did not see
+    assert r["false_positive_rate"] <= 0.1
+    assert r["pgd_detection_rate"]["0.3"] >= 0.9 and r["noise_detection_rate"] >= 0.95
+    _, score, flagged = det.score(model, torch.from_numpy(X[held][:50]))
+    assert score.shape == (50,) and flagged.float().mean() <= 0.2
+
+
+def test_prada_flags_a_synthetic_sweep_but_not_natural_clients(digits_model):
+    model, X, y, train, held = digits_model
+    rng = np.random.default_rng(1)
+    ex = ExtractionDetector(min_queries=60, delta=0.9, ood_fraction=0.5)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(X)).argmax(1).numpy()
+    for c in range(10):                                # natural traffic: draws of real digits
+        idx = rng.choice(len(X), size=400)
+        for s in range(0, 400, 20):
+            ex.observe(f"normal{c}", X[idx[s:s + 20]], labels[idx[s:s + 20]], np.zeros(20, bool))
+        assert not ex.state(f"normal{c}")["flagged"], ex.state(f"normal{c}")
+    # a sweep: small signed steps around a few seeds, as Jacobian augmentation makes them
+    seeds = X[rng.choice(len(X), size=20, replace=False)]
+    sweep = [seeds]
+    for _ in range(20):
+        step = np.sign(rng.standard_normal(seeds.shape)).astype(np.float32) * 0.05
+        sweep.append(np.clip(sweep[-1] + step, 0, 1))
+    Q = np.concatenate(sweep)[:500]
+    with torch.no_grad():
+        q_labels = model(torch.from_numpy(Q)).argmax(1).numpy()
+    for s in range(0, len(Q), 20):
+        if ex.observe("sweeper", Q[s:s + 20], q_labels[s:s + 20], np.zeros(len(Q[s:s + 20]), bool)):
+            break
+    state = ex.state("sweeper")
+    assert state["flagged"] and state["flagged_at"] <= 500, state
+    ex.observe("noisy", rng.random((100, 1, 8, 8)).astype(np.float32), np.zeros(100, int), np.ones(100, bool))
+    assert ex.state("noisy")["flagged"] and "input detector" in ex.state("noisy")["reason"]
+
+
+# -- drift and alert rules --------------------------------------------------------------
+def test_drift_flags_a_shifted_window_and_not_a_fresh_sample_of_the_same_data():
+    from stages.data.expectations.statistics import dataset_statistics
+    from stages.data.io import load_source
+
+    d = load_source("sklearn:digits")
+    order = np.random.default_rng(0).permutation(len(d.y))        # a random split, as screening makes
+    X, y = d.X.reshape(len(d.X), -1).astype(np.float32)[order], d.y[order]
+    ref, rest = X[:1200], X[1200:]
+    stats = dataset_statistics(ref, y[:1200])
+    same = drift_test(rest[:400], reference_sample=ref, statistics=stats, p_value=0.01, max_mean_z=6.0)
+    assert not same.drifted, same
+    brighter = np.clip(rest[:400] * 0.7 + 0.25, 0, 1)
+    moved = drift_test(brighter, reference_sample=ref, statistics=stats, p_value=0.01, max_mean_z=6.0)
+    assert moved.drifted and moved.mean_z_features > 10 and moved.drifted_features > 10
+    monitor = DriftMonitor(reference_sample=ref, statistics=stats, window=100, every=50, p_value=0.01, max_mean_z=6.0)
+    assert monitor.add(rest[:60]) is None
+    window = monitor.add(brighter[:50])
+    assert window is not None and window.shape == (100, 64) and monitor.evaluate(window).drifted
+
+
+def test_rate_rules_raise_once_per_cooldown():
+    rules = RateRules(window=20, low_confidence=0.6, max_low_confidence_rate=0.25, max_detector_rate=0.15, cooldown_s=60)
+    assert rules.observe([0.9] * 20, [False] * 20) == []
+    alerts = rules.observe([0.3] * 10, [True] * 10)
+    assert sorted(a.kind for a in alerts) == ["evasion", "low_confidence"]
+    assert rules.observe([0.3] * 10, [True] * 10) == []          # within the cooldown
+
+
+def test_diagnosis_tells_an_attack_from_drift():
+    def rows(n, client, flagged, conf=0.9, extraction=False):
+        return [{"client": client, "flagged": flagged, "confidence": conf, "extraction_flagged": extraction}] * n
+
+    attack = diagnose(rows(100, "a", False) + rows(60, "eve", True), [], max_detector_rate=0.15, low_confidence=0.6)
+    assert attack["verdict"] == "attack" and attack["evidence"]["flagged_by_top_client"]["client"] == "eve"
+    drift = diagnose(rows(50, "a", False, 0.4) + rows(50, "b", False, 0.4) + rows(3, "c", True), [{"kind": "drift"}],
+                     max_detector_rate=0.15, low_confidence=0.6)
+    assert drift["verdict"] == "drift"
+    assert diagnose([], [], max_detector_rate=0.15, low_confidence=0.6)["verdict"] == "inconclusive"
