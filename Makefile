@@ -50,6 +50,7 @@ bench: setup
 	@$(BIN)/python bench/train_mnist.py --quick
 	@$(BIN)/python bench/dp_grad_sample.py --quick
 	@$(BIN)/python bench/pipeline.py
+	@$(BIN)/python bench/serving.py
 
 clean-runs:
 	rm -rf runs data/quarantine mlflow.db mlartifacts audit .prefect

@@ -169,6 +169,13 @@ def cmd_playbook(args: argparse.Namespace) -> int:
         run_playbook,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
     )
 
+    if args.playbook == "serve":
+        from flows.playbooks.automations import serve_playbooks  # Prefect: only serving the playbooks needs it
+
+        serve_playbooks(args.model)
+        return 0
+    if not args.reason:
+        raise InvalidInput(f"playbook {args.playbook} needs --reason")
     if args.since_hours is not None and not args.since_hours > 0:
         raise InvalidInput(f"--since-hours must be positive, got {args.since_hours}")
     for path in (args.digests, args.trigger):
@@ -195,7 +202,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
 
     store = KeyStore(keys_path(_ws()))
     if args.clients_command == "add":
-        token = store.add(args.name, role="admin" if args.admin else "client", budget=args.budget)
+        token = store.add(args.name, role="admin" if args.admin else "client", budget=args.budget, rate=args.rate)
         _print({"client": args.name, "api_key": token}, args.json,
                lambda r: f"API key for {r['client']} (shown once, store it now):\n{r['api_key']}")
     elif args.clients_command == "remove":
@@ -203,7 +210,8 @@ def cmd_clients(args: argparse.Namespace) -> int:
         _print({"client": args.name, "removed": True}, args.json, lambda r: f"removed the key of {r['client']}")
     else:
         _print(store.clients(), args.json,
-               lambda cs: "\n".join(f"{c['name']}  role={c['role']}  budget={c['budget'] or 'default'}  created={c['created']}"
+               lambda cs: "\n".join(f"{c['name']}  role={c['role']}  budget={c['budget'] or 'default'}  "
+                                    f"rate={c['rate'] or 'default'}  created={c['created']}"
                                     for c in cs) or "no clients")
     return 0
 
@@ -274,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("playbook", parents=[common], help="incident playbooks (docs/playbooks.md)")
     p.add_argument("playbook", choices=["rollback", "purge-retrain", "evasion-response", "degradation-response",
-                                        "poisoning-response"])
+                                        "poisoning-response", "serve"],
+                   help="'serve': serve the incident playbooks as deployments started by their alerts' automations")
     p.add_argument("--model", required=True)
     p.add_argument("--run-id", help="the run whose quarantine to purge (purge-retrain)")
-    p.add_argument("--reason", required=True)
+    p.add_argument("--reason", default=None, help="why (required except for serve)")
     p.add_argument("--retrain", action="store_true", help="start a new run after purging (purge-retrain) or adversarial "
                    "retraining through the gate (evasion-response)")
     p.add_argument("--since-hours", type=float, default=None, help="telemetry window (evasion: 24, degradation: 1)")
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--admin", action="store_true", help="may read /v1/status, /metrics and the admin routes")
     c.add_argument("--budget", type=int, default=None, help="rows per budget period (default: serving.access.budget)")
+    c.add_argument("--rate", default=None, help="request rate such as 5/second (default: serving.access.rate_limit)")
     c.set_defaults(fn=cmd_clients)
     c = csub.add_parser("remove", parents=[common], help="revoke a client's key")
     c.add_argument("name")

@@ -55,9 +55,15 @@ class Target:
                     raise PipelineError(f"the service at {self.url} stopped answering: {err}") from None
                 time.sleep(0.2)
 
-    def predict(self, X: np.ndarray, *, key: str | None = None) -> tuple[int, dict[str, Any]]:
-        r = self._call("POST", "/v1/predict", json={"inputs": X.reshape(len(X), -1).tolist()},
-                       headers={"Authorization": f"Bearer {key or self.key}"})
+    def predict(self, X: np.ndarray, *, key: str | None = None, patient: bool = False) -> tuple[int, dict[str, Any]]:
+        """POST one batch; ``patient``: after a 429 that asks for at most 5 s, wait and try once more."""
+        for attempt in range(2):
+            r = self._call("POST", "/v1/predict", json={"inputs": X.reshape(len(X), -1).tolist()},
+                           headers={"Authorization": f"Bearer {key or self.key}"})
+            wait = r.headers.get("retry-after", "")
+            if not (patient and attempt == 0 and r.status_code == 429 and wait.isdigit() and int(wait) <= 5):
+                break
+            time.sleep(int(wait))
         try:
             return r.status_code, r.json()
         except ValueError:
@@ -75,7 +81,7 @@ def _send(target: Target, X: np.ndarray, *, batch: int) -> tuple[np.ndarray, np.
     status = np.zeros(len(X), dtype=np.int64)
     labels = np.full(len(X), -1, dtype=np.int64)
     for start in range(0, len(X), batch):
-        code, body = target.predict(X[start:start + batch])
+        code, body = target.predict(X[start:start + batch], patient=True)
         status[start:start + batch] = code
         if code == 200:
             labels[start:start + batch] = [p["label"] for p in body["predictions"]]
@@ -110,8 +116,8 @@ def drill_evasion(target: Target, *, model, X: np.ndarray, y: np.ndarray, epsilo
         g: dict[str, Any] = {"answered": round(float(answered.mean()), 4), "block_rate": round(float((~answered).mean()), 4),
                              "refusals": {str(c): int((status == c).sum()) for c in sorted(set(status.tolist()) - {200})}}
         flags = _flagged(target, client, since, G)
-        if flags is not None:
-            g["detection_rate"] = round(float(flags.mean()), 4)
+        if flags is not None and answered.any():   # refused rows never reached the detector
+            g["detection_rate"] = round(float(flags[answered].mean()), 4)
         if name != "noise":
             wrong = answered & (labels != y)
             g["evasion_rate"] = round(float((wrong & (~flags if flags is not None else True)).mean()), 4)

@@ -116,3 +116,28 @@ def one_thread():
 def trained(one_thread):
     """(model, X, y): a cnn_small briefly trained on digits and 200 held-out digits as tensors."""
     return briefly_trained_digits_model()
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, prefect_server):
+    """A workspace whose champion (version 2) replaced version 1, both through the pipeline;
+    the serving and incident-playbook tests share it (each leaves it with a champion)."""
+    from tests.serving_support import build_two_versions
+
+    path = tmp_path_factory.mktemp("serving") / "ws"
+    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
+    os.environ["MLSEC_ROOT"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    cwd = os.getcwd()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    try:
+        runs = build_two_versions(path)
+    finally:
+        os.chdir(cwd)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return path, runs

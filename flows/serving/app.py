@@ -13,6 +13,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -66,17 +67,20 @@ async def _read_body(request: Request, limit: int) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as err:
         raise Refusal(400, "malformed_json", f"the body is not valid JSON: {str(err).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise Refusal(400, "malformed_json", "the body nests arrays or objects too deeply") from None
 
 
-def _predict_schema(max_batch: int) -> dict[str, Any]:
+def _predict_schema(max_batch: int, features: int | None) -> dict[str, Any]:
     number = {"type": "number", "minimum": 0, "maximum": 1}
-    nested = {"anyOf": [number, {"type": "array", "items": {"anyOf": [number, {"type": "array", "items": {
-        "anyOf": [number, {"type": "array", "items": number}]}}]}}]}
+    row: dict[str, Any] = {"type": "array", "items": number}
+    if features:
+        row.update(minItems=features, maxItems=features)
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["inputs"], "additionalProperties": False,
-        "properties": {"inputs": {"type": "array", "minItems": 1, "maxItems": max_batch,
-                                  "description": "rows on the [0, 1] scale, flat (N x F) or in the model's input shape",
-                                  "items": {"type": "array", "items": nested}}}}}}}}
+        "properties": {"inputs": {"type": "array", "minItems": 1, "maxItems": max_batch, "items": row,
+                                  "description": "rows on the [0, 1] scale, flat (N x F); rows in the model's input "
+                                                 "shape (N x C x H x W) are accepted too"}}}}}}}
 
 
 def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
@@ -94,6 +98,8 @@ def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
                   description="Predictions of the verified champion, with access control, input checks, "
                               "telemetry and attack detection.")
     sp = service.sp
+    served = service.host.current
+    features = int(np.prod(served.input_shape)) if served is not None else None
 
     @app.exception_handler(Refusal)
     async def _refusal(_req: Request, err: Refusal) -> JSONResponse:
@@ -122,7 +128,7 @@ def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
                 "version": served.version if served else None}
 
     @app.post("/v1/predict", summary="Predict labels for rows on the [0, 1] scale", response_model=None,
-              responses={200: {"model": PredictResponse}, **ERRORS}, openapi_extra=_predict_schema(sp.max_batch))
+              responses={200: {"model": PredictResponse}, **ERRORS}, openapi_extra=_predict_schema(sp.max_batch, features))
     async def predict(request: Request) -> JSONResponse:
         client = service.authenticate(_token(request))
         body = await _read_body(request, sp.max_body_bytes)

@@ -155,14 +155,12 @@ class ModelHost:
     def _refuse(self, version: str, why: str, *, kind: str) -> dict[str, Any]:
         first = version not in self.refused
         self.refused[version] = why
+        serving = self.current.version if self.current else None
         if first:
             Ledger(self.ws.ledger_path).append("serving.refused", {"model": self.name, "alias": self.alias, "version": version,
-                                                                    "served_version": self.current.version if self.current else None,
-                                                                    "reason": why})
-            self.on_alert(Alert(kind, "critical", f"{why}; still serving version "
-                                f"{self.current.version if self.current else '-'}",
-                                {"version": version, "served_version": self.current.version if self.current else None}),
-                          self.current.version if self.current else None)
+                                                                    "served_version": serving, "reason": why})
+            self.on_alert(Alert(kind, "critical", f"{why}; still serving version {serving or '-'}",
+                                {"version": version, "served_version": serving}), serving)
         return {"action": "refused", "version": version, "reason": why}
 
     def watch(self) -> None:

@@ -115,7 +115,7 @@ class PredictionService:
         throttled = client.name in self._flagged_clients and self.sp.extraction.action == "throttle"
         if client.name in self._flagged_clients and self.sp.extraction.action == "block":
             raise Refusal(403, "blocked", "this key is blocked: its queries look like a model-extraction sweep")
-        item = self._throttled_rate if throttled else self._rate
+        item = self._throttled_rate if throttled else (parse(client.rate) if client.rate else self._rate)
         if not self._limiter.hit(item, "rate", client.name):
             stats = self._limiter.get_window_stats(item, "rate", client.name)
             wait = max(1, int(stats.reset_time - time.time()) + 1)
@@ -170,8 +170,9 @@ class PredictionService:
             with self._lock:
                 self._flagged_clients.add(client.name)
             state = self.extraction.state(client.name)
-            score = state["w"] if state.get("w") is not None and "Shapiro" in (state["reason"] or "") else state["ood_share"]
-            threshold = self.sp.extraction.prada_delta if "Shapiro" in (state["reason"] or "") else self.sp.extraction.ood_fraction
+            prada = "Shapiro" in (state["reason"] or "") and state.get("w") is not None
+            score = state["w"] if prada else state["ood_share"]
+            threshold = self.sp.extraction.prada_delta if prada else self.sp.extraction.ood_fraction
             self.sink(Alert("extraction", "critical",
                             f"client {client.name!r} looks like a model-extraction sweep after {state['flagged_at']} queries: "
                             f"{state['reason']}; action: {self.sp.extraction.action}",
@@ -215,7 +216,14 @@ class PredictionService:
             self._background.submit(self._drift, served, window)
 
     def _drift(self, served: Served, window: np.ndarray) -> None:
-        result = served.drift.evaluate(window)
+        try:
+            result = served.drift.evaluate(window)
+        except Exception as err:  # noqa: BLE001 - a check that cannot run counts as failed: say so
+            if self.rules.allow("drift", f"error:{served.version}"):
+                self.sink(Alert("drift", "critical", f"the drift test could not run on version {served.version}: {err}",
+                                {"statistic": "error", "value": 0.0, "threshold": 0.0, "window": len(window)}),
+                          served.version)
+            return
         self.metrics.drift(result)
         if result.drifted and self.rules.allow("drift", served.version):
             d = self.sp.drift

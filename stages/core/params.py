@@ -210,7 +210,7 @@ class ServingTelemetryParams(_Section):
 
 class ServingDetectorParams(_Section):
     enabled: bool = True
-    target_fpr: float = Field(default=0.05, gt=0, lt=0.5)  # on clean held-out inputs
+    target_fpr: float = Field(default=0.04, gt=0, lt=0.5)  # on clean inputs
     calibration_epsilons: list[float] = Field(default_factory=lambda: [0.1, 0.3])  # PGD, [0, 1] input scale
     calibration_rows: int = Field(default=2000, ge=20)      # most held-out and training rows read per calibration
     action: Literal["flag", "reject"] = "flag"   # reject: answer 422 instead of a prediction

@@ -42,6 +42,7 @@ class Client:
     name: str
     role: str
     budget: int | None          # rows per budget period; None = the service's default
+    rate: str | None = None     # requests, in the `limits` notation ("5/second"); None = the service's default
 
     @property
     def is_admin(self) -> bool:
@@ -65,7 +66,7 @@ class KeyStore:
         if mtime == self._mtime:
             return
         doc = self._load()
-        self._by_digest = {rec["sha256"]: Client(name, rec.get("role", "client"), rec.get("budget"))
+        self._by_digest = {rec["sha256"]: Client(name, rec.get("role", "client"), rec.get("budget"), rec.get("rate"))
                            for name, rec in doc.get("clients", {}).items()}
         self._mtime = mtime
 
@@ -81,7 +82,7 @@ class KeyStore:
                     return client
         return None
 
-    def add(self, name: str, *, role: str = "client", budget: int | None = None) -> str:
+    def add(self, name: str, *, role: str = "client", budget: int | None = None, rate: str | None = None) -> str:
         """Create a key for a new client; return the token (shown once, never stored)."""
         if not CLIENT_RE.match(name or ""):
             raise InvalidInput(f"client name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -89,12 +90,19 @@ class KeyStore:
             raise InvalidInput(f"role must be one of {ROLES}, got {role!r}")
         if budget is not None and budget < 1:
             raise InvalidInput(f"budget must be at least 1 row, got {budget}")
+        if rate is not None:
+            from limits import parse  # the limiter library checks the notation
+
+            try:
+                parse(rate)
+            except ValueError:
+                raise InvalidInput(f"rate {rate!r} is not a rate such as '5/second' or '100/minute'") from None
         token = f"mlsec_{name}_{secrets.token_urlsafe(32)}"
         with FileLock(str(self.path) + ".lock", timeout=30):
             doc = self._load()
             if name in doc["clients"]:
                 raise InvalidInput(f"client {name!r} already has a key; remove it first to issue a new one")
-            doc["clients"][name] = {"sha256": _digest(token), "role": role, "budget": budget,
+            doc["clients"][name] = {"sha256": _digest(token), "role": role, "budget": budget, "rate": rate,
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_json(self.path, doc)
         return token
@@ -109,7 +117,8 @@ class KeyStore:
 
     def clients(self) -> list[dict[str, Any]]:
         doc = self._load()
-        return [{"name": n, "role": r.get("role", "client"), "budget": r.get("budget"), "created": r.get("created")}
+        return [{"name": n, "role": r.get("role", "client"), "budget": r.get("budget"), "rate": r.get("rate"),
+                 "created": r.get("created")}
                 for n, r in sorted(doc["clients"].items())]
 
 

@@ -12,7 +12,7 @@ Four scores per input, each cheap and each blind to a different evasion:
 
 A logistic regression on the standardised log-scores separates clean held-out rows from PGD
 samples made on them (at the calibration epsilons) and from uniform noise; the alarm
-threshold is the ``1 - target_fpr`` quantile of the combined score on clean held-out rows.
+threshold is the conformal ``1 - target_fpr`` quantile of the combined score on clean held-out rows.
 Calibration uses one half of the held-out rows, and the report measures the other half, so
 the figures it shows were not fitted. Every score is a torch function of the input, so an
 attacker model that knows the detector can follow its gradient (``stages.monitoring.adaptive``).
@@ -79,11 +79,17 @@ class AdversarialDetector:
 
     def raw_scores(self, model: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
         """(logits N x K, log-scores N x S) as differentiable functions of ``X``."""
-        feats, logits = features_and_logits(model, X)
+        n = len(X)
+        squeezed = _squeezed(X)
+        # one forward pass over the input and its squeezed copies: tiny models pay per call, not per row
+        feats_all, logits_all = features_and_logits(model, torch.cat([X, *squeezed]))
+        feats, logits = feats_all[:n], logits_all[:n]
         diff = feats.unsqueeze(1) - self.class_means.unsqueeze(0)                  # N x K x D
         maha = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff).min(dim=1).values
-        probs = F.softmax(logits, dim=1)
-        squeeze = torch.stack([(F.softmax(model(s), dim=1) - probs).abs().sum(dim=1) for s in _squeezed(X)]).max(dim=0).values
+        probs_all = F.softmax(logits_all, dim=1)
+        probs = probs_all[:n]
+        squeeze = torch.stack([(probs_all[(k + 1) * n:(k + 2) * n] - probs).abs().sum(dim=1)
+                               for k in range(len(squeezed))]).max(dim=0).values
         centred = X.reshape(len(X), -1) - self.pca_mean
         residual = (centred - (centred @ self.pca_basis) @ self.pca_basis.T).pow(2).sum(dim=1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
@@ -183,8 +189,11 @@ def calibrate_detector(model: nn.Module, *, X_train: np.ndarray, y_train: np.nda
     det = AdversarialDetector(means, precision, pca_mean, basis, mean, std,
                               torch.as_tensor(lr.coef_[0], dtype=torch.float32), float(lr.intercept_[0]), math.inf,
                               target_fpr)
-    clean_fit = det.combine(clean).numpy()
-    det.threshold = float(np.quantile(clean_fit, 1 - target_fpr, method="higher"))
+    clean_fit = np.sort(det.combine(clean).numpy())
+    # the conformal quantile: the ceil((n + 1)(1 - fpr))-th smallest clean score, so a new clean
+    # input raises the alarm with probability at most target_fpr (in expectation over calibrations)
+    rank = min(len(clean_fit), int(math.ceil((len(clean_fit) + 1) * (1 - target_fpr))))
+    det.threshold = float(clean_fit[rank - 1])
     det.report = _report(model, det, sets[1], epsilons, n_fit=len(halves[0]))
     return det
 

@@ -81,7 +81,8 @@ class ExtractionDetector:
     def _test(self, s: ClientStream) -> None:
         if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and \
                 sum(s.recent_ood) / len(s.recent_ood) >= self.ood_fraction:
-            s.flagged_at, s.reason = s.queries, f"{sum(s.recent_ood)} of the last {len(s.recent_ood)} queries were flagged by the input detector"
+            s.flagged_at = s.queries
+            s.reason = f"{sum(s.recent_ood)} of the last {len(s.recent_ood)} queries were flagged by the input detector"
             return
         if len(s.distances) < self.min_queries or len(s.distances) % self.test_every:
             return

@@ -1,0 +1,75 @@
+"""Helpers of the serving tests: a workspace with two promoted versions, and the service
+running on a loopback port in this process (uvicorn in a thread), as ``mlsec serve`` runs it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "screen.detectors=[label_issues]",
+         "gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null", "evaluate.membership_inference=false",
+         "gate.max_mia_auc=null"]
+
+
+def build_two_versions(path: Path) -> dict:
+    """Version 1 on digits, version 2 on digits less 97 rows (a second dataset version); both
+    promoted through the pipeline, so version 2 is the champion and version 1 the previous one."""
+    from flows.pipeline import secure_training
+    from stages.data.io import load_source
+    from tests.support import make_workspace
+
+    make_workspace(path)
+    first = secure_training(overrides=QUICK, triggered_by="alice")
+    d = load_source("sklearn:digits")
+    np.savez(path / "digits-1700.npz", X=d.X[:1700], y=d.y[:1700])
+    second = secure_training(data=str(path / "digits-1700.npz"), overrides=QUICK + ["train.seed=1"], triggered_by="alice")
+    assert first["status"] == second["status"] == "promoted", (first, second)
+    return {"v1": first, "v2": second}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(ws: Path, overrides: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """(base URL, PredictionService) of a service started as ``mlsec serve`` starts it."""
+    import uvicorn
+
+    from flows.serving.app import create_app
+    from flows.serving.service import PredictionService
+    from stages.core.params import load_params
+    from stages.core.workspace import Workspace
+
+    params = load_params(ws / "params.yaml", overrides or [])
+    service = PredictionService(Workspace(ws), params)
+    service.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, manage=False), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.stop()
+
+
+def add_client(ws: Path, name: str, *, admin: bool = False, budget: int | None = None, rate: str | None = None) -> str:
+    from stages.monitoring.access import KeyStore
+
+    return KeyStore(ws / "serving" / "api-keys.json").add(name, role="admin" if admin else "client", budget=budget,
+                                                          rate=rate)
