@@ -176,6 +176,8 @@ def cmd_playbook(args: argparse.Namespace) -> int:
         return 0
     if not args.reason:
         raise InvalidInput(f"playbook {args.playbook} needs --reason")
+    if not args.debug:
+        _quiet_expected_failures()
     if args.since_hours is not None and not args.since_hours > 0:
         raise InvalidInput(f"--since-hours must be positive, got {args.since_hours}")
     for path in (args.digests, args.trigger):

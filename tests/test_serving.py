@@ -26,6 +26,7 @@ from tests.support import run_cli
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["serving.reload_poll_s=0.5", "serving.alerts.window=60", "serving.drift.window=120", "serving.drift.every=60",
+            "serving.drift.min_interval_s=0",
             "serving.access.rate_limit=1000/second", "serving.extraction.action=throttle"]
 
 
@@ -167,6 +168,25 @@ def test_schema_fuzzing_finds_no_server_error(served, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout.split("SUMMARY")[-1]
     assert served["service"].metrics.requests.labels("error")._value.get() == 0
+
+
+def test_output_hardening_and_metrics(served):
+    service = served["service"]
+    X, _ = _digits(3, seed=2)
+    full = _post(served, "alice", X).json()["predictions"]
+    assert all(len(p["probabilities"]) == 10 for p in full)
+    original = service.sp
+    service.sp = original.model_copy(update={"output": original.output.model_copy(update={"top1_only": True,
+                                                                                          "round_decimals": 1})})
+    try:
+        hard = _post(served, "alice", X).json()["predictions"]
+    finally:
+        service.sp = original
+    assert all(set(p) == {"label", "confidence"} and p["confidence"] == round(p["confidence"], 1) for p in hard)
+    assert [p["label"] for p in hard] == [p["label"] for p in full]
+    metrics = httpx.get(f"{served['url']}/metrics", headers=_h(served, "admin"))
+    assert metrics.status_code == 200 and 'mlsec_requests_total{outcome="answered"}' in metrics.text
+    assert "mlsec_request_seconds_bucket" in metrics.text and "mlsec_served_version" in metrics.text
 
 
 def test_every_prediction_is_logged_with_what_the_issue_lists(served):

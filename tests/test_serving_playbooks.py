@@ -111,7 +111,7 @@ def test_poisoning_response_quarantines_everywhere_retrains_and_repromotes(ws, t
     assert out["clean_data"]["removed"] == 5
     assert out["retrain"]["status"] == "promoted"
     new = resolve(Workspace(ws), "mlsec-digits@champion")
-    assert new.version == out["retrain"]["model"]["version"]
+    assert str(new.version) == out["retrain"]["model"]["version"]
     folder, _ = RunContext(Workspace(ws), new.tags["mlsec.run_id"]).dataset(where="test")
     X2, y2, _, _ = read_prepared(folder)
     assert not set(suspects) & {sample_digest(X2, int(y2[i]), i) for i in range(len(y2))}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows.playbooks.data import load_trigger, read_digests
 from flows.playbooks.maintenance import purge_quarantined, run_maintenance
 from stages.core.errors import InvalidInput
 from stages.core.workspace import Workspace
@@ -23,6 +24,13 @@ def run_playbook(ws: Workspace, playbook: str, *, model: str, reason: str, run_i
         return run_maintenance(ws, playbook, model=model, run_id=run_id, reason=reason, retrain=retrain)
     if not reason or not reason.strip():
         raise InvalidInput("a playbook needs --reason")
+    if playbook == "poisoning-response":      # bad input is refused before a flow run starts
+        if not digests and not trigger:
+            raise InvalidInput("poisoning-response needs suspect digests (--digests FILE) or a trigger (--trigger FILE.npz)")
+        if digests:
+            read_digests(digests)
+        if trigger:
+            load_trigger(trigger)
     from flows.playbooks import incidents  # Prefect: slow to import, only these playbooks need it
 
     if playbook == "evasion-response":

@@ -120,7 +120,7 @@ class ModelHost:
                                           target_fpr=self.params.detectors.target_fpr)
         d = self.params.drift
         drift = DriftMonitor(reference_sample=ref.X_train, statistics=ref.statistics, window=d.window, every=d.every,
-                             p_value=d.p_value, max_mean_z=d.max_mean_z)
+                             p_value=d.p_value, max_mean_z=d.max_mean_z, min_interval_s=d.min_interval_s)
         return Served(name=self.name, version=str(version), run_id=ref.run_id, weights_sha256=tags["mlsec.weights_sha256"],
                       model=model, input_shape=input_shape, num_classes=num_classes, detector=detector, drift=drift,
                       reference={"data_sha256": ref.data_sha256, "statistics_source": ref.statistics_source,

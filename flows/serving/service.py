@@ -35,6 +35,24 @@ from flows.serving.host import ModelHost, Served
 from flows.serving.metrics import Metrics
 
 
+class _LimiterStorage(MemoryStorage):
+    """`limits`' in-memory storage, expiring old entries inline at most once a second.
+
+    The stock storage expires from a ``threading.Timer`` that lives 10 ms and is started again
+    by the next hit: one new thread per request at any rate under 100 requests a second
+    (measured: 5 ms of a 14 ms request on this machine). Expired moving-window entries are
+    ignored when counted anyway; the sweep only frees memory.
+    """
+
+    _last_sweep = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802 - replaces the private hook of MemoryStorage
+        now = time.monotonic()
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            self._MemoryStorage__expire_events()
+
+
 @dataclass
 class Refusal(Exception):
     """A request the service will not answer: HTTP status, a stable code and one clear line."""
@@ -67,7 +85,7 @@ class PredictionService:
         if self.store is not None:
             used = self.store.usage_since(time.time() - time.time() % period)
         self.budgets = Budgets(default_budget=sp.access.budget, period_s=period, used=used)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._limiter = MovingWindowRateLimiter(_LimiterStorage())
         self._rate = parse(sp.access.rate_limit)
         self._throttled_rate = parse(sp.extraction.throttled_rate)
         self.extraction = ExtractionDetector(min_queries=sp.extraction.min_queries, delta=sp.extraction.prada_delta,

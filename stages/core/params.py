@@ -228,6 +228,7 @@ class ServingExtractionParams(_Section):
 class ServingDriftParams(_Section):
     window: int = Field(default=500, ge=20)      # most recent inputs compared with the champion's training data
     every: int = Field(default=100, ge=1)        # test after this many new inputs
+    min_interval_s: float = Field(default=5.0, ge=0)  # and at most this often
     p_value: float = Field(default=0.01, gt=0, lt=1)  # per-feature KS, Bonferroni-corrected
     max_mean_z: float = Field(default=6.0, gt=0)  # |window mean - reference mean| in standard errors
     retrain: bool = True                          # drift emits the retraining event

@@ -2,9 +2,9 @@
 
 The loss pushes the true class's margin down and the detector's combined score below its
 threshold at once (Carlini and Wagner's recipe for detectors, 2017): maximise
-``CE(model(x + delta), y) - weight * relu(score(x + delta) - threshold + margin)``. The
-squeezing score is differentiated straight through its rounding (BPDA). Used by the
-benchmark to report what such an attacker achieves, not by the service.
+``CE(model(x + delta), y) - weight * relu(score(x + delta) - threshold + margin)``; every
+score is differentiable, so no gradient has to be approximated. Used by the benchmark to
+report what such an attacker achieves, not by the service.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -89,16 +90,19 @@ def drift_test(window: np.ndarray, *, reference_sample: np.ndarray, statistics: 
 
 
 class DriftMonitor:
-    """A ring buffer of recent inputs, tested every ``every`` new rows once it is full."""
+    """A ring buffer of recent inputs, tested every ``every`` new rows once it is full, and at
+    most once per ``min_interval_s`` (at high traffic the test would otherwise take a core)."""
 
     def __init__(self, *, reference_sample: np.ndarray, statistics: dict[str, Any], window: int, every: int,
-                 p_value: float, max_mean_z: float, test: str = "ks"):
+                 p_value: float, max_mean_z: float, test: str = "ks", min_interval_s: float = 0.0):
         self.reference_sample = reference_sample.reshape(len(reference_sample), -1)
         self.statistics = statistics
         self.window, self.every = window, every
         self.p_value, self.max_mean_z, self.test = p_value, max_mean_z, test
+        self.min_interval_s = min_interval_s
         self._rows: deque = deque(maxlen=window)
         self._since = 0
+        self._last_test = -math.inf
         self._lock = threading.Lock()
         self.last: DriftResult | None = None
 
@@ -107,9 +111,10 @@ class DriftMonitor:
         with self._lock:
             self._rows.extend(X.reshape(len(X), -1))
             self._since += len(X)
-            if len(self._rows) < self.window or self._since < self.every:
+            now = time.monotonic()
+            if len(self._rows) < self.window or self._since < self.every or now - self._last_test < self.min_interval_s:
                 return None
-            self._since = 0
+            self._since, self._last_test = 0, now
             return np.stack(self._rows)
 
     def evaluate(self, window: np.ndarray) -> DriftResult:

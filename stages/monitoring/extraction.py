@@ -29,11 +29,29 @@ MAX_SET = 4000                # per class, queries kept for the distance search
 OOD_WINDOW = 100              # recent queries over which the share flagged by the input detector is taken
 
 
+class _Rows:
+    """A growing (n, F) float32 array (doubling), so a distance search reads one block."""
+
+    def __init__(self, features: int):
+        self.data = np.empty((16, features), dtype=np.float32)
+        self.n = 0
+
+    def add(self, row: np.ndarray) -> None:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        self.data[self.n] = row
+        self.n += 1
+
+    def nearest(self, row: np.ndarray) -> float:
+        block = self.data[: self.n] - row
+        return float(np.sqrt(np.einsum("ij,ij->i", block, block).min()))
+
+
 @dataclass
 class ClientStream:
     queries: int = 0
-    sets: dict[int, list[np.ndarray]] = field(default_factory=dict)
-    grown: dict[int, list[float]] = field(default_factory=dict)
+    sets: dict[int, _Rows] = field(default_factory=dict)
+    grown: dict[int, list] = field(default_factory=dict)   # class -> [count, sum, sum of squares]
     distances: deque = field(default_factory=lambda: deque(maxlen=MAX_DISTANCES))
     recent_ood: deque = field(default_factory=lambda: deque(maxlen=OOD_WINDOW))
     w: float | None = None
@@ -52,8 +70,15 @@ class ExtractionDetector:
         self._streams: dict[str, ClientStream] = {}
         self._lock = threading.Lock()
 
-    def _threshold(self, grown: list[float]) -> float:
-        return float(np.mean(grown) - np.std(grown)) if grown else 0.0
+    @staticmethod
+    def _threshold(grown: list[float]) -> float:
+        """Mean minus one standard deviation of the distances that grew the class's set
+        (``grown`` holds count, sum and sum of squares)."""
+        n, total, squares = grown
+        if not n:
+            return 0.0
+        mean = total / n
+        return mean - math.sqrt(max(squares / n - mean * mean, 0.0))
 
     def observe(self, client: str, X: np.ndarray, labels: np.ndarray, ood: np.ndarray) -> bool:
         """Feed a batch of one client's queries (rows ``X`` (N, ...), predicted ``labels``,
@@ -64,16 +89,19 @@ class ExtractionDetector:
             for row, label, alarm in zip(flat, np.asarray(labels).tolist(), np.asarray(ood).tolist()):
                 s.queries += 1
                 s.recent_ood.append(bool(alarm))
-                members = s.sets.setdefault(int(label), [])
-                grown = s.grown.setdefault(int(label), [])
-                if not members:
-                    members.append(row)
+                members = s.sets.get(int(label))
+                grown = s.grown.setdefault(int(label), [0, 0.0, 0.0])
+                if members is None:
+                    s.sets[int(label)] = members = _Rows(flat.shape[1])
+                    members.add(row)
                     continue
-                d = float(np.sqrt(((np.stack(members) - row) ** 2).sum(axis=1)).min())
+                d = members.nearest(row)
                 s.distances.append(d)
-                if d > self._threshold(grown) and len(members) < MAX_SET:
-                    members.append(row)
-                    grown.append(d)
+                if d > self._threshold(grown) and members.n < MAX_SET:
+                    members.add(row)
+                    grown[0] += 1
+                    grown[1] += d
+                    grown[2] += d * d
                 if s.flagged_at is None:
                     self._test(s)
             return s.flagged_at is not None

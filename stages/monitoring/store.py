@@ -106,7 +106,10 @@ class TelemetryStore:
         self.healthy = True
         self.last_error: str | None = None
         self.written = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_max)
+        self.queue_max = queue_max
+        self._queue: queue.Queue = queue.Queue()
+        self._queued = 0                                   # rows in the queue and in _pending
+        self._count_lock = threading.Lock()
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -125,15 +128,17 @@ class TelemetryStore:
         """Queue rows for writing; False (nothing queued) when the queue has no room for them."""
         if table not in TABLES:
             raise ValueError(f"unknown telemetry table {table!r}")
-        if self._queue.maxsize - self.backlog() < len(rows):   # rows being retried count against the room
-            return False
+        with self._count_lock:
+            if self.queue_max - self._queued < len(rows):   # rows being retried count against the room
+                return False
+            self._queued += len(rows)
         self._idle.clear()
-        for row in rows:
-            self._queue.put_nowait((table, row))
+        self._queue.put_nowait((table, rows))               # one item per request, not per row
         return True
 
     def backlog(self) -> int:
-        return self._queue.qsize() + len(self._pending)
+        """Rows accepted and not yet written."""
+        return self._queued
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued is written; False on timeout."""
@@ -156,9 +161,10 @@ class TelemetryStore:
         while not self._stop.is_set():
             while len(self._pending) < 2000:
                 try:
-                    self._pending.append(self._queue.get(timeout=0.05 if not self._pending else 0))
+                    table, rows = self._queue.get(timeout=0.05 if not self._pending else 0)
                 except queue.Empty:
                     break
+                self._pending.extend((table, row) for row in rows)
             if not self._pending:
                 self._idle.set()
                 self._maybe_prune()
@@ -170,6 +176,8 @@ class TelemetryStore:
                         if rows:
                             conn.execute(_insert(self.engine, name), rows)
                 self.written += len(self._pending)
+                with self._count_lock:
+                    self._queued -= len(self._pending)
                 self._pending = []
                 self._set_health(True, None)
                 delay = 0.05
