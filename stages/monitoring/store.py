@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from stages.core.errors import InvalidInput
 
+BATCH_WAIT_S = 0.05   # after a write, the writer waits this long so that the next one carries many rows
 METADATA = sa.MetaData()
 PREDICTIONS = sa.Table(
     "predictions", METADATA,
@@ -181,6 +182,7 @@ class TelemetryStore:
                 self._pending = []
                 self._set_health(True, None)
                 delay = 0.05
+                self._stop.wait(BATCH_WAIT_S)          # let rows gather: one transaction per wait, not per request
             except sa.exc.SQLAlchemyError as err:
                 self._set_health(False, str(getattr(err, "orig", err)).splitlines()[0][:200])
                 self._stop.wait(delay)
