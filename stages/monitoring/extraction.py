@@ -55,6 +55,7 @@ class ClientStream:
     distances: deque = field(default_factory=lambda: deque(maxlen=MAX_DISTANCES))
     recent_ood: deque = field(default_factory=lambda: deque(maxlen=OOD_WINDOW))
     w: float | None = None
+    tested_at: int = 0                  # queries seen at the last normality test
     flagged_at: int | None = None       # queries seen when first flagged
     reason: str | None = None
 
@@ -103,17 +104,21 @@ class ExtractionDetector:
                     grown[1] += d
                     grown[2] += d * d
                 if s.flagged_at is None:
-                    self._test(s)
+                    self._test_ood(s)
+            if s.flagged_at is None:
+                self._test_prada(s)                  # once per batch: Shapiro-Wilk is the costly part
             return s.flagged_at is not None
 
-    def _test(self, s: ClientStream) -> None:
+    def _test_ood(self, s: ClientStream) -> None:
         if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and \
                 sum(s.recent_ood) / len(s.recent_ood) >= self.ood_fraction:
             s.flagged_at = s.queries
             s.reason = f"{sum(s.recent_ood)} of the last {len(s.recent_ood)} queries were flagged by the input detector"
+
+    def _test_prada(self, s: ClientStream) -> None:
+        if len(s.distances) < self.min_queries or s.queries - s.tested_at < self.test_every:
             return
-        if len(s.distances) < self.min_queries or len(s.distances) % self.test_every:
-            return
+        s.tested_at = s.queries
         s.w = shapiro_w(np.fromiter(s.distances, dtype=np.float64))
         if s.w < self.delta:
             s.flagged_at, s.reason = s.queries, f"query distances are not normal (Shapiro-Wilk W {s.w:.3f} < {self.delta})"
