@@ -1,8 +1,10 @@
 """The prediction service under load and under attack, on loopback. Prints Markdown tables.
 
-1. Throughput and latency: ``mlsec serve`` in a subprocess, a closed-loop load generator
-   (``--clients`` threads, ``--seconds`` per case) sending single-row and batched requests,
-   with telemetry, detectors and extraction detection off, then on.
+1. Throughput and latency: two ``mlsec serve`` subprocesses, one with telemetry, detectors and
+   extraction detection off and one with them on, measured in alternating rounds (the
+   machine is shared, so its load falls on both alike): a closed-loop load generator
+   (``--clients`` threads) for throughput and latency at saturation, then one client at 20
+   requests/s for the latency a request pays when the server is not saturated.
 2. Input detector: PGD at eps 0.1 and 0.3 and uniform noise on the held-out rows the
    calibration did not use, false positives on clean held-out rows, and what an attacker
    who knows the detector achieves (``stages.monitoring.adaptive``).
@@ -155,14 +157,42 @@ def bench_latency(ws: Path, X: np.ndarray, *, seconds: float, clients: int, roun
                 results[(mode, batch)] = r
                 print(f"| {mode} | {batch} | {r['rps']:.0f} | {r['rps'] * batch:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
                       f"{bad[mode]} |", flush=True)
+        paced = _paced(servers, key, X, rate=20.0, seconds=seconds)
     finally:
         for server in servers.values():
             server.stop()
-    print("\n| batch | p50 added by telemetry + detectors | p99 added |")
+    print("\n| batch | p50 added by telemetry + detectors (saturated) | p99 added (saturated) |")
     print("|---:|---:|---:|")
     for batch in (1, 32):
         off, on = results[("off", batch)], results[("on", batch)]
         print(f"| {batch} | {100 * (on['p50'] / off['p50'] - 1):+.0f}% | {100 * (on['p99'] / off['p99'] - 1):+.0f}% |")
+    print(f"\nOne client at 20 requests/s (the server not saturated), {seconds:g} s per mode, alternating:\n")
+    print("| batch | off p50 ms | on p50 ms | added | off p99 ms | on p99 ms | added |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, (off, on) in paced.items():
+        print(f"| {batch} | {off[0]:.2f} | {on[0]:.2f} | {100 * (on[0] / off[0] - 1):+.0f}% | {off[1]:.2f} | {on[1]:.2f} | "
+              f"{100 * (on[1] / off[1] - 1):+.0f}% |")
+
+
+def _paced(servers: dict, key: str, X: np.ndarray, *, rate: float, seconds: float, rounds: int = 6) -> dict:
+    """Open loop: one request every 1/rate s from one client; (p50, p99) per mode and batch."""
+    import httpx
+
+    out = {}
+    for batch in (1, 32):
+        body = json.dumps({"inputs": X[:batch].reshape(batch, -1).tolist()}).encode()
+        lat: dict[str, list[float]] = {"off": [], "on": []}
+        with httpx.Client(headers={"Authorization": f"Bearer {key}", "content-type": "application/json"}) as http:
+            for _ in range(rounds):
+                for mode, server in servers.items():
+                    stop = time.perf_counter() + seconds / rounds
+                    while time.perf_counter() < stop:
+                        t = time.perf_counter()
+                        http.post(f"{server.url}/v1/predict", content=body)
+                        lat[mode].append((time.perf_counter() - t) * 1000)
+                        time.sleep(max(0.0, 1 / rate - (time.perf_counter() - t)))
+        out[batch] = tuple((float(np.percentile(lat[m], 50)), float(np.percentile(lat[m], 99))) for m in ("off", "on"))
+    return out
 
 
 def bench_detector(ws: Path) -> None:
