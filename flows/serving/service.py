@@ -257,11 +257,12 @@ class PredictionService:
 
     def _response(self, served: Served, probs: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> dict[str, Any]:
         out = self.sp.output
-        rnd = (lambda v: round(float(v), out.round_decimals)) if out.round_decimals is not None else float
-        rows = []
-        for i in range(len(pred)):
-            row: dict[str, Any] = {"label": int(pred[i]), "confidence": rnd(conf[i])}
-            if not out.top1_only:
-                row["probabilities"] = [rnd(p) for p in probs[i]]
-            rows.append(row)
+        if out.round_decimals is not None:
+            probs, conf = np.round(probs, out.round_decimals), np.round(conf, out.round_decimals)
+        labels, confidences = pred.tolist(), conf.astype(float).tolist()
+        if out.top1_only:
+            rows = [{"label": lab, "confidence": c} for lab, c in zip(labels, confidences)]
+        else:
+            rows = [{"label": lab, "confidence": c, "probabilities": p}
+                    for lab, c, p in zip(labels, confidences, probs.astype(float).tolist())]
         return {"model": served.name, "version": served.version, "predictions": rows}

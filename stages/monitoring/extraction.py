@@ -42,9 +42,6 @@ class _Rows:
         self.data[self.n] = row
         self.n += 1
 
-    def nearest(self, row: np.ndarray) -> float:
-        block = self.data[: self.n] - row
-        return float(np.sqrt(np.einsum("ij,ij->i", block, block).min()))
 
 
 @dataclass
@@ -54,6 +51,7 @@ class ClientStream:
     grown: dict[int, list] = field(default_factory=dict)   # class -> [count, sum, sum of squares]
     distances: deque = field(default_factory=lambda: deque(maxlen=MAX_DISTANCES))
     recent_ood: deque = field(default_factory=lambda: deque(maxlen=OOD_WINDOW))
+    ood_count: int = 0                  # True values in recent_ood
     w: float | None = None
     tested_at: int = 0                  # queries seen at the last normality test
     flagged_at: int | None = None       # queries seen when first flagged
@@ -83,37 +81,71 @@ class ExtractionDetector:
 
     def observe(self, client: str, X: np.ndarray, labels: np.ndarray, ood: np.ndarray) -> bool:
         """Feed a batch of one client's queries (rows ``X`` (N, ...), predicted ``labels``,
-        input-detector alarms ``ood``); True once the client is flagged (it stays flagged)."""
+        input-detector alarms ``ood``); True once the client is flagged (it stays flagged).
+
+        Rows are taken in order, as if sent one by one; the distances of a batch to the class
+        sets and among its own rows are computed as two matrix products per class.
+        """
         flat = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        labels_l = [int(v) for v in np.asarray(labels).tolist()]
+        alarms = [bool(v) for v in np.asarray(ood).tolist()]
         with self._lock:
             s = self._streams.setdefault(client, ClientStream())
-            for row, label, alarm in zip(flat, np.asarray(labels).tolist(), np.asarray(ood).tolist()):
+            nearest = self._batch_distances(s, flat, labels_l)
+            added: dict[int, list[int]] = {}
+            for i, (label, alarm) in enumerate(zip(labels_l, alarms)):
                 s.queries += 1
-                s.recent_ood.append(bool(alarm))
-                members = s.sets.get(int(label))
-                grown = s.grown.setdefault(int(label), [0, 0.0, 0.0])
+                if len(s.recent_ood) == s.recent_ood.maxlen:
+                    s.ood_count -= s.recent_ood[0]
+                s.recent_ood.append(alarm)
+                s.ood_count += alarm
+                members = s.sets.get(label)
+                earlier = added.setdefault(label, [])
+                d = nearest[0][i]
+                if earlier:
+                    d = min(d, float(nearest[1][i, earlier].min()))
                 if members is None:
-                    s.sets[int(label)] = members = _Rows(flat.shape[1])
-                    members.add(row)
-                    continue
-                d = members.nearest(row)
-                s.distances.append(d)
-                if d > self._threshold(grown) and members.n < MAX_SET:
-                    members.add(row)
-                    grown[0] += 1
-                    grown[1] += d
-                    grown[2] += d * d
+                    s.sets[label] = members = _Rows(flat.shape[1])
+                if members.n == 0:
+                    members.add(flat[i])
+                    earlier.append(i)
+                else:
+                    s.distances.append(d)
+                    grown = s.grown.setdefault(label, [0, 0.0, 0.0])
+                    if d > self._threshold(grown) and members.n < MAX_SET:
+                        members.add(flat[i])
+                        earlier.append(i)
+                        grown[0] += 1
+                        grown[1] += d
+                        grown[2] += d * d
                 if s.flagged_at is None:
                     self._test_ood(s)
             if s.flagged_at is None:
                 self._test_prada(s)                  # once per batch: Shapiro-Wilk is the costly part
             return s.flagged_at is not None
 
+    @staticmethod
+    def _batch_distances(s: ClientStream, flat: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(distance of each row to its class set as it was before the batch (inf if empty),
+        distances between the batch's rows (N x N))."""
+        rows = flat.astype(np.float64)
+        sq = np.einsum("ij,ij->i", rows, rows)
+        within = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0))
+        to_set = np.full(len(rows), np.inf)
+        for label in set(labels):
+            members = s.sets.get(label)
+            if members is None or members.n == 0:
+                continue
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            block = members.data[: members.n].astype(np.float64)
+            d2 = sq[idx, None] + np.einsum("ij,ij->i", block, block)[None, :] - 2 * rows[idx] @ block.T
+            to_set[idx] = np.sqrt(np.maximum(d2, 0.0).min(axis=1))
+        return to_set, within
+
     def _test_ood(self, s: ClientStream) -> None:
-        if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and \
-                sum(s.recent_ood) / len(s.recent_ood) >= self.ood_fraction:
+        if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and s.ood_count / len(s.recent_ood) >= self.ood_fraction:
             s.flagged_at = s.queries
-            s.reason = f"{sum(s.recent_ood)} of the last {len(s.recent_ood)} queries were flagged by the input detector"
+            s.reason = f"{s.ood_count} of the last {len(s.recent_ood)} queries were flagged by the input detector"
 
     def _test_prada(self, s: ClientStream) -> None:
         if len(s.distances) < self.min_queries or s.queries - s.tested_at < self.test_every:
@@ -130,7 +162,7 @@ class ExtractionDetector:
                 return {"queries": 0, "flagged": False}
             return {"queries": s.queries, "flagged": s.flagged_at is not None, "flagged_at": s.flagged_at,
                     "reason": s.reason, "w": None if s.w is None else round(s.w, 4),
-                    "ood_share": round(sum(s.recent_ood) / len(s.recent_ood), 4) if s.recent_ood else 0.0}
+                    "ood_share": round(s.ood_count / len(s.recent_ood), 4) if s.recent_ood else 0.0}
 
     def clients(self) -> dict[str, dict[str, Any]]:
         with self._lock:
