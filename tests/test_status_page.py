@@ -72,7 +72,10 @@ def test_status_page_shows_the_champion_traffic_drift_detectors_and_alerts(two_v
         champion = browser.find_element(By.ID, "champion").text
         assert service.host.current.version in champion and "mlsec-digits" in champion
         traffic = browser.find_element(By.ID, "traffic").text
-        assert "rows" in traffic and "30" in traffic
+        import re
+
+        rows = re.search(r"^rows (\d+)$", traffic, re.M)
+        assert rows and int(rows.group(1)) >= 30, traffic                # at least this test's rows, logged
         assert "drift" in browser.find_element(By.ID, "drift").text.lower()
         detectors = browser.find_element(By.ID, "detectors").text
         assert "held-out false positives" in detectors and "PGD detection" in detectors
