@@ -88,13 +88,13 @@ def test_evasion_response_queues_flagged_inputs_and_retrains_through_the_gate(ws
 def test_poisoning_response_quarantines_everywhere_retrains_and_repromotes(ws, tmp_path):
     from stages.core.workspace import Workspace
     from stages.models.store import resolve
-    from stages.screen import sample_digest
+    from stages.data.prepared import row_digest as sample_digest
     from stages.trust.context import RunContext
-    from stages.data.prepared import read_prepared
+    from stages.data.prepared import parse_prepared
 
     champion = resolve(Workspace(ws), "mlsec-digits@champion")
-    folder, _ = RunContext(Workspace(ws), champion.tags["mlsec.run_id"]).dataset(where="test")
-    X, y, _, _ = read_prepared(folder)
+    files, _ = RunContext(Workspace(ws), champion.tags["mlsec.run_id"]).dataset_bytes(where="test")
+    X, y, _, _ = parse_prepared(files)
     suspects = [sample_digest(X, int(y[i]), i) for i in (3, 50, 400, 900, 1500)]
     (tmp_path / "suspects.txt").write_text("\n".join(suspects) + "\n")
     mask = np.zeros(X[0].shape, dtype=bool)
@@ -112,8 +112,8 @@ def test_poisoning_response_quarantines_everywhere_retrains_and_repromotes(ws, t
     assert out["retrain"]["status"] == "promoted"
     new = resolve(Workspace(ws), "mlsec-digits@champion")
     assert str(new.version) == out["retrain"]["model"]["version"]
-    folder, _ = RunContext(Workspace(ws), new.tags["mlsec.run_id"]).dataset(where="test")
-    X2, y2, _, _ = read_prepared(folder)
+    files, _ = RunContext(Workspace(ws), new.tags["mlsec.run_id"]).dataset_bytes(where="test")
+    X2, y2, _, _ = parse_prepared(files)
     assert not set(suspects) & {sample_digest(X2, int(y2[i]), i) for i in range(len(y2))}
     steps = [e["payload"].get("step") for e in _steps(ws, "poisoning-response", seq)]
     assert steps == [None, "quarantine", "clean-data", "retrain", None]

@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
-from stages.data.prepared import read_prepared
+from stages.data.prepared import parse_prepared
 from stages.models.store import resolve
 from stages.data.prepared import row_digest as sample_digest  # a quarantine entry's sha256
 from stages.trust.context import RunContext
@@ -28,8 +28,8 @@ class DatasetVersion:
 
 
 def _read(ws: Workspace, run_id: str) -> DatasetVersion:
-    folder, manifest = RunContext(ws, run_id).dataset(where="playbook")
-    X, y, _, _ = read_prepared(folder)
+    files, manifest = RunContext(ws, run_id).dataset_bytes(where="playbook")   # parsed from the checked bytes
+    X, y, _, _ = parse_prepared(files)
     return DatasetVersion(run_id, manifest["merkle_root"], str(manifest.get("source")), X, y)
 
 

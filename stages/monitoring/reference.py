@@ -18,7 +18,7 @@ import numpy as np
 from stages.core.errors import IntegrityError
 from stages.core.workspace import Workspace
 from stages.data.expectations.statistics import dataset_statistics
-from stages.data.prepared import read_prepared
+from stages.data.prepared import load_npz_bytes, parse_prepared
 from stages.data.reference import reference_path
 from stages.trust.context import RunContext
 from stages.trust.signing import verify_document
@@ -53,15 +53,15 @@ def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: 
     from its signed record.
     """
     ctx = RunContext(ws, run_id)
-    recorded = ctx.recorded()
+    recorded = ctx.recorded(where=WHERE)
     if recorded.get("weights", {}).get("sha256") != weights_sha256:
         raise IntegrityError(f"run {run_id} did not produce the served weights {weights_sha256[:16]}...: "
                              "its reference data cannot calibrate them")
-    folder, manifest = ctx.dataset(where=WHERE)
-    X, _, _, _ = read_prepared(folder)
-    with np.load(ctx.inputs("split", where=WHERE)["split"], allow_pickle=False) as split:
-        train_idx, train_lab = split["accepted_idx"], split["accepted_labels"]
-        held_idx, held_lab = split["eval_idx"], split["eval_labels"]
+    files, manifest = ctx.dataset_bytes(where=WHERE)          # parsed from the bytes that were checked
+    X, _, _, _ = parse_prepared(files)
+    split = load_npz_bytes(ctx.input_bytes("split", where=WHERE)["split"])
+    train_idx, train_lab = split["accepted_idx"], split["accepted_labels"]
+    held_idx, held_lab = split["eval_idx"], split["eval_labels"]
     shape = (-1, *input_shape)
     statistics, source = _statistics(ws, model, manifest["merkle_root"], X[train_idx], train_lab)
     t_idx, t_lab = _subsample(train_idx, train_lab, most_rows, seed)
