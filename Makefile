@@ -49,6 +49,7 @@ bench: setup
 	@$(BIN)/python bench/poisoning.py --dataset digits
 	@$(BIN)/python bench/train_mnist.py --quick
 	@$(BIN)/python bench/pipeline.py
+	@$(BIN)/python bench/orchestration.py
 
 clean-runs:
 	rm -rf runs data/quarantine mlflow.db mlartifacts audit .prefect
