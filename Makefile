@@ -51,6 +51,7 @@ bench: setup
 	@$(BIN)/python bench/dp_grad_sample.py --quick
 	@$(BIN)/python bench/pipeline.py
 	@$(BIN)/python bench/serving.py
+	@$(BIN)/python bench/orchestration.py
 
 clean-runs:
 	rm -rf runs data/quarantine mlflow.db mlartifacts audit .prefect

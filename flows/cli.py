@@ -9,6 +9,7 @@ one machine-readable object on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from flows.server import check_services, configured_server, temporary_server
+from stages.core import events
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.params import load_params
 from stages.core.telemetry import telemetry_off
@@ -68,20 +71,35 @@ def _quiet_expected_failures() -> None:
             handler.addFilter(drop)
 
 
+def _services(ws: Workspace, params) -> contextlib.AbstractContextManager:
+    """Check the configured servers answer (one line naming the URL otherwise); without
+    PREFECT_API_URL, a temporary Prefect server this process owns and always stops."""
+    check_services(mlflow_uri=ws.mlflow_uri)
+    if params.orchestration.dask_address and params.orchestration.task_runner in ("auto", "dask"):
+        from flows.fanout import check_dask  # Prefect: slow to import; only when a Dask cluster is named
+
+        check_dask(params.orchestration.dask_address, timeout_s=params.orchestration.dask_timeout_s)
+    if os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext(configured_server())
+    return temporary_server(ws.root / ".prefect" / "temporary")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     ws = _ws()
     params_path = args.params if os.path.isabs(args.params) else str(ws.root / args.params)
-    load_params(params_path, args.overrides)  # bad settings fail here, before any service starts
+    params = load_params(params_path, args.overrides)  # bad settings fail here, before any service starts
     if args.data and args.data != "sklearn:digits" and not os.path.exists(args.data):
         raise InvalidInput(f"data source not found: {args.data}")
-    from flows.pipeline import (
-        secure_training,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
-    )
+    with _services(ws, params) as server:
+        from flows.pipeline import (
+            secure_training,  # Prefect: slow to import (while the temporary server starts); only the flow commands need it
+        )
 
-    if not args.debug:
-        _quiet_expected_failures()
-    summary = secure_training(params_path=params_path, overrides=list(args.overrides), data=args.data,
-                              paranoid=args.paranoid, triggered_by=args.actor)
+        server.ready()
+        if not args.debug:
+            _quiet_expected_failures()
+        summary = secure_training(params_path=params_path, overrides=list(args.overrides), data=args.data,
+                                  paranoid=args.paranoid, triggered_by=args.actor)
 
     def text(s: dict[str, Any]) -> str:
         m = s.get("metrics", {})
@@ -154,13 +172,50 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_schedule(args: argparse.Namespace) -> int:
-    from flows.schedule import (
-        serve_schedule,  # Prefect: slow to import; only 'run', 'schedule' and 'playbook' need the flows
-    )
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy  # Prefect: slow to import; only the commands that talk to Prefect
 
-    serve_schedule(cron=args.cron, interval=args.interval, on_change=args.on_change, data=args.data,
-                   overrides=list(args.overrides), name=args.name)
+    result = deploy(_ws(), pool=args.pool, overrides=list(args.overrides), data=args.data, create_pool=args.create_pool)
+
+    def text(r: dict[str, Any]) -> str:
+        lines = [f"deployment {d['name']} on work pool {d['pool']} ({r['api']})" for d in r["deployments"].values()]
+        lines += [f"automation {a}" for a in r["automations"]]
+        if not r["workers_online"]:
+            lines.append(f"no worker polls work pool {r['pool']['name']!r} yet: start one with "
+                         f"'prefect worker start --pool {r['pool']['name']}'")
+        return "\n".join(lines)
+
+    _print(result, args.json, text)
+    return 0
+
+
+def cmd_schedule_create(args: argparse.Namespace) -> int:
+    from flows.schedule import create_schedule  # Prefect: slow to import; only the commands that talk to Prefect
+
+    r = create_schedule(_ws(), cron=args.cron, interval=args.interval, rrule=args.rrule, timezone=args.timezone,
+                        on_change=args.on_change, data=args.data, overrides=list(args.overrides))
+    if not r["workers_online"]:
+        print(f"mlsec: no worker polls work pool {r['pool']!r}: nothing runs the schedule until one does "
+              f"('prefect worker start --pool {r['pool']}')", file=sys.stderr)
+    _print(r, args.json, lambda r: f"schedule {r['id']} on {r['deployment']}: {r['schedule']}")
+    return 0
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    from flows.schedule import list_schedules  # Prefect: slow to import; only the commands that talk to Prefect
+
+    rows = list_schedules(_ws())
+    _print(rows, args.json, lambda rows: "\n".join(f"{r['id']}  {r['deployment']}  {r['schedule']}"
+                                                    f"{'' if r['active'] else '  (paused)'}  {r['parameters'] or ''}"
+                                                    for r in rows) or "no schedules")
+    return 0
+
+
+def cmd_schedule_remove(args: argparse.Namespace) -> int:
+    from flows.schedule import remove_schedules  # Prefect: slow to import; only the commands that talk to Prefect
+
+    removed = remove_schedules(_ws(), schedule_id=args.id, remove_all=args.all)
+    _print({"removed": removed}, args.json, lambda r: f"removed {len(r['removed'])} schedule(s)")
     return 0
 
 
@@ -183,9 +238,12 @@ def cmd_playbook(args: argparse.Namespace) -> int:
     for path in (args.digests, args.trigger):
         if path and not os.path.isfile(path):
             raise InvalidInput(f"file not found: {path}")
-    result = run_playbook(_ws(), args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
-                          retrain=args.retrain, since_hours=args.since_hours, digests=args.digests, trigger=args.trigger,
-                          overrides=list(args.overrides))
+    ws = _ws()
+    with _services(ws, load_params(ws.params_path)) if args.retrain else contextlib.nullcontext(configured_server()) as server:
+        server.ready()
+        result = run_playbook(ws, args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
+                              retrain=args.retrain, since_hours=args.since_hours, digests=args.digests,
+                              trigger=args.trigger, overrides=list(args.overrides))
     _print(result, args.json, lambda r: json.dumps(r, indent=2, default=str))
     return 0
 
@@ -272,15 +330,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", parents=[common], help="the model inventory")
     p.set_defaults(fn=cmd_models)
 
-    p = sub.add_parser("schedule", parents=[common], help="serve scheduled retraining (cron, interval, or on data change)")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--cron", help="cron expression, e.g. '0 3 * * *'")
-    group.add_argument("--interval", type=int, help="seconds between checks or runs")
-    p.add_argument("--on-change", action="store_true", help="run only when the data source's bytes changed")
-    p.add_argument("--data", default=None)
+    p = sub.add_parser("deploy", parents=[common], help="register the deployments on a Prefect work pool (and their automations)")
+    p.add_argument("--pool", help="work pool (default: orchestration.work_pool of params.yaml)")
+    p.add_argument("--create-pool", action="store_true", help="create the work pool (process type) when it is missing")
+    p.add_argument("--data", default=None, help="data source of the deployed runs (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--name", default="retrain")
-    p.set_defaults(fn=cmd_schedule)
+    p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("schedule", parents=[common], help="scheduled retraining on the deployments (cron, interval, RRule, on data change)")
+    ssub = p.add_subparsers(dest="schedule_command", required=True, parser_class=_Parser)
+    c = ssub.add_parser("create", parents=[common], help="add a schedule")
+    group = c.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cron", help="cron expression, e.g. '0 3 * * *'")
+    group.add_argument("--interval", type=float, help="seconds between runs (or between looks at the data with --on-change)")
+    group.add_argument("--rrule", help="iCalendar RRULE, e.g. 'FREQ=WEEKLY;BYDAY=MO;BYHOUR=3'")
+    c.add_argument("--timezone", default=None, help="IANA time zone of a cron or RRule schedule (default UTC)")
+    c.add_argument("--on-change", action="store_true", help="run only when the data source's bytes changed")
+    c.add_argument("--data", default=None)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(fn=cmd_schedule_create)
+    ls = ssub.add_parser("list", parents=[common], help="the schedules on the project's deployments")
+    ls.set_defaults(fn=cmd_schedule_list)
+    rm = ssub.add_parser("remove", parents=[common], help="remove a schedule by id (or all of them)")
+    rm.add_argument("id", nargs="?")
+    rm.add_argument("--all", action="store_true")
+    rm.set_defaults(fn=cmd_schedule_remove)
 
     p = sub.add_parser("playbook", parents=[common], help="incident playbooks (docs/playbooks.md)")
     p.add_argument("playbook", choices=["rollback", "purge-retrain", "evasion-response", "degradation-response",
@@ -348,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        try:
+            return args.fn(args)
+        finally:
+            events.flush()  # events sent outside a flow run (alias moves of promote, rollback)
     except PipelineError as err:
         if args.debug:
             traceback.print_exc()

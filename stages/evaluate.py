@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import ValidationFailed
+from stages.core.fanout import Mapper
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import load_npz_bytes, parse_prepared
@@ -33,7 +34,7 @@ from stages.trust.context import RunContext
 STAGE = "evaluate"
 
 
-def run(ctx: RunContext, params: Params) -> dict[str, Any]:
+def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dict[str, Any]:
     # torch: slow to import, kept off the command line's start
     from stages.ml.privacy import membership_inference_audit
     from stages.ml.robustness import evaluate_robustness, plot_robustness_curve
@@ -51,7 +52,7 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     ev = params.evaluate
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
-                                 sample=ev.attack_rows, seed=ev.seed)
+                                 sample=ev.attack_rows, seed=ev.seed, mapper=mapper)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),

@@ -34,7 +34,14 @@ from stages.models.attestation import build_attestation, sign_attestation
 from stages.models.card import write_model_card
 from stages.models.safety import SIGNATURE_NAME
 from stages.models.signing import sign_model_dir
-from stages.models.store import CHALLENGER, client, ensure_experiment
+from stages.models.store import (
+    CHALLENGER,
+    COMPLETE_TAG,
+    client,
+    complete_version_with_weights,
+    drop_incomplete_versions,
+    ensure_experiment,
+)
 from stages.models.verify import load_verified_model, verify_model_tree
 from stages.ml.dp_audit import audit_fields
 from stages.runner import stage_main
@@ -117,6 +124,9 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
     name = params.project.name
     c = client(ctx.ws)
     experiment_id = ensure_experiment(ctx.ws, name)
+    dropped = drop_incomplete_versions(ctx.ws, name)  # left by a run killed mid-registration
+    if dropped:
+        ctx.log("register.dropped_incomplete", {"model": name, "versions": dropped})
     who = triggered_by or actor()
     result: dict[str, Any] = {"model": None, "mlflow_run_id": None}
     with mlflow.start_run(experiment_id=experiment_id, run_name=ctx.run_id) as mlrun:
@@ -146,7 +156,10 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
             "mlsec.params_sha256": params.digest(), "mlsec.triggered_by": who,
             "mlsec.ledger_head": json.dumps(head) if head else "null",
         })
-        if verdict["passed"]:
+        existing = complete_version_with_weights(ctx.ws, name, records["weights"]["sha256"]) if verdict["passed"] else None
+        if existing:  # the same weights are already a version (a rerun): no duplicate
+            result["model"] = {"name": name, "version": existing, "uri": f"models:/{name}/{existing}", "reused": True}
+        elif verdict["passed"]:
             attestation = _attest(ctx, params, manifest, records, started)
             pkg = _package(ctx, verdict_doc, attestation)
             card_md, card_html = write_model_card(ctx, params, manifest=manifest, verdict=verdict, evaluation=evaluation,
@@ -158,10 +171,18 @@ def run(ctx: RunContext, params: Params, *, triggered_by: str | None = None, tim
                                                 mlrun.info.run_id)
     if result["model"]:
         version = result["model"]["version"]
-        # The registration the loader and promotion trust: these weights and this verdict, by digest.
-        ctx.log("register.version", {**result["model"], "mlflow_run_id": result["mlflow_run_id"],
-                                     "weights_sha256": records["weights"]["sha256"], "verdict_sha256": verdict_digest(verdict_doc),
-                                     "policy_overridden": verdict["policy"]["overridden"]})
+        if result["model"].get("reused"):
+            # the version's own registration (weights, the verdict it carries) stays the one the
+            # ledger already holds; this run's verdict blessed the same weights again
+            ctx.log("register.reused", {**result["model"], "mlflow_run_id": result["mlflow_run_id"],
+                                        "weights_sha256": records["weights"]["sha256"],
+                                        "verdict_sha256": verdict_digest(verdict_doc)})
+        else:
+            # The registration the loader and promotion trust: these weights and this verdict, by digest.
+            ctx.log("register.version", {**result["model"], "mlflow_run_id": result["mlflow_run_id"],
+                                         "weights_sha256": records["weights"]["sha256"],
+                                         "verdict_sha256": verdict_digest(verdict_doc),
+                                         "policy_overridden": verdict["policy"]["overridden"]})
         move_alias(ctx.ws, name, CHALLENGER, version, reason=f"gated candidate from run {ctx.run_id}", run_id=ctx.run_id)
         # The ledger head after registration is anchored in MLflow too.
         c.set_tag(result["mlflow_run_id"], "mlsec.ledger_head", json.dumps(ctx.ledger.head()))
@@ -196,7 +217,17 @@ def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, ver
     name = params.project.name
     verdict = verdict_doc["payload"]
     mlflow.log_artifacts(str(pkg), artifact_path="model")
-    mv = mlflow.register_model(f"runs:/{mlflow_run_id}/model", name)
+    mv = mlflow.register_model(f"runs:/{mlflow_run_id}/model", name, tags={COMPLETE_TAG: "pending"})
+    try:
+        return _finish_version(ctx, params, mv, records, manifest, evaluation, verdict_doc, who, mlflow_run_id)
+    except BaseException:  # cancelled, killed by a signal, or failed: leave no half-registered version
+        client(ctx.ws).delete_model_version(name, mv.version)
+        raise
+
+
+def _finish_version(ctx, params, mv, records, manifest, evaluation, verdict_doc, who: str, mlflow_run_id: str) -> dict[str, Any]:
+    name = params.project.name
+    verdict = verdict_doc["payload"]
     c = client(ctx.ws)
     metrics = evaluation["metrics"]
     # Tags are for people browsing MLflow; decisions read the signed records and the ledger.
@@ -217,6 +248,7 @@ def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, ver
         c.set_registered_model_tag(name, key, value)
     c.update_model_version(name, mv.version, description=f"Gated by run {ctx.run_id}: {verdict['verdict']}"
                            + (f" (policy overridden: {verdict['policy']['summary']})" if verdict["policy"]["overridden"] else ""))
+    c.set_model_version_tag(name, mv.version, COMPLETE_TAG, "complete")  # last: the version is whole
     return {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import PoisoningSuspected
+from stages.core.fanout import Mapper
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import accepted_rows_digest, parse_prepared, row_digest, split_indices
@@ -30,8 +31,11 @@ STAGE = "screen"
 PLAYBOOK = "docs/playbooks.md#poisoning-suspected"
 
 
-def run(ctx: RunContext, params: Params) -> dict[str, Any]:
+def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None, findings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Screen the run's verified data (``findings``: the detectors' findings reused from an
+    earlier run with the same data and settings, instead of running them again)."""
     from stages.screening import (  # torch, sklearn, cleanlab: slow to import
+        ScreenFindings,
         plot_suspects,
         screen_dataset,
     )
@@ -42,8 +46,11 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     order = np.concatenate([train_idx, test_idx])  # screened rows, by position
     is_train = np.arange(len(order)) < len(train_idx)
     X_screened = X[order]
-    findings = screen_dataset(X_screened, y[order], params=params.screen,
-                              annotator_labels=None if ann is None else ann[order])
+    if findings is None:
+        findings = screen_dataset(X_screened, y[order], params=params.screen,
+                                  annotator_labels=None if ann is None else ann[order], mapper=mapper)
+    else:
+        findings = ScreenFindings.from_dict(findings, n_rows=len(order))
     findings_dict = findings.to_dict()
     labels = np.asarray(findings.labels, dtype=np.int64)
     keep = np.ones(len(order), dtype=bool)

@@ -257,6 +257,18 @@ class ServingParams(_Section):
     extraction: ServingExtractionParams = Field(default_factory=ServingExtractionParams)
     drift: ServingDriftParams = Field(default_factory=ServingDriftParams)
     alerts: ServingAlertParams = Field(default_factory=ServingAlertParams)
+class OrchestrationParams(_Section):
+    """How runs are orchestrated; none of it changes what a run computes."""
+
+    work_pool: str = Field(default="mlsec", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    task_runner: Literal["auto", "serial", "threads", "processes", "dask"] = "auto"
+    workers: int = Field(default=0, ge=0)
+    dask_address: str | None = None
+    dask_timeout_s: float = Field(default=10.0, gt=0)
+    cache: bool = True
+    model_lock_timeout_s: float = Field(default=3600.0, gt=0)
+    io_retries: int = Field(default=3, ge=0, le=10)
+    heartbeat_s: int = Field(default=30, ge=30)
 
 
 class Params(_Section):
@@ -270,6 +282,7 @@ class Params(_Section):
     gate: GateParams
     promotion: PromotionParams
     serving: ServingParams = Field(default_factory=ServingParams)
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

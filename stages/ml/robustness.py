@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.errors import InvalidInput, PipelineError
+from stages.core.fanout import Mapper
 from stages.ml.attacks import attack_fgsm, attack_pgd
 from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr
 from stages.ml.runtime import check_eval_inputs, eval_mode, small_model_threads
@@ -129,15 +130,49 @@ def _sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
     return mask
 
 
+CHUNK_ROWS = 1024  # attacked rows per fan-out item (attacked in batches of ``batch_size``)
+
+
+def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
+    """One fan-out item: every attack of ``names`` at one epsilon on one chunk of rows.
+
+    ``job`` = (model, X chunk, y chunk, epsilon, names, budget, batch_size, seed). Runs on one
+    intra-op thread with a generator of its own, so the answer does not depend on the process
+    or the order it runs in. Returns a boolean matrix: rows x attacks, True = still right.
+    """
+    model, X, y, eps, names, budget, batch_size, seed = job
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ok = np.zeros((len(X), len(names)), dtype=bool)
+        with eval_mode(model):
+            for start in range(0, len(X), batch_size):
+                xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+                for j, name in enumerate(names):
+                    adv = EVAL_ATTACKS[name](model, xb, yb, eps, budget, generator)
+                    _check_in_ball(name, adv, xb, eps)
+                    with torch.no_grad():
+                        ok[start:start + len(xb), j] = (model(adv).argmax(1) == yb).cpu().numpy()
+        return ok
+    finally:
+        torch.set_num_threads(previous)
+
+
 def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsilons: list[float], pgd_steps: int,
                         restarts: int, attacks: list[str] = ("fgsm", "pgd"), apgd_steps: int = 100,
-                        sample: int | None = None, batch_size: int = 256, seed: int = 0) -> RobustnessReport:
+                        sample: int | None = None, batch_size: int = 256, seed: int = 0,
+                        mapper: Mapper | None = None) -> RobustnessReport:
     """Clean accuracy of ``model`` on (X, y), and accuracy under each of ``attacks`` at each
     L-inf epsilon ([0, 1] scale), on every row or on a seeded sample of ``sample`` rows.
 
     PGD takes ``pgd_steps`` steps of ``2.5 * epsilon / pgd_steps`` from ``restarts`` random
-    starts (seeded by ``seed``) and keeps, per sample, the start that fools the model; APGD
-    runs ``apgd_steps`` iterations seeded by ``seed``.
+    starts and keeps, per sample, the start that fools the model; APGD runs ``apgd_steps``
+    iterations seeded by ``seed``. The attacks run per epsilon and per chunk of
+    ``CHUNK_ROWS`` attacked rows, each chunk with a generator seeded from (``seed``, epsilon
+    index, chunk index), through ``mapper`` (default: here, one after another; the flow passes
+    one that spreads them over workers) with the same results either way.
     """
     X, y = check_eval_inputs(model, X, y)
     eps_list = [float(e) for e in epsilons]
@@ -154,24 +189,21 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
     columns = ["clean"] + [f"{name}@{e:g}" for e in eps_list for name in names]
     correct = np.zeros((len(X), len(columns)), dtype=bool)
     attacked = _sample_rows(len(X), sample, seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with eval_mode(model), small_model_threads(device, tuple(X.shape[1:])):
+    with eval_mode(model), small_model_threads(device, tuple(X.shape[1:])), torch.no_grad():
         for start in range(0, len(X), batch_size):
             xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-            with torch.no_grad():
-                correct[start:start + len(xb), 0] = (model(xb).argmax(1) == yb).cpu().numpy()
-        rows = np.flatnonzero(attacked)
-        for start in range(0, len(rows), batch_size):
-            idx = rows[start:start + batch_size]
-            xb, yb = X[idx].to(device), y[idx].to(device)
-            col = 0
-            for eps in eps_list:
-                for name in names:
-                    adv = EVAL_ATTACKS[name](model, xb, yb, eps, budget, generator)
-                    _check_in_ball(name, adv, xb, eps)
-                    col += 1
-                    with torch.no_grad():
-                        correct[idx, col] = (model(adv).argmax(1) == yb).cpu().numpy()
+            correct[start:start + len(xb), 0] = (model(xb).argmax(1) == yb).cpu().numpy()
+    rows = np.flatnonzero(attacked)
+    chunks = [rows[s:s + CHUNK_ROWS] for s in range(0, len(rows), CHUNK_ROWS)]
+    jobs = [(model, X[idx], y[idx], eps, names, budget, batch_size, seed * 1_000_003 + e_i * 10_007 + c_i)
+            for e_i, eps in enumerate(eps_list) for c_i, idx in enumerate(chunks)]
+    if mapper is None or device.type != "cpu":  # one GPU: its batches are the parallelism
+        results = [attack_chunk(job) for job in jobs]
+    else:
+        results = mapper(attack_chunk, jobs, label="evaluate-attacks")
+    for k, ok in enumerate(results):
+        e_i, c_i = divmod(k, len(chunks))
+        correct[chunks[c_i], 1 + e_i * len(names):1 + (e_i + 1) * len(names)] = ok
     on = correct[attacked]
     per_attack = {name: {e: float(on[:, 1 + i * len(names) + j].mean()) for i, e in enumerate(eps_list)}
                   for j, name in enumerate(names)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.core import events
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
 from stages.models.store import client, mlflow_aliases
@@ -99,4 +100,7 @@ def move_alias(ws: Workspace, name: str, alias: str, version: str | None, *, rea
     if anchored is not None:
         run_id_of_version = c.get_model_version(name, str(anchored)).run_id
         c.set_tag(run_id_of_version, f"{ANCHOR_TAG}.{entry['seq']}", entry["hash"])
+    events.emit(events.ALIAS_MOVED, {"model": name, "alias": alias, "version": None if version is None else str(version),
+                                     "previous": previous, "actor": entry["actor"], "approver": approver, "reason": reason,
+                                     "run_id": run_id})
     return entry

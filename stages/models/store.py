@@ -11,6 +11,7 @@ from stages.core.errors import InvalidInput
 from stages.core.workspace import Workspace
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+COMPLETE_TAG = "mlsec.registered"  # "pending" from the version's creation, "complete" once every tag is written
 
 _REF = re.compile(r"^(?:models:/)?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
@@ -43,6 +44,8 @@ def ensure_experiment(ws: Workspace, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if ws.mlflow_uri.startswith(("http://", "https://")):
+        return c.create_experiment(name)  # the tracking server's own artifact store (S3, a served folder ...)
     ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     return c.create_experiment(name, artifact_location=ws.mlflow_artifacts.as_uri())
 
@@ -98,3 +101,37 @@ def download_run_file(ws: Workspace, run_id: str, path: str) -> bytes:
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds
             raise InvalidInput(f"cannot fetch {path} of MLflow run {run_id}: {str(err).splitlines()[0]}") from None
         return Path(local).read_bytes()
+
+
+def _versions(ws: Workspace, name: str) -> list:
+    from mlflow.exceptions import (
+        MlflowException,  # MLflow: slow to import, kept off the command line's start
+    )
+
+    try:
+        return list(client(ws).search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def incomplete_versions(ws: Workspace, name: str) -> list[str]:
+    """Versions of ``name`` whose registration never finished (a run killed or cancelled
+    between creating the version, tagged "pending", and its last tag)."""
+    return [str(mv.version) for mv in _versions(ws, name) if (mv.tags or {}).get(COMPLETE_TAG) == "pending"]
+
+
+def drop_incomplete_versions(ws: Workspace, name: str) -> list[str]:
+    """Delete half-registered versions of ``name`` (call it holding the model's lock)."""
+    dropped = incomplete_versions(ws, name)
+    for version in dropped:
+        client(ws).delete_model_version(name, version)
+    return dropped
+
+
+def complete_version_with_weights(ws: Workspace, name: str, weights_sha256: str) -> str | None:
+    """The completely registered version of ``name`` with these weights, if there is one."""
+    for mv in sorted(_versions(ws, name), key=lambda mv: int(mv.version)):
+        tags = mv.tags or {}
+        if tags.get(COMPLETE_TAG) == "complete" and tags.get("mlsec.weights_sha256") == weights_sha256:
+            return str(mv.version)
+    return None

@@ -93,27 +93,48 @@ def _svc_rows(rows: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, SVC_MAX_ROWS, replace=False))
 
 
-def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> np.ndarray:
-    """K-fold out-of-sample probabilities: mean of an RBF SVC and the screening network."""
-    folds = min(params.folds, int(np.bincount(y, minlength=num_classes)[np.bincount(y, minlength=num_classes) > 0].min()))
+def _fold_probs(X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, num_classes: int, params: ScreenParams,
+                fold: int) -> np.ndarray:
+    """Out-of-sample probabilities of rows ``te`` from an RBF SVC and the screening network
+    fitted on rows ``tr`` (one fold; seeded by ``params.seed + fold``, so it gives the same
+    answer in any process)."""
+    torch.set_num_threads(1)  # tiny networks: one intra-op thread (see screen_dataset)
+    flat = X.reshape(len(X), -1)
+    sub = _svc_rows(tr, params.seed + fold)
+    present = np.unique(y[sub])
+    svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False).fit(flat[sub], y[sub])
+    p_svc = np.zeros((len(te), num_classes))
+    p_svc[:, present] = svc.predict_proba(flat[te])
+    epochs = max(2, min(params.backdoor_epochs, 5))
+    model, _ = _train_net(X[tr], y[tr], num_classes, epochs=epochs, seed=params.seed + fold,
+                          device=resolve_device(params.device, "screen.device"))
+    p_net = _softmax_of(model, X[te])
+    return 0.5 * p_svc + 0.5 * p_net
+
+
+def oos_folds(y: np.ndarray, num_classes: int, params: ScreenParams) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified K folds (train rows, held-out rows) of the out-of-sample probabilities."""
+    counts = np.bincount(y, minlength=num_classes)
+    folds = min(params.folds, int(counts[counts > 0].min()))
     if folds < 2:
         raise InvalidInput("label_issues needs at least 2 rows in every class")
-    flat = X.reshape(len(X), -1)
-    probs = np.zeros((len(X), num_classes), dtype=np.float64)
-    epochs = max(2, min(params.backdoor_epochs, 5))
-    device = resolve_device(params.device, "screen.device")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.seed)
-    for fold, (tr, te) in enumerate(splitter.split(flat, y)):
-        sub = _svc_rows(tr, params.seed + fold)
-        present = np.unique(y[sub])
-        svc = CalibratedClassifierCV(SVC(C=10.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False).fit(flat[sub], y[sub])
-        p_svc = np.zeros((len(te), num_classes))
-        p_svc[:, present] = svc.predict_proba(flat[te])
-        model, _ = _train_net(X[tr], y[tr], num_classes, epochs=epochs, seed=params.seed + fold, device=device)
-        p_net = _softmax_of(model, X[te])
-        probs[te] = 0.5 * p_svc + 0.5 * p_net
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+def combine_folds(parts: list[np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]], n: int, num_classes: int) -> np.ndarray:
+    probs = np.zeros((n, num_classes), dtype=np.float64)
+    for (_, te), p in zip(folds, parts):
+        probs[te] = p
     probs = np.clip(probs, 1e-6, None)
     return probs / probs.sum(1, keepdims=True)
+
+
+def _oos_pred_probs(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> np.ndarray:
+    """K-fold out-of-sample probabilities: mean of an RBF SVC and the screening network."""
+    folds = oos_folds(y, num_classes, params)
+    parts = [_fold_probs(X, y, tr, te, num_classes, params, fold) for fold, (tr, te) in enumerate(folds)]
+    return combine_folds(parts, folds, len(X), num_classes)
 
 
 def _train_screening_net(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> dict[str, np.ndarray]:

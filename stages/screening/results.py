@@ -49,3 +49,11 @@ class ScreenFindings:
             "annotators": self.annotators,
             "seconds": self.seconds,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, n_rows: int) -> "ScreenFindings":
+        """The findings :meth:`to_dict` wrote, for ``n_rows`` screened rows (checked)."""
+        if d.get("n_rows") != n_rows or len(d.get("labels", ())) != n_rows:
+            raise ValueError(f"findings are for {d.get('n_rows')} rows, the data has {n_rows}")
+        return cls(labels=np.asarray(d["labels"], dtype=np.int64), flags=list(d["flags"]), per_detector=dict(d["per_detector"]),
+                   annotators=d.get("annotators"), seconds=float(d.get("seconds", 0.0)), n_rows=n_rows)

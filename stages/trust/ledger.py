@@ -222,8 +222,12 @@ class Ledger:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def require_intact(self) -> int:
-        """Verify the whole chain and its signed head; return the entry count or raise ``IntegrityError``."""
-        report = verify_chain(self.path)
+        """Verify the whole chain and its signed head; return the entry count or raise ``IntegrityError``.
+
+        Holds the append lock: a run appending at the same moment would otherwise be read
+        with its head written and its line not yet (or the other way round)."""
+        with self._lock():
+            report = verify_chain(self.path)
         if not report.ok:
             where = f"line {report.first_bad_line}: " if report.first_bad_line else ""
             raise IntegrityError(f"ledger {self.path} is broken at {where}{report.reason}; run 'mlsec audit verify'")

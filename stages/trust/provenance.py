@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -105,6 +106,22 @@ def _repo(root: Path):
         raise PipelineError(f"{root} is not a DVC repository: run 'mlsec init' (git init + dvc init + a local remote)") from None
 
 
+PUSH_DELAYS_S = (2, 5, 15)  # backoff between tries of a DVC push (a remote store's I/O, not a check)
+
+
+def _push(repo, folder: Path) -> None:
+    """``dvc push`` of ``folder``, tried again after each delay of :data:`PUSH_DELAYS_S`."""
+    for delay in (*PUSH_DELAYS_S, None):
+        try:
+            repo.push(targets=[str(folder)])
+            return
+        except Exception:  # noqa: BLE001 - DVC raises many kinds; the last one is reported
+            if delay is None:
+                raise
+            logging.getLogger(__name__).warning("dvc push of %s failed; trying again in %s s", folder, delay)
+            time.sleep(delay)
+
+
 def dvc_add(root: Path, folder: Path, *, push: bool) -> dict[str, Any]:
     """``dvc add`` the folder (and push it to the default remote); return its DVC record."""
     with _quiet_dvc():
@@ -117,7 +134,7 @@ def dvc_add(root: Path, folder: Path, *, push: bool) -> dict[str, Any]:
                 if push:
                     remote = repo.config.get("core", {}).get("remote")
                     if remote:
-                        repo.push(targets=[str(folder)])
+                        _push(repo, folder)
                         record.update(pushed=True, remote=remote)
             except PipelineError:
                 raise

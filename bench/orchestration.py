@@ -1,0 +1,208 @@
+"""What orchestration costs and what fan-out buys, as Markdown tables.
+
+1. Overhead: ``mlsec run`` (the flow on its own temporary Prefect server) on digits and on a
+   10,000-row MNIST sample (one epoch, FGSM and PGD): the flow's wall time (``timings.total``) and the process's wall
+   time, each minus the stage functions' own time (the sum of the stages' ``seconds``).
+2. Rerun on unchanged data: the same command again in the same workspace (screen, train and
+   evaluate reused from the first run after their keys verify) against the first run.
+3. Fan-out: screening (``screen_dataset``) and the robustness evaluation
+   (``evaluate_robustness``, FGSM and PGD as in the issue's baseline) on the MNIST sample with
+   1 worker (serial), 2 local worker processes, and 2 threads.
+4. ``--full``: screening plus evaluation on full MNIST (60,000 rows) with 2 workers, against
+   5 adversarial (FGSM-RS) training epochs on the same rows.
+
+MNIST comes from ``../shared/data/mnist`` (or ``--mnist DIR``); without it only the digits
+rows are printed. Comparisons of 1 and 2 workers mean nothing on a busy machine: the
+load average is printed with each table.
+
+    nice -n 10 python bench/orchestration.py [--rows 10000] [--full] [--skip-runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+STAGES = ("ingest", "validate", "screen", "train", "evaluate", "gate", "register")
+MLSEC = Path(sys.executable).parent / "mlsec"
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cores"
+
+
+def mnist_sample(folder: Path, rows: int, out: Path) -> Path:
+    from stages.data.io import load_source
+
+    d = load_source(str(folder))
+    idx = np.sort(np.random.default_rng(0).choice(len(d.y), rows, replace=False)) if rows < len(d.y) else np.arange(len(d.y))
+    X = (d.X[idx] * 255).round().astype(np.uint8).reshape(len(idx), 28, 28)
+    np.savez(out, X=X, y=d.y[idx])
+    return out
+
+
+def workspace(tmp: Path, name: str) -> Path:
+    from stages.trust.provenance import init_repo
+
+    ws = tmp / name
+    ws.mkdir(parents=True)
+    shutil.copy(ROOT / "params.yaml", ws / "params.yaml")
+    init_repo(ws)
+    return ws
+
+
+def cli_run(ws: Path, data: str | None, overrides: list[str]) -> tuple[dict, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["MLSEC_ROOT"] = str(ws)
+    args = [str(MLSEC), "run", "--json", *(["--data", data] if data else []), *[a for o in overrides for a in ("--set", o)]]
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"mlsec run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout), wall
+
+
+def overhead_rows(tmp: Path, mnist: Path | None, *, digits: bool = True) -> list[str]:
+    cases = [("digits (1,797 rows)", None, [])] if digits else []
+    if mnist is not None:
+        cases.append((f"MNIST sample ({int(np.load(mnist)['y'].shape[0]):,} rows, 1 epoch)", str(mnist),
+                      ["train.epochs=1", "train.model=cnn_small", "evaluate.attacks=[fgsm, pgd]"]))
+    lines = ["| data | run | status | stages (s) | flow wall (s) | flow overhead | process wall (s) | process overhead | reused |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, data, overrides in cases:
+        ws = workspace(tmp, name.split()[0])
+        for run in ("first", "rerun"):
+            summary, wall = cli_run(ws, data, overrides)
+            stages = sum(summary["timings"].get(s, 0.0) for s in STAGES)
+            flow = summary["timings"]["total"]
+            lines.append(f"| {name} | {run} | {summary['status']} | {stages:.1f} | {flow:.1f} | "
+                         f"{flow - stages:.1f} s ({(flow - stages) / flow:.1%}) | {wall:.1f} | "
+                         f"{wall - stages:.1f} s ({(wall - stages) / wall:.1%}) | {', '.join(summary.get('cached', {})) or '-'} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def fanout_rows(mnist: Path, *, label: str) -> list[str]:
+    from flows.fanout import TaskRunnerMapper, make_runner
+    from stages.core.params import OrchestrationParams, load_params
+    from stages.ml.nets import build_model
+    from stages.ml.robustness import evaluate_robustness
+    from stages.screening import screen_dataset
+
+    with np.load(mnist) as d:
+        X = (d["X"].astype(np.float32) / 255.0)[:, None]
+        y = d["y"].astype(np.int64)
+    params = load_params(ROOT / "params.yaml")
+    ev = params.evaluate
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model("cnn_small", input_shape=tuple(X.shape[1:]), num_classes=10)
+    n_eval = len(X) // 5
+    lines = [f"| {label} | workers | screening (s) | speed-up | evaluation (s) | speed-up |", "|---|---|---:|---:|---:|---:|"]
+    base = {}
+    for name, orch in (("serial", None), ("2 processes", OrchestrationParams(task_runner="processes", workers=2)),
+                       ("2 threads", OrchestrationParams(task_runner="threads", workers=2))):
+        runner = make_runner(orch) if orch else None
+        t = {}
+        if runner is not None:
+            runner.__enter__()
+        try:
+            mapper = TaskRunnerMapper(runner) if runner is not None else None
+            start = time.perf_counter()
+            screen_dataset(X, y, params=params.screen, mapper=mapper)
+            t["screen"] = time.perf_counter() - start
+            start = time.perf_counter()
+            evaluate_robustness(model, X[:n_eval], y[:n_eval], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
+                                restarts=ev.restarts, attacks=["fgsm", "pgd"], seed=ev.seed, mapper=mapper)
+            t["evaluate"] = time.perf_counter() - start
+        finally:
+            if runner is not None:
+                runner.__exit__(None, None, None)
+        base = base or t
+        lines.append(f"| {label} | {name} | {t['screen']:.1f} | {base['screen'] / t['screen']:.2f}x | {t['evaluate']:.1f} | "
+                     f"{base['evaluate'] / t['evaluate']:.2f}x |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def full_rows(mnist_dir: Path) -> list[str]:
+    """Screening + evaluation (2 workers) on full MNIST against 5 FGSM-RS epochs."""
+    from flows.fanout import TaskRunnerMapper, make_runner
+    from stages.core.params import OrchestrationParams, load_params
+    from stages.data.io import load_source
+    from stages.data.prepared import split_indices
+    from stages.ml.robustness import evaluate_robustness
+    from stages.ml.training import fit
+    from stages.screening import screen_dataset
+
+    d = load_source(str(mnist_dir))
+    params = load_params(ROOT / "params.yaml", ["train.epochs=1"])
+    tr, te = split_indices(d.y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
+    start = time.perf_counter()
+    result = fit(d.X[tr], d.y[tr], params=params.train, num_classes=10)
+    epoch = time.perf_counter() - start
+    runner = make_runner(OrchestrationParams(task_runner="processes", workers=2))
+    with runner:
+        mapper = TaskRunnerMapper(runner)
+        start = time.perf_counter()
+        screen_dataset(d.X, d.y, params=params.screen, mapper=mapper)
+        screen_s = time.perf_counter() - start
+        ev = params.evaluate
+        start = time.perf_counter()
+        evaluate_robustness(result.model, d.X[te], d.y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
+                            restarts=ev.restarts, attacks=["fgsm", "pgd"], seed=ev.seed, mapper=mapper)
+        eval_s = time.perf_counter() - start
+    return ["| full MNIST (60,000 rows) | seconds | in adversarial epochs |", "|---|---:|---:|",
+            f"| one FGSM-RS epoch | {epoch:.0f} | 1.0 |", f"| screening, 2 workers | {screen_s:.0f} | {screen_s / epoch:.1f} |",
+            f"| evaluation, 2 workers | {eval_s:.0f} | {eval_s / epoch:.1f} |",
+            f"| screening + evaluation | {screen_s + eval_s:.0f} | {(screen_s + eval_s) / epoch:.1f} (target <= 5) |"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--full", action="store_true", help="also screen and evaluate full MNIST (long)")
+    parser.add_argument("--skip-runs", action="store_true", help="only the fan-out tables")
+    parser.add_argument("--no-digits", action="store_true", help="leave out the digits runs")
+    args = parser.parse_args()
+    from stages.core.telemetry import telemetry_off
+
+    telemetry_off()
+    tmp = Path(tempfile.mkdtemp(prefix="mlsec-bench-orch-"))
+    os.environ.setdefault("MLSEC_KEY_DIR", str(tmp / "keys"))
+    mnist_dir = Path(args.mnist)
+    mnist = mnist_sample(mnist_dir, args.rows, tmp / "mnist.npz") if mnist_dir.is_dir() else None
+    try:
+        if not args.skip_runs:
+            print(f"\n## Orchestration overhead and reruns ({load()} at start)\n")
+            print("\n".join(overhead_rows(tmp, mnist, digits=not args.no_digits)))
+        if mnist is not None:
+            print(f"\n## Fan-out on {args.rows:,} MNIST rows (evaluation on a fifth of them; {load()} at start)\n")
+            print("\n".join(fanout_rows(mnist, label="MNIST sample")))
+            if args.full:
+                print(f"\n## Full MNIST ({load()} at start)\n")
+                print("\n".join(full_rows(mnist_dir)))
+        else:
+            print(f"\n(no MNIST at {mnist_dir}: fan-out tables skipped)")
+        print(f"\n{load()} at the end")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Which stages the flow may reuse from an earlier run, and what their keys are made of
+(``stages.trust.stagecache`` holds the mechanism and its security argument).
+
+* ``screen``: the detectors' findings, keyed by the data (Merkle root of the verified
+  manifest), ``screen`` settings and the held-out split settings. The stage still runs: it
+  verifies the data, writes this run's split and quarantine list and takes the
+  poisoning decision from the reused findings.
+* ``train``: the weights, model config and training report, keyed by the accepted rows and
+  labels (the content of this run's verified split) and the ``train`` settings.
+* ``evaluate``: the evaluation, per-sample results and curve, keyed by the weights, model
+  config and training report digests (this run's signed index), the split and the
+  ``evaluate`` settings.
+
+Validation, the gate and registration always run. ``orchestration.cache: false`` or
+``--paranoid`` turn reuse off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any
+
+import numpy as np
+
+from stages.core.params import Params
+from stages.trust.context import RunContext
+
+CACHED_STAGES = ("screen", "train", "evaluate")
+OUTPUTS = {
+    "screen": ["screen_report"],  # read back for its findings; the stage writes the rest itself
+    "train": ["weights", "model_config", "train_report"],
+    "evaluate": ["evaluation", "per_sample", "robustness_curve"],
+}
+
+
+def split_digest(ctx: RunContext, *, where: str) -> str:
+    """SHA-256 over the arrays (name, dtype, shape, bytes) of this run's verified split: the
+    file's own bytes change with the time it was written, its content does not."""
+    data = ctx.input_bytes("split", where=where)["split"]  # checked against the signed index as read
+    h = hashlib.sha256()
+    with np.load(io.BytesIO(data), allow_pickle=False) as split:
+        for name in sorted(split.files):
+            arr = np.ascontiguousarray(split[name])
+            h.update(f"{name}:{arr.dtype.str}:{arr.shape}\0".encode() + arr.tobytes() + b"\0")
+    return h.hexdigest()
+
+
+def key_parts(ctx: RunContext, params: Params, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(settings, input digests) of ``stage``; the digests come from verified records."""
+    if stage == "screen":
+        return ({"screen": params.screen.model_dump(mode="json"),
+                 "split": {"test_fraction": params.evaluate.test_fraction, "seed": params.evaluate.seed}}, {})
+    where = f"{stage} cache key"
+    if stage == "train":
+        return {"train": params.train.model_dump(mode="json")}, {"split": split_digest(ctx, where=where)}
+    if stage == "evaluate":
+        verified = ctx.inputs("weights", "model_config", "train_report", where=where)  # re-hashed against the signed index
+        records = ctx.recorded()
+        return ({"evaluate": params.evaluate.model_dump(mode="json")},
+                {"split": split_digest(ctx, where=where), **{name: records[name]["sha256"] for name in verified}})
+    raise ValueError(f"stage {stage!r} is not cacheable")
+
+
+def replay_ledger(stage: str, result: dict[str, Any], params: Params) -> tuple[str, dict[str, Any]] | None:
+    """The ledger entry the stage would have written, from its reused result."""
+    if stage == "train":
+        return "train.model", {"weights_sha256": result["weights_sha256"], "architecture": result["architecture"],
+                               "mode": params.train.mode, "privacy": result.get("privacy")}
+    if stage == "evaluate":
+        return "evaluate.metrics", dict(result["metrics"])
+    return None

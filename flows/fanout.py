@@ -1,0 +1,188 @@
+"""The flow's side of fan-out and progress: a mapper backed by a Prefect task runner, and a
+progress reporter for the terminal, the run log and the Prefect UI.
+
+``orchestration.task_runner`` picks the runner (``auto``: a Dask cluster when
+``orchestration.dask_address`` names one, else local processes); ``orchestration.workers``
+how many local workers (0 = one per core). Each item of a fan-out is a Prefect task run
+(named after the work, e.g. ``screen-evidence-2``), so the UI shows which fold, detector or
+attack runs, and each finished item moves a progress artifact with the time left. Processes,
+not threads, by default: the screening SVC and the small torch networks hold the GIL for
+much of their time (see ``bench/orchestration.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from stages.core.errors import InvalidInput, PipelineError
+from stages.core.fanout import eta_text, serial_map
+from stages.core.params import OrchestrationParams
+
+
+def local_workers(orch: OrchestrationParams) -> int:
+    return orch.workers or os.cpu_count() or 1
+
+
+def runner_kind(orch: OrchestrationParams) -> str:
+    if orch.task_runner != "auto":
+        return orch.task_runner
+    return "dask" if orch.dask_address else ("processes" if local_workers(orch) > 1 else "serial")
+
+
+def make_runner(orch: OrchestrationParams):
+    """The Prefect task runner ``orchestration`` asks for (not entered), or None for serial."""
+    kind = runner_kind(orch)
+    if kind == "serial":
+        return None
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=local_workers(orch))
+    if kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=local_workers(orch))
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner  # Dask: only when a run fans out on it
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address, client_kwargs={"timeout": f"{orch.dask_timeout_s}s"})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": local_workers(orch), "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    raise InvalidInput(f"unknown orchestration.task_runner {kind!r}")
+
+
+@task(name="fan-out", cache_policy=NO_CACHE, persist_result=False)
+def fan_item(fn: Callable[[Any], Any], item: Any, label: str, index: int) -> Any:
+    """One item of a fan-out: ``fn(item)``."""
+    return fn(item)
+
+
+class Progress:
+    """Reports finished items of a named piece of work: a line with the time left on stderr
+    and in the run log, and a Prefect progress artifact (its percentage and the same line)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self._started: dict[str, float] = {}
+        self._artifacts: dict[str, Any] = {}
+
+    def _log(self, text: str) -> None:
+        try:
+            get_run_logger().info(text)
+        except Exception:  # noqa: BLE001 - outside a run: stderr only
+            print(text, file=sys.stderr, flush=True)
+
+    def __call__(self, label: str, done: int, total: int, note: str = "") -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        if done == 0 or label not in self._started:
+            self._started[label] = time.monotonic()
+        line = f"{self.stage}: {label} {eta_text(done, total, time.monotonic() - self._started[label])}" + \
+               (f" ({note})" if note else "")
+        pct = 100.0 * done / max(1, total)
+        try:
+            if label not in self._artifacts:
+                self._artifacts[label] = create_progress_artifact(progress=pct, description=line)
+            else:
+                update_progress_artifact(self._artifacts[label], progress=pct, description=line)
+        except Exception:  # noqa: BLE001 - progress is a convenience, never a failure
+            logging.getLogger(__name__).debug("progress artifact not written", exc_info=True)
+        if done or note:
+            self._log(line)
+
+
+class TaskRunnerMapper:
+    """``mapper(fn, items, label=...)`` through an entered Prefect task runner; serial when
+    there is none or only one item. Results in the order of ``items``; the first failure
+    raises (fail closed)."""
+
+    def __init__(self, runner, progress: Progress | None = None) -> None:
+        self.runner = runner
+        self.progress = progress
+
+    def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any], *, label: str) -> list[Any]:
+        items = list(items)
+        if self.runner is None or len(items) < 2:
+            return serial_map(fn, items, label=label, progress=self.progress)
+        named = fan_item.with_options(name=label, task_run_name=f"{label}-{{index}}")
+        if self.progress:
+            self.progress(label, 0, len(items))
+        futures = [self.runner.submit(named, parameters={"fn": fn, "item": item, "label": label, "index": i})
+                   for i, item in enumerate(items)]
+        index_of = {f.task_run_id: i for i, f in enumerate(futures)}
+        for done, fut in enumerate(as_completed(futures), start=1):
+            fut.result()  # raises the item's error at once
+            if self.progress:
+                self.progress(label, done, len(items), note=f"{label}-{index_of[fut.task_run_id]} finished")
+        return [f.result() for f in futures]
+
+
+def check_dask(address: str, *, timeout_s: float) -> None:
+    """The Dask scheduler at ``address`` accepts a connection; one line otherwise."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname or not parsed.port:
+        raise InvalidInput(f"orchestration.dask_address must look like tcp://HOST:PORT, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    why = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=min(3.0, timeout_s)):
+                return
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            time.sleep(0.5)
+    raise PipelineError(f"the Dask scheduler at {address} does not answer ({why}, {timeout_s:g} s): start it "
+                        "('dask scheduler') or unset orchestration.dask_address")
+
+
+FANNED_OUT = ("screen", "evaluate")  # the stages whose cores take a mapper
+_RUN_MAPPERS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def mapper_for_run(run_id: str, runner) -> Iterator[None]:
+    """Make ``runner`` the fan-out of run ``run_id`` for the block. Stage tasks look it up
+    by run id instead of taking it as a parameter: Prefect records a task's parameters and
+    hands them to its child tasks, and a pool of workers is no data to copy."""
+    _RUN_MAPPERS[run_id] = runner
+    try:
+        yield
+    finally:
+        _RUN_MAPPERS.pop(run_id, None)
+
+
+def run_mapper(run_id: str, stage: str) -> "TaskRunnerMapper":
+    """The mapper (with progress reporting for ``stage``) of run ``run_id``."""
+    return TaskRunnerMapper(_RUN_MAPPERS.get(run_id), Progress(stage))
+
+
+@contextlib.contextmanager
+def running(runner) -> Iterator[Any]:
+    """Enter ``runner`` for the block. When the block ends in an exception (a failed check, a
+    signal, a cancellation) the local worker processes are stopped at once: the run does not
+    wait for fan-out items whose results nobody will read."""
+    runner.__enter__()
+    try:
+        yield runner
+    except BaseException:
+        executor = getattr(runner, "_executor", None)  # a process pool's, when it has one
+        for proc in list((getattr(executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                proc.terminate()
+        runner.__exit__(*sys.exc_info())
+        raise
+    runner.__exit__(None, None, None)

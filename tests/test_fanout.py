@@ -1,0 +1,132 @@
+"""Fan-out: the same cores give the same answers serially, on local worker processes and on a
+Dask cluster; progress says how much is left."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.core.fanout import eta_text, serial_map
+from stages.core.params import OrchestrationParams, load_params
+from tests.support import ROOT
+
+
+def _digits(n: int = 400):
+    from stages.data.io import load_source
+
+    d = load_source("sklearn:digits")
+    idx = np.random.default_rng(0).choice(len(d.y), n, replace=False)
+    return d.X[idx], d.y[idx]
+
+
+def _fast_screen():
+    params = load_params(ROOT / "params.yaml", ["screen.folds=3", "screen.backdoor_epochs=2"]).screen
+    return params
+
+
+def test_eta_text():
+    assert eta_text(0, 4, 0.0) == "0/4"
+    assert eta_text(1, 4, 30.0) == "1/4, about 1m30s left"
+    assert eta_text(4, 4, 61.0) == "4/4 in 1m01s"
+
+
+def test_serial_map_keeps_order_and_reports_progress():
+    seen = []
+    out = serial_map(lambda v: v * v, [3, 1, 2], label="sq", progress=lambda label, done, total, note="": seen.append((done, total)))
+    assert out == [9, 1, 4]
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+def _screen_with(mapper):
+    from stages.screening import screen_dataset
+
+    X, y = _digits()
+    y = y.copy()
+    y[:12] = (y[:12] + 1) % 10  # a few flips so that something is flagged
+    return screen_dataset(X, y, params=_fast_screen(), mapper=mapper)
+
+
+@pytest.fixture(scope="module")
+def serial_findings():
+    return _screen_with(None)
+
+
+def _same(a, b) -> None:
+    assert a.flags == b.flags
+    assert np.array_equal(a.labels, b.labels)
+    assert {k: v["flagged"] for k, v in a.per_detector.items()} == {k: v["flagged"] for k, v in b.per_detector.items()}
+
+
+def test_screen_on_worker_processes_matches_serial(serial_findings, prefect_server):
+    from flows.fanout import Progress, TaskRunnerMapper, make_runner
+
+    assert serial_findings.flags, "the flipped rows should be flagged"
+    runner = make_runner(OrchestrationParams(task_runner="processes", workers=2))
+    seen = []
+
+    class Recorder(Progress):
+        def __call__(self, label, done, total, note=""):
+            seen.append((label, done, total))
+
+    with runner:
+        findings = _screen_with(TaskRunnerMapper(runner, Recorder("screen")))
+    _same(findings, serial_findings)
+    # 3 folds + the screening net + the trigger-group search, each reported when done
+    assert [s for s in seen if s[1] and s[0] == "screen-evidence"] == [("screen-evidence", i, 5) for i in range(1, 6)]
+    detectors = _fast_screen().detectors
+    assert [s for s in seen if s[0] == "detectors"][-1] == ("detectors", len(detectors), len(detectors))
+
+
+def test_screen_on_a_dask_cluster_matches_serial(serial_findings, prefect_server):
+    from distributed import LocalCluster
+
+    from flows.fanout import TaskRunnerMapper, make_runner
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        runner = make_runner(OrchestrationParams(task_runner="auto", dask_address=cluster.scheduler_address))
+        assert type(runner).__name__ == "DaskTaskRunner"
+        with runner:
+            findings = _screen_with(TaskRunnerMapper(runner))
+    _same(findings, serial_findings)
+
+
+def test_attacks_on_worker_processes_match_serial(prefect_server):
+    import torch
+
+    from flows.fanout import TaskRunnerMapper, make_runner
+    from stages.ml.nets import build_model
+    from stages.ml.robustness import CHUNK_ROWS, evaluate_robustness
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10)
+    X, y = _digits(CHUNK_ROWS + 300)  # two chunks per epsilon
+    kwargs = dict(epsilons=[0.05, 0.1], pgd_steps=3, restarts=2, seed=7)
+    serial = evaluate_robustness(model, X, y, **kwargs)
+    with make_runner(OrchestrationParams(task_runner="processes", workers=2)) as runner:
+        fanned = evaluate_robustness(model, X, y, mapper=TaskRunnerMapper(runner), **kwargs)
+    assert np.array_equal(serial.correct, fanned.correct)
+    assert serial.robust_accuracy == fanned.robust_accuracy
+
+
+def test_a_failing_item_fails_the_fan_out(prefect_server):
+    from flows.fanout import TaskRunnerMapper, make_runner
+
+    with make_runner(OrchestrationParams(task_runner="threads", workers=2)) as runner:
+        with pytest.raises(ZeroDivisionError):
+            TaskRunnerMapper(runner)(_invert, [1, 0, 2], label="invert")
+
+
+def _invert(v: int) -> float:
+    return 1 / v
+
+
+def test_a_dask_scheduler_that_does_not_answer_is_one_line():
+    from flows.fanout import check_dask
+    from flows.server import free_port
+    from stages.core.errors import InvalidInput, PipelineError
+
+    port = free_port()
+    with pytest.raises(PipelineError, match=f"Dask scheduler at tcp://127.0.0.1:{port} does not answer"):
+        check_dask(f"tcp://127.0.0.1:{port}", timeout_s=1.5)
+    with pytest.raises(InvalidInput, match="tcp://HOST:PORT"):
+        check_dask("not an address", timeout_s=1)
