@@ -22,7 +22,8 @@ import numpy as np
 from stages.core.errors import PoisoningSuspected
 from stages.core.params import Params
 from stages.core.workspace import write_json
-from stages.data.prepared import accepted_rows_digest, parse_prepared, row_digest, split_indices
+from stages.data.prepared import accepted_rows_digest, class_name, parse_prepared, row_digest, row_values, split_indices
+from stages.data.preprocessing import fit_model_preprocessing, model_inputs
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 
@@ -38,10 +39,13 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
 
     files, manifest = ctx.dataset_bytes(where=STAGE)
     X, y, ann, meta = parse_prepared(files)
-    train_idx, test_idx = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
+    ev = params.evaluate.for_kind(manifest.get("kind"))
+    train_idx, test_idx = split_indices(y, test_fraction=ev.test_fraction, seed=ev.seed)
     order = np.concatenate([train_idx, test_idx])  # screened rows, by position
     is_train = np.arange(len(order)) < len(train_idx)
-    X_screened = X[order]
+    # tables are screened on [0, 1] features scaled by a fit on the training split (before any
+    # row is accepted); the model's own preprocessing is refitted on the accepted rows in train
+    X_screened = model_inputs(X[order], meta, fit_model_preprocessing(X[train_idx], meta)[0])
     findings = screen_dataset(X_screened, y[order], params=params.screen,
                               annotator_labels=None if ann is None else ann[order])
     findings_dict = findings.to_dict()
@@ -56,7 +60,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         pos = int(flag["index"])
         i = int(order[pos])
         quarantine.append({"index": i, "split": "train" if is_train[pos] else "test", "sha256": row_digest(X, y[i], i),
-                           "label": int(y[i]), "detectors": list(flag["detectors"]), "scores": flag["scores"],
+                           "label": class_name(meta, int(y[i])), "label_index": int(y[i]),
+                           **row_values(X, meta, i), "detectors": list(flag["detectors"]), "scores": flag["scores"],
                            "reason": flag["reason"]})
     qdir = ctx.ws.quarantine_dir / ctx.run_id
     qpath = qdir / "quarantine.json"
