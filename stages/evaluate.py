@@ -53,8 +53,10 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         raise ValidationFailed("no held-out test row is left after screening: nothing to evaluate the model on")
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
+    # APGD-DLR compares the top three logits: it is not defined for two classes (APGD-CE runs there)
+    attacks = [a for a in ev.attacks if not (a == "apgd_dlr" and int(meta["num_classes"]) < 3)]
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
-                                 restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
+                                 restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "data_kind": manifest.get("kind"), "n_test": int(len(eval_idx)),
@@ -62,7 +64,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
                             "epsilon_scale": ("[0, 1] pixel scale" if X.ndim > 2 else
                                               "scaled features: a fraction of each numeric column's training range"),
                             "pgd_steps": ev.pgd_steps, "restarts": ev.restarts,
-                            "attacks": report.attacks, "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
+                            "attacks": report.attacks, "attacks_not_applicable": sorted(set(ev.attacks) - set(attacks)),
+                            "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
                             "robustness": report.to_dict()}
     metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy), "clean_accuracy_all_test": all_test,
                                  "attacked_rows": float(report.n_attacked),

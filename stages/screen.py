@@ -66,7 +66,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     qdir = ctx.ws.quarantine_dir / ctx.run_id
     qpath = qdir / "quarantine.json"
     write_json(qpath, {"run_id": ctx.run_id, "data_sha256": manifest["merkle_root"], "count": len(quarantine),
-                       "indices_refer_to": "rows of the input as given", "samples": quarantine})
+                       "indices_refer_to": "rows of the input as given", "classes": meta.get("classes"),
+                       "label_index_refers_to": "positions in classes", "samples": quarantine})
     accepted_digest = accepted_rows_digest(X, accepted_idx, accepted_labels)
     split_path = ctx.path("screen", "split.npz")
     np.savez(split_path, train_idx=train_idx, test_idx=test_idx, accepted_idx=accepted_idx, accepted_labels=accepted_labels,
