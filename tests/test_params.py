@@ -65,11 +65,18 @@ def test_tables_get_their_own_defaults_and_images_the_section_as_written():
     assert gate.min_clean_accuracy == p.gate.min_clean_accuracy
 
 
-def test_explicit_set_applies_to_every_kind_and_table_set_to_tables_only():
-    both = load_params(ROOT / "params.yaml", ["train.mode=dp"])
-    assert both.train.mode == "dp" and both.train.for_kind("table").mode == "dp"
-    tables = load_params(ROOT / "params.yaml", ["train.table.mode=adversarial"])
-    assert tables.train.mode == "adversarial" and tables.train.for_kind("table").mode == "adversarial"
+def test_table_keys_win_for_tables():
+    images = load_params(ROOT / "params.yaml", ["train.mode=dp", "train.epochs=3"])
+    assert images.train.mode == "dp" and images.train.for_kind("table").mode == "standard"
+    assert images.train.for_kind("table").epochs == 100  # named by the overlay
+    assert images.train.for_kind("table").batch_size == images.train.batch_size  # not named: the section's own
+    tables = load_params(ROOT / "params.yaml", ["train.table.mode=dp"])
+    assert tables.train.mode == "adversarial" and tables.train.for_kind("table").mode == "dp"
+    added = load_params(ROOT / "params.yaml", ["train.table.batch_size=16", "train.table.adversarial.epsilon=0.03"])
+    assert added.train.for_kind("table").batch_size == 16 and added.train.batch_size == 64
+    assert added.train.for_kind("table").adversarial.epsilon == 0.03
+    with pytest.raises(InvalidInput, match="under 'table'"):
+        load_params(ROOT / "params.yaml", ["train.table.batch_sise=16"])
     nested = load_params(ROOT / "params.yaml", ["train.table={adversarial: {epsilon: 0.02}}"])
     assert nested.train.for_kind("table").adversarial.epsilon == 0.02
     assert nested.train.for_kind("table").adversarial.method == nested.train.adversarial.method

@@ -8,7 +8,7 @@ value is parsed as YAML (``--set train.epochs=5``, ``--set gate.min_robust_accur
 All epsilons for adversarial robustness are on the [0, 1] input scale: pixels for images,
 the scaled features for tables (``stages.data.preprocessing``). ``train``, ``evaluate`` and
 ``gate`` carry per-kind defaults: their ``table:`` keys replace the section's own for tables
-(``TrainParams.for_kind``); an explicit ``--set`` of a key replaces it in both places.
+(``TrainParams.for_kind``); ``--set train.table.mode=dp`` changes one for tables.
 """
 
 from __future__ import annotations
@@ -300,33 +300,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         path, value = parse_override(item)
         node = data
+        overlay = False  # under a per-kind `table:` overlay any setting may be added (validated later)
         for depth, part in enumerate(path[:-1]):
+            if overlay and isinstance(node, dict) and part not in node:
+                node[part] = {}
             if not isinstance(node, dict) or part not in node:
                 raise InvalidInput(f"unknown setting {'.'.join(path[: depth + 1])!r} in --set {item!r}")
+            overlay = overlay or (part == "table" and depth == 1)
             node = node[part]
-        if not isinstance(node, dict) or path[-1] not in node:
+        if not isinstance(node, dict) or (path[-1] not in node and not overlay):
             raise InvalidInput(f"unknown setting {'.'.join(path)!r} in --set {item!r}")
         node[path[-1]] = value
-        _override_overlays(data, path, value)
     return data
 
-
-def _override_overlays(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """An explicit ``--set`` of a key applies to every kind of data: where a ``table:``
-    overlay on the way down sets the same key, it is replaced there too
-    (``--set train.mode=dp`` also sets ``train.table.mode``)."""
-    node: Any = data
-    for depth, part in enumerate(path[:-1]):
-        node = node[part]
-        overlay = node.get("table") if isinstance(node, dict) else None
-        if not isinstance(overlay, dict) or path[depth + 1] == "table":
-            continue
-        target: Any = overlay
-        rest = path[depth + 1:]
-        for key in rest[:-1]:
-            target = target.get(key) if isinstance(target, dict) else None
-        if isinstance(target, dict) and rest[-1] in target:
-            target[rest[-1]] = copy.deepcopy(value)
 
 
 def _describe(err: ValidationError) -> str:
