@@ -39,8 +39,6 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     _check_accepted(ctx, json.loads(inputs["screen_report"]), manifest, accepted_rows_digest(X, accepted_idx, accepted_labels))
     # fitted on the accepted training rows only; saved with the weights and bound to them by model.json
     spec, X_model = fit_model_preprocessing(X[accepted_idx], meta)
-    preprocessing = ctx.path("model", "preprocessing.json")
-    write_json(preprocessing, spec)
     tp = params.train.for_kind(manifest.get("kind"))  # the defaults for this kind of data
     store = CheckpointStore(ctx.run_dir / "checkpoints", run_id=ctx.run_id, key=derive_secret(CHECKPOINT_KEY_LABEL))
     try:
@@ -49,6 +47,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     except CheckpointRefused as err:
         raise ctx.violation(file=str(err.path.relative_to(ctx.ws.root)), expected=f"a checkpoint sealed for run {ctx.run_id}",
                             actual="refused", where=STAGE, reason=err.reason) from None
+    preprocessing = ctx.path("model", "preprocessing.json")  # written with the weights, once training succeeded
+    write_json(preprocessing, spec)
     if store.discarded:
         ctx.log("train.checkpoint_discarded", {"checkpoint": str(store.path.relative_to(ctx.ws.root)), "reason": store.discarded})
     config = {"architecture": result.model_name, "input_shape": list(X_model.shape[1:]), "num_classes": int(meta["num_classes"]),
