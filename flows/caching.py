@@ -29,7 +29,7 @@ from stages.trust.context import RunContext
 CACHED_STAGES = ("screen", "train", "evaluate")
 OUTPUTS = {
     "screen": ["screen_report"],  # read back for its findings; the stage writes the rest itself
-    "train": ["weights", "model_config", "train_report"],
+    "train": ["weights", "model_config", "preprocessing", "train_report"],
     "evaluate": ["evaluation", "per_sample", "robustness_curve"],
 }
 
@@ -48,16 +48,19 @@ def split_digest(ctx: RunContext, *, where: str) -> str:
 
 def key_parts(ctx: RunContext, params: Params, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(settings, input digests) of ``stage``; the digests come from verified records."""
-    if stage == "screen":
-        return ({"screen": params.screen.model_dump(mode="json"),
-                 "split": {"test_fraction": params.evaluate.test_fraction, "seed": params.evaluate.seed}}, {})
     where = f"{stage} cache key"
+    kind = ctx.manifest(where=where).get("kind")  # settings as they apply to this kind of data
+    if stage == "screen":
+        ev = params.evaluate.for_kind(kind)
+        return ({"screen": params.screen.model_dump(mode="json"), "kind": kind,
+                 "split": {"test_fraction": ev.test_fraction, "seed": ev.seed}}, {})
     if stage == "train":
-        return {"train": params.train.model_dump(mode="json")}, {"split": split_digest(ctx, where=where)}
+        return ({"train": params.train.for_kind(kind).model_dump(mode="json"), "kind": kind},
+                {"split": split_digest(ctx, where=where)})
     if stage == "evaluate":
-        verified = ctx.inputs("weights", "model_config", "train_report", where=where)  # re-hashed against the signed index
+        verified = ctx.inputs("weights", "model_config", "preprocessing", "train_report", where=where)  # re-hashed against the signed index
         records = ctx.recorded()
-        return ({"evaluate": params.evaluate.model_dump(mode="json")},
+        return ({"evaluate": params.evaluate.for_kind(kind).model_dump(mode="json"), "kind": kind},
                 {"split": split_digest(ctx, where=where), **{name: records[name]["sha256"] for name in verified}})
     raise ValueError(f"stage {stage!r} is not cacheable")
 
@@ -66,7 +69,7 @@ def replay_ledger(stage: str, result: dict[str, Any], params: Params) -> tuple[s
     """The ledger entry the stage would have written, from its reused result."""
     if stage == "train":
         return "train.model", {"weights_sha256": result["weights_sha256"], "architecture": result["architecture"],
-                               "mode": params.train.mode, "privacy": result.get("privacy")}
+                               "mode": result.get("mode", params.train.mode), "privacy": result.get("privacy")}
     if stage == "evaluate":
         return "evaluate.metrics", dict(result["metrics"])
     return None

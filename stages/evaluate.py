@@ -5,7 +5,9 @@ quarantined are left out, with the trusted annotators' consensus labels where gi
 ``clean_accuracy_all_test`` also reports clean accuracy on every held-out row with its
 label as given, quarantined rows included, and ``test_flagged_fraction`` the share of
 held-out rows screening left out (so a gate can tell when screening lifted the figure).
-Epsilons are on the [0, 1] input scale.
+Epsilons are on the [0, 1] input scale: the pixels of images, and for tables the features
+after the run's preprocessing (each numeric column's training range mapped onto [0, 1];
+``stages.data.preprocessing``).
 Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE and APGD-DLR) run on every evaluated
 row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
@@ -27,6 +29,7 @@ from stages.core.fanout import Mapper
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import load_npz_bytes, parse_prepared
+from stages.data.preprocessing import model_inputs
 from stages.models.weights import load_model_bytes
 from stages.runner import stage_main
 from stages.trust.context import RunContext
@@ -41,23 +44,29 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     from stages.ml.runtime import predict_logits
 
     files, manifest = ctx.dataset_bytes(where=STAGE)
-    inputs = ctx.input_bytes("split", "weights", "model_config", "train_report", where=STAGE)
-    X, y, _, _ = parse_prepared(files)
+    inputs = ctx.input_bytes("split", "weights", "model_config", "train_report", "preprocessing", where=STAGE)
+    X, y, _, meta = parse_prepared(files)
+    X = model_inputs(X, meta, json.loads(inputs["preprocessing"]))  # the spec fitted on the accepted training rows
     split = load_npz_bytes(inputs["split"])
     test_idx, accepted_idx, accepted_labels = split["test_idx"], split["accepted_idx"], split["accepted_labels"]
     eval_idx, eval_labels = split["eval_idx"], split["eval_labels"]
     if len(eval_idx) == 0:
         raise ValidationFailed("no held-out test row is left after screening: nothing to evaluate the model on")
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
-    ev = params.evaluate
+    ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
+    # APGD-DLR compares the top three logits: it is not defined for two classes (APGD-CE runs there)
+    attacks = [a for a in ev.attacks if not (a == "apgd_dlr" and int(meta["num_classes"]) < 3)]
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
-                                 restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
+                                 restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, mapper=mapper)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
-    body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "n_test": int(len(eval_idx)),
+    body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "data_kind": manifest.get("kind"), "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),
-                            "epsilon_scale": "[0, 1] input scale", "pgd_steps": ev.pgd_steps, "restarts": ev.restarts,
-                            "attacks": report.attacks, "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
+                            "epsilon_scale": ("[0, 1] pixel scale" if X.ndim > 2 else
+                                              "scaled features: a fraction of each numeric column's training range"),
+                            "pgd_steps": ev.pgd_steps, "restarts": ev.restarts,
+                            "attacks": report.attacks, "attacks_not_applicable": sorted(set(ev.attacks) - set(attacks)),
+                            "apgd_steps": ev.apgd_steps, "n_attacked": report.n_attacked,
                             "robustness": report.to_dict()}
     metrics: dict[str, float] = {"clean_accuracy": float(report.clean_accuracy), "clean_accuracy_all_test": all_test,
                                  "attacked_rows": float(report.n_attacked),

@@ -49,8 +49,10 @@ def _at_most(name: str, value: float | None, threshold: float) -> dict[str, Any]
 
 def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, Any] | None) -> dict[str, Any]:
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
-    integrity_verified, flagged_fraction. ``champion``: None or {"version", "metrics"} (from the
+    integrity_verified, flagged_fraction, data_kind (the policy's per-kind thresholds apply:
+    ``gate.table`` for tables). ``champion``: None or {"version", "metrics"} (from the
     champion's signed verdict; ``"revoked": True`` when it was revoked)."""
+    policy = policy.for_kind(evidence.get("data_kind"))
     metrics = evidence.get("metrics") or {}
     checks: list[dict[str, Any]] = []
     if policy.min_clean_accuracy is not None:
@@ -123,6 +125,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         "validation_passed": bool(json.loads(inputs["validation"]).get("success")),
         "integrity_verified": integrity,
         "flagged_fraction": json.loads(inputs["screen_report"]).get("flagged_fraction"),
+        "data_kind": ctx.manifest(where=STAGE).get("kind"),
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {
@@ -137,6 +140,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         # the evidence read, by digest: promotion takes the drift statistics from exactly these bytes
         "evidence_sha256": {name: records[name]["sha256"] for name in ("validation", "screen_report", "evaluation")},
         "policy": policy_record(signed, params, evidence, champion),
+        "data_kind": evidence["data_kind"],
         "triggered_by": triggered_by or actor(),
         "champion": champion,
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,7 +17,7 @@ from filelock import FileLock
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.io import load_source
-from stages.data.prepared import write_prepared
+from stages.data.prepared import data_schema, write_prepared
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 from stages.trust.hashing import hash_files, merkle_root, safe_files
@@ -41,8 +41,9 @@ def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[s
     ctx.ledger.require_intact()  # never start a run on a chain someone rewrote
     code = git_state(ctx.ws.root)  # before this run's own 'dvc add' touches the tree
     src = source or params.data.source
-    dataset = load_source(src, label_column=params.data.label_column,
-                          image_shape=tuple(params.data.image_shape) if params.data.image_shape else None)
+    d = params.data
+    dataset = load_source(src, label_column=d.label_column, image_shape=tuple(d.image_shape) if d.image_shape else None,
+                          classes=d.classes, columns=d.columns, missing=d.missing, max_categories=d.max_categories)
     prepared_root = ctx.ws.prepared_dir
     prepared_root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(prepared_root / ".ingest.lock"), timeout=600):
@@ -80,6 +81,8 @@ def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[s
         "input_shape": list(dataset.input_shape),
         "num_classes": dataset.num_classes,
         "has_annotator_labels": dataset.annotator_labels is not None,
+        **data_schema(dataset),
+        "label_column": d.label_column if Path(dataset.source).suffix in (".csv", ".parquet") else None,
         "dvc": dvc,
         "git": code,
         "params_sha256": params.digest(),
@@ -88,7 +91,8 @@ def run(ctx: RunContext, params: Params, *, source: str | None = None) -> dict[s
     write_json(ctx.manifest_path, sign_document(manifest))
     ctx.record_outputs(STAGE, {"manifest": ctx.manifest_path, "environment_lock": env_path})
     summary = {"data_sha256": root, "prepared_dir": manifest["prepared_dir"], "dvc_md5": dvc["md5"], "n": manifest["n"],
-               "input_shape": manifest["input_shape"], "num_classes": manifest["num_classes"], "source": dataset.source,
+               "input_shape": manifest["input_shape"], "num_classes": manifest["num_classes"], "kind": dataset.kind,
+               "classes": manifest["classes"], "source": dataset.source,
                "git_commit": manifest["git"]["commit"], "seconds": round(time.time() - started, 3)}
     ctx.log("ingest.manifest", {k: summary[k] for k in ("data_sha256", "prepared_dir", "dvc_md5", "n", "source", "git_commit")})
     return summary

@@ -7,7 +7,8 @@ a version whose signed verdict blesses exactly these weights is registered; it g
 
 A registered model is a pyfunc from code (no pickle), built here as a folder and logged as
 it is: ``MLmodel``, ``pyfunc_model.py``, the environment files and input example, and
-``artifacts/`` with ``weights/`` (``model.safetensors`` + ``model.json``), ``verdict.json``
+``artifacts/`` with ``weights/`` (``model.safetensors``, ``model.json`` and ``preprocessing.json``,
+the input preprocessing as JSON parameters), ``verdict.json``
 (the signed gate verdict) and ``attestation.json`` (an in-toto SLSA provenance statement in
 a signed DSSE envelope). ``model.sig`` (OpenSSF model-signing) covers every other file of
 the folder, so nothing MLflow serves is unsigned. The ledger's ``register.version`` entry
@@ -65,13 +66,14 @@ def _package(ctx: RunContext, verdict_doc: dict[str, Any], attestation: dict[str
     for folder in (pkg, staging):
         shutil.rmtree(folder, ignore_errors=True)
     (staging / "weights").mkdir(parents=True)
-    inputs = ctx.input_bytes("weights", "model_config", where=STAGE)
+    inputs = ctx.input_bytes("weights", "model_config", "preprocessing", where=STAGE)
     (staging / "weights" / "model.safetensors").write_bytes(inputs["weights"])
     (staging / "weights" / "model.json").write_bytes(inputs["model_config"])
+    (staging / "weights" / "preprocessing.json").write_bytes(inputs["preprocessing"])
     write_json(staging / "verdict.json", verdict_doc)
     write_json(staging / "attestation.json", attestation)
     config = json.loads(inputs["model_config"])
-    example = np.zeros((1, *config["input_shape"]), dtype=np.float32)
+    example = input_example(json.loads(inputs["preprocessing"]))  # the raw rows callers send
     signature = infer_signature(example, np.zeros((1, config["num_classes"]), dtype=np.float32))
     with warnings.catch_warnings():
         # the signature is given explicitly; MLflow's hint about typed predict() does not apply
@@ -95,12 +97,13 @@ def _attest(ctx: RunContext, params: Params, manifest: dict[str, Any], records: 
     materials["environment.lock"] = records["environment_lock"]["sha256"]
     materials["verdict.json"] = records["verdict"]["sha256"]
     statement = build_attestation(
-        subjects={"model.safetensors": records["weights"]["sha256"], "model.json": records["model_config"]["sha256"]},
+        subjects={"model.safetensors": records["weights"]["sha256"], "model.json": records["model_config"]["sha256"],
+                  "preprocessing.json": records["preprocessing"]["sha256"]},
         materials=materials,
         builder_id="https://mlsec.local/pipeline/secure-training",
         build_type="https://mlsec.local/secure-training/v1",
         parameters={"params_sha256": params.digest(), "git_commit": manifest["git"]["commit"], "git_dirty": manifest["git"]["dirty"],
-                    "data_sha256": manifest["merkle_root"], "dvc_md5": manifest["dvc"]["md5"], "train_mode": params.train.mode},
+                    "data_sha256": manifest["merkle_root"], "dvc_md5": manifest["dvc"]["md5"], "train_mode": params.train.for_kind(manifest.get("kind")).mode},
         run_id=ctx.run_id, started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return sign_attestation(statement)
 
@@ -238,7 +241,7 @@ def _finish_version(ctx, params, mv, records, manifest, evaluation, verdict_doc,
         "mlsec.verdict_sha256": verdict_digest(verdict_doc), "mlsec.robust_accuracy": f"{metrics.get('robust_accuracy', float('nan')):.4f}",
         "mlsec.clean_accuracy": f"{metrics.get('clean_accuracy', float('nan')):.4f}",
         "mlsec.dp_epsilon": f"{metrics['dp_epsilon']:.4f}" if "dp_epsilon" in metrics else "none",
-        "mlsec.triggered_by": who, "mlsec.four_eyes": str(params.promotion.four_eyes).lower(), "mlsec.train_mode": params.train.mode,
+        "mlsec.triggered_by": who, "mlsec.four_eyes": str(params.promotion.four_eyes).lower(), "mlsec.train_mode": params.train.for_kind(manifest.get("kind")).mode,
         "mlsec.policy_overridden": str(verdict["policy"]["overridden"]).lower(),
     }
     for key, value in tags.items():
@@ -250,6 +253,21 @@ def _finish_version(ctx, params, mv, records, manifest, evaluation, verdict_doc,
                            + (f" (policy overridden: {verdict['policy']['summary']})" if verdict["policy"]["overridden"] else ""))
     c.set_model_version_tag(name, mv.version, COMPLETE_TAG, "complete")  # last: the version is whole
     return {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"}
+
+
+def input_example(spec: dict[str, Any]):
+    """One made-up row in the form callers send (never a training row): for tables a pandas
+    DataFrame of the raw columns (each numeric column at the middle of its training range,
+    each categorical at its first category); for images zeros of the raw dtype and layout."""
+    if spec["kind"] == "table":
+        import pandas as pd  # slow to import, kept off the command line's start
+
+        return pd.DataFrame({c["name"]: [(c["low"] + c["high"]) / 2.0] if c["type"] == "numeric" else [c["categories"][0]]
+                             for c in spec["columns"]})
+    c, h, w = spec["input_shape"]
+    dtype = np.uint8 if spec.get("scaled_from") == "uint8/255" else np.float32
+    shape = {"NHWC": (1, h, w, c), "NHW": (1, h, w)}.get(spec.get("layout"), (1, c, h, w))
+    return np.zeros(shape, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ from stages.core.errors import PoisoningSuspected
 from stages.core.fanout import Mapper
 from stages.core.params import Params
 from stages.core.workspace import write_json
-from stages.data.prepared import accepted_rows_digest, parse_prepared, row_digest, split_indices
+from stages.data.prepared import accepted_rows_digest, class_name, parse_prepared, row_digest, row_values, split_indices
+from stages.data.preprocessing import fit_model_preprocessing, model_inputs
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 
@@ -42,10 +43,13 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None, findin
 
     files, manifest = ctx.dataset_bytes(where=STAGE)
     X, y, ann, meta = parse_prepared(files)
-    train_idx, test_idx = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
+    ev = params.evaluate.for_kind(manifest.get("kind"))
+    train_idx, test_idx = split_indices(y, test_fraction=ev.test_fraction, seed=ev.seed)
     order = np.concatenate([train_idx, test_idx])  # screened rows, by position
     is_train = np.arange(len(order)) < len(train_idx)
-    X_screened = X[order]
+    # tables are screened on [0, 1] features scaled by a fit on the training split (before any
+    # row is accepted); the model's own preprocessing is refitted on the accepted rows in train
+    X_screened = model_inputs(X[order], meta, fit_model_preprocessing(X[train_idx], meta)[0])
     if findings is None:
         findings = screen_dataset(X_screened, y[order], params=params.screen,
                                   annotator_labels=None if ann is None else ann[order], mapper=mapper)
@@ -63,12 +67,14 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None, findin
         pos = int(flag["index"])
         i = int(order[pos])
         quarantine.append({"index": i, "split": "train" if is_train[pos] else "test", "sha256": row_digest(X, y[i], i),
-                           "label": int(y[i]), "detectors": list(flag["detectors"]), "scores": flag["scores"],
+                           "label": class_name(meta, int(y[i])), "label_index": int(y[i]),
+                           **row_values(X, meta, i), "detectors": list(flag["detectors"]), "scores": flag["scores"],
                            "reason": flag["reason"]})
     qdir = ctx.ws.quarantine_dir / ctx.run_id
     qpath = qdir / "quarantine.json"
     write_json(qpath, {"run_id": ctx.run_id, "data_sha256": manifest["merkle_root"], "count": len(quarantine),
-                       "indices_refer_to": "rows of the input as given", "samples": quarantine})
+                       "indices_refer_to": "rows of the input as given", "classes": meta.get("classes"),
+                       "label_index_refers_to": "positions in classes", "samples": quarantine})
     accepted_digest = accepted_rows_digest(X, accepted_idx, accepted_labels)
     split_path = ctx.path("screen", "split.npz")
     np.savez(split_path, train_idx=train_idx, test_idx=test_idx, accepted_idx=accepted_idx, accepted_labels=accepted_labels,

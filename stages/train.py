@@ -1,7 +1,9 @@
 """Train: fit the model on the accepted rows only, in the mode ``params.yaml`` names.
 
-Outputs ``model/model.safetensors`` (weights, never pickle) and ``model/model.json`` (the
-architecture name and shapes needed to rebuild it), plus ``train.json`` (history, privacy).
+Outputs ``model/model.safetensors`` (weights, never pickle), ``model/preprocessing.json``
+(the input preprocessing, fitted on the accepted training rows only: JSON parameters, never a
+pickled object) and ``model/model.json`` (the architecture, shapes, class list and the SHA-256
+of the preprocessing), plus ``train.json`` (history, privacy).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import accepted_rows_digest, load_npz_bytes, parse_prepared
+from stages.data.preprocessing import fit_model_preprocessing
 from stages.models.weights import save_model
 from stages.runner import stage_main
 from stages.trust.context import RunContext
+from stages.trust.hashing import sha256_file
 from stages.trust.signing import derive_secret
 
 STAGE = "train"
@@ -33,32 +37,41 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     split = load_npz_bytes(inputs["split"])
     accepted_idx, accepted_labels = split["accepted_idx"], split["accepted_labels"]
     _check_accepted(ctx, json.loads(inputs["screen_report"]), manifest, accepted_rows_digest(X, accepted_idx, accepted_labels))
+    # fitted on the accepted training rows only; saved with the weights and bound to them by model.json
+    spec, X_model = fit_model_preprocessing(X[accepted_idx], meta)
+    tp = params.train.for_kind(manifest.get("kind"))  # the defaults for this kind of data
     store = CheckpointStore(ctx.run_dir / "checkpoints", run_id=ctx.run_id, key=derive_secret(CHECKPOINT_KEY_LABEL))
     try:
-        result = fit(X[accepted_idx], accepted_labels, params=params.train, num_classes=int(meta["num_classes"]),
+        result = fit(X_model, accepted_labels, params=tp, num_classes=int(meta["num_classes"]),
                      checkpoints=store, progress=sys.stderr.isatty())
     except CheckpointRefused as err:
         raise ctx.violation(file=str(err.path.relative_to(ctx.ws.root)), expected=f"a checkpoint sealed for run {ctx.run_id}",
                             actual="refused", where=STAGE, reason=err.reason) from None
+    preprocessing = ctx.path("model", "preprocessing.json")  # written with the weights, once training succeeded
+    write_json(preprocessing, spec)
     if store.discarded:
         ctx.log("train.checkpoint_discarded", {"checkpoint": str(store.path.relative_to(ctx.ws.root)), "reason": store.discarded})
-    config = {"architecture": result.model_name, "input_shape": list(meta["input_shape"]), "num_classes": int(meta["num_classes"]),
-              "dropout": params.train.dropout, "mode": params.train.mode, "input": "float32 on the [0, 1] scale",
-              "output": "logits", "data_sha256": manifest["merkle_root"]}
+    config = {"architecture": result.model_name, "input_shape": list(X_model.shape[1:]), "num_classes": int(meta["num_classes"]),
+              "classes": list(meta.get("classes") or range(int(meta["num_classes"]))), "kind": spec["kind"],
+              "dropout": tp.dropout, "mode": tp.mode, "input": "rows as given, through preprocessing.json; "
+              "the network: float32 on the [0, 1] scale", "output": "logits, one per class in 'classes'",
+              "preprocessing": "preprocessing.json", "preprocessing_sha256": sha256_file(preprocessing),
+              "data_sha256": manifest["merkle_root"]}
     files = save_model(result.model, ctx.run_dir / "model", config)
-    report = {"mode": params.train.mode, "architecture": result.model_name, "device": result.device,
+    files["preprocessing"] = preprocessing
+    report = {"mode": tp.mode, "features": spec.get("features"), "architecture": result.model_name, "device": result.device,
               "n_train": int(len(accepted_idx)), "history": result.history, "privacy": result.privacy,
               "collapse_guard": result.guard}
     report_path = ctx.path("train.json")
     write_json(report_path, report)
     records = ctx.record_outputs(STAGE, {**files, "train_report": report_path})
     ctx.log("train.model", {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name,
-                            "mode": params.train.mode, "privacy": result.privacy,
+                            "mode": tp.mode, "privacy": result.privacy,
                             "collapse_guard": _guard_summary(result.guard)})
     for event in (result.guard or {}).get("events", []):
         ctx.log("train.catastrophic_overfitting", event)
     last = result.history[-1] if result.history else {}
-    return {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name, "device": result.device,
+    return {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name, "mode": tp.mode, "device": result.device,
             "epochs": len(result.history), "train_accuracy": last.get("accuracy"), "privacy": result.privacy}
 
 

@@ -37,8 +37,12 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
         raise IntegrityError(f"{params.project.name} has a champion (version {champion}) but no drift reference "
                              f"{reference_path(ctx.ws, params.project.name).relative_to(ctx.ws.root)}: drift checks cannot run")
     docs_dir = ctx.run_dir / "data_docs"
-    report = validate_arrays(X, y, params=params.validate_, num_classes=int(meta["num_classes"]), reference=reference,
-                             docs_dir=docs_dir)
+    schema = {key: manifest[key] for key in ("kind", "classes", "columns") if key in manifest}
+    classes = schema.get("classes")
+    # the label set comes from the class list declared at ingest (signed in the manifest), never from y
+    report = validate_arrays(X, y, params=params.validate_, num_classes=len(classes) if classes else int(meta["num_classes"]),
+                             reference=reference, docs_dir=docs_dir, schema=schema or None,
+                             allow_missing=manifest.get("missing") == "impute")
     body = report.to_dict()
     body["data_sha256"] = manifest["merkle_root"]
     body["drift_reference"] = "none (first accepted version)" if reference is None else str(reference_path(ctx.ws, params.project.name).relative_to(ctx.ws.root))

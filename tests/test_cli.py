@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,59 @@ def _bad_npz(path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "not_npz", "length", "labels", "nan", "unknown_set", "wrong_type"])
+def _bad_data(ws: Path, case: str) -> tuple[list[str], str]:
+    """Arguments and the expected error line for bad data as users bring it."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"a": rng.normal(10, 3, 40), "b": rng.normal(0, 1, 40), "label": ["no", "yes"] * 20})
+    if case == "huge_label":
+        y = np.arange(40) % 4
+        y[5] = 10**12
+        np.savez(ws / "huge.npz", X=rng.random((40, 8, 8)).astype(np.float32), y=y)
+        return ["--data", str(ws / "huge.npz")], r"every class needs at least 2 rows, found 1000000000000 \(1 row\)"
+    if case == "csv_no_label":
+        frame.drop(columns=["label"]).to_csv(ws / "t.csv", index=False)
+        return ["--data", str(ws / "t.csv")], "label column 'label' not found; columns are \\['a', 'b'\\]"
+    if case == "csv_unknown_class":
+        frame.loc[3, "label"] = "maybe"
+        frame.to_csv(ws / "t.csv", index=False)
+        return ["--data", str(ws / "t.csv"), "--set", "data.classes=['no', 'yes']"], "outside the declared classes 'no', 'yes': 'maybe' \\(1 row\\)"
+    if case == "csv_text_in_numbers":
+        frame = frame.astype({"b": object})
+        frame.loc[6, "b"] = "n/a?"
+        frame.to_csv(ws / "t.csv", index=False)
+        return (["--data", str(ws / "t.csv"), "--set", "data.columns={a: numeric, b: numeric}"],
+                "column 'b' is declared numeric but holds text in 1 row, e.g. 'n/a\\?' in row 6")
+    if case == "csv_empty":
+        (ws / "t.csv").write_text("")
+        return ["--data", str(ws / "t.csv")], "t.csv is empty"
+    if case == "mixed_image_sizes":
+        ragged = np.empty(40, dtype=object)
+        for i in range(40):
+            ragged[i] = np.zeros((8, 8) if i % 2 else (9, 9), dtype=np.uint8)
+        np.savez(ws / "ragged.npz", X=ragged, y=np.arange(40) % 2)
+        return ["--data", str(ws / "ragged.npz")], "mixed image sizes are not accepted"
+    if case == "rgb_declared_grayscale":
+        np.savez(ws / "rgb.npz", X=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y=np.arange(40) % 2)
+        return (["--data", str(ws / "rgb.npz"), "--set", "data.image_shape=[8, 8]"],
+                "X holds 3-channel \\(RGB\\) 8 x 8 images where data.image_shape \\[8, 8\\] declares 1-channel \\(grayscale\\)")
+    raise AssertionError(case)
+
+
+USER_DATA_CASES = ["huge_label", "csv_no_label", "csv_unknown_class", "csv_text_in_numbers", "csv_empty",
+                   "mixed_image_sizes", "rgb_declared_grayscale"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_npz", "length", "labels", "nan", "unknown_set", "wrong_type",
+                                  *USER_DATA_CASES])
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, workspace, prefect_server, capsys):
     args = ["run", "--json"]
-    if case == "missing":
+    expected = None
+    if case in USER_DATA_CASES:
+        extra, expected = _bad_data(workspace, case)
+        args += extra
+    elif case == "missing":
         args += ["--data", str(workspace / "nope.npz")]
     elif case == "not_npz":
         (workspace / "x.npz").write_text("not an archive")
@@ -57,6 +107,8 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, workspace, pr
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("mlsec:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if expected is not None:
+        assert re.search(expected, lines[0]), lines[0]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["exit_code"] == 2
     assert _snapshot(workspace) == before
 

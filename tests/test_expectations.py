@@ -13,7 +13,7 @@ from stages.core.errors import InvalidInput
 from stages.data.expectations import dataset_statistics, validate_arrays
 from stages.core.params import ValidateParams
 
-PARAMS = ValidateParams(min_class_fraction=0.02, max_class_fraction=0.5, max_duplicate_fraction=0.05,
+PARAMS = ValidateParams(min_class_share=0.2, max_class_share=5.0, max_duplicate_fraction=0.05,
                         drift_mean_tolerance=0.1, drift_std_tolerance=0.1, min_rows=50)
 
 
@@ -134,6 +134,7 @@ def test_rare_class_fails_balance(digits):
     failure = failed(report, "class balance")
     assert failure["column"] == "3"
     assert failure["observed"].startswith("1 class outside the balance bounds, e.g. class 3 at 0.006")
+    assert "x an equal share" in failure["observed"]
 
 
 def test_duplicated_rows_fail(digits):
@@ -240,3 +241,73 @@ def test_unreadable_reference_fails_closed(digits):
     report = run(*digits, reference={"n": 5})
     assert not report.success
     assert "reference statistics unreadable" in failed(report, "drift: reference mean available")["observed"]
+
+
+# ---------------------------------------------------------------- tables: names, classes, relative bounds
+@pytest.fixture(scope="module")
+def cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    schema = {"kind": "table", "classes": ["malignant", "benign"],
+              "columns": [{"name": str(n), "type": "numeric"} for n in d.feature_names]}
+    return d.data.astype(np.float32), d.target.astype(np.int64), schema
+
+
+def run_table(X, y, schema, *, reference=None, allow_missing=False, docs_dir=None):
+    return validate_arrays(X, y, params=PARAMS, num_classes=len(schema["classes"]), reference=reference,
+                           docs_dir=docs_dir, schema=schema, allow_missing=allow_missing)
+
+
+def test_raw_table_with_an_imbalanced_binary_label_passes(cancer, tmp_path):
+    X, y, schema = cancer
+    report = run_table(X, y, schema, docs_dir=tmp_path / "docs")  # 23 columns outside [0, 1], 63% one class
+    assert report.success, report.summary
+    assert report.statistics["feature_names"][0] == "mean radius"
+    assert report.statistics["class_fraction"]["benign"] == pytest.approx(357 / 569)
+    pages = "".join(p.read_text() for p in (tmp_path / "docs").rglob("*.html"))
+    assert "mean radius" in pages and "worst fractal dimension" in pages
+
+
+def test_table_failures_name_the_columns_and_classes(cancer):
+    X, y, schema = cancer
+    X = X.copy()
+    X[4, 2] = np.nan
+    report = run_table(X, y, schema)
+    assert failed(report, "NaN values")["column"] == "mean perimeter"
+    assert run_table(X, y, schema, allow_missing=True).success  # data.missing: impute
+    keep = np.flatnonzero(y == 1).tolist() + np.flatnonzero(y == 0)[:20].tolist()
+    report = run_table(cancer[0][keep], y[keep], schema)
+    assert failed(report, "class balance")["observed"].startswith("1 class outside the balance bounds, e.g. class malignant at 0.053")
+
+
+def test_categorical_codes_outside_their_list_fail(cancer):
+    X, y, schema = cancer
+    schema = {**schema, "columns": [{"name": "colour", "type": "categorical", "categories": ["red", "blue"]}] + schema["columns"][1:]}
+    X = X.copy()
+    X[:, 0] = np.arange(len(X)) % 2
+    assert run_table(X, y, schema).success
+    X[7, 0] = 2
+    assert "colour has 1" in failed(run_table(X, y, schema), "categories known")["observed"]
+
+
+def test_label_set_and_columns_are_checked_against_the_reference(cancer):
+    X, y, schema = cancer
+    reference = dataset_statistics(X, y, schema=schema)
+    assert run_table(X, y, schema, reference=reference).success
+    renamed = {**schema, "classes": ["malignant", "healthy"]}
+    failure = failed(run_table(X, y, renamed, reference=reference), "label set: classes as in the reference")
+    assert "classes malignant, healthy" in failure["observed"]
+    columns = [dict(c) for c in schema["columns"]]
+    columns[0]["name"] = "radius"
+    failure = failed(run_table(X, y, {**schema, "columns": columns}, reference=reference), "schema: columns")
+    assert "missing mean radius" in failure["observed"] and "unexpected radius" in failure["observed"]
+
+
+def test_table_drift_is_measured_in_reference_stds(cancer):
+    X, y, schema = cancer
+    reference = dataset_statistics(X, y, schema=schema)
+    shifted = X.copy()
+    shifted[:, 3] += 0.5 * X[:, 3].std()  # mean area half a std higher: absolute shift ~175
+    failure = failed(run_table(shifted, y, schema, reference=reference), "drift: feature mean")
+    assert failure["column"] == "mean area" and "by 0.5" in failure["observed"] and "reference std" in failure["observed"]

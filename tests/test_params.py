@@ -50,3 +50,45 @@ def test_unknown_key_in_file_is_rejected(tmp_path):
 def test_dp_needs_exactly_one_of_epsilon_or_noise():
     with pytest.raises(InvalidInput, match="exactly one"):
         load_params(ROOT / "params.yaml", ["train.dp.noise_multiplier=1.0"])
+
+
+def test_tables_get_their_own_defaults_and_images_the_section_as_written():
+    p = load_params(ROOT / "params.yaml")
+    assert p.train.for_kind("image") == p.train and p.train.for_kind(None) == p.train
+    table = p.train.for_kind("table")
+    assert table.mode == "standard" and table.model == "mlp" and table.table == {}
+    assert table.adversarial == p.train.adversarial  # nested sections merge key by key
+    ev = p.evaluate.for_kind("table")
+    assert ev.epsilon in ev.epsilons and ev.epsilon < p.evaluate.epsilon
+    gate = p.gate.for_kind("table")
+    assert set(gate.min_robust_accuracy) <= set(ev.epsilons)  # the gated epsilon is measured
+    assert gate.min_clean_accuracy == p.gate.min_clean_accuracy
+
+
+def test_table_keys_win_for_tables():
+    images = load_params(ROOT / "params.yaml", ["train.mode=dp", "train.epochs=3"])
+    assert images.train.mode == "dp" and images.train.for_kind("table").mode == "standard"
+    assert images.train.for_kind("table").epochs == 100  # named by the overlay
+    assert images.train.for_kind("table").batch_size == images.train.batch_size  # not named: the section's own
+    tables = load_params(ROOT / "params.yaml", ["train.table.mode=dp"])
+    assert tables.train.mode == "adversarial" and tables.train.for_kind("table").mode == "dp"
+    added = load_params(ROOT / "params.yaml", ["train.table.batch_size=16", "train.table.adversarial.epsilon=0.03"])
+    assert added.train.for_kind("table").batch_size == 16 and added.train.batch_size == 64
+    assert added.train.for_kind("table").adversarial.epsilon == 0.03
+    with pytest.raises(InvalidInput, match="under 'table'"):
+        load_params(ROOT / "params.yaml", ["train.table.batch_sise=16"])
+    nested = load_params(ROOT / "params.yaml", ["train.table={adversarial: {epsilon: 0.02}}"])
+    assert nested.train.for_kind("table").adversarial.epsilon == 0.02
+    assert nested.train.for_kind("table").adversarial.method == nested.train.adversarial.method
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.table={epochz: 3}", r"unknown setting\(s\) \['epochz'\] under 'table'"),
+    ("evaluate.table={epsilon: 0.5}", "must be one of evaluate.epsilons"),
+    ("train.table={mode: magic}", "train"),
+    ("data.classes=[no, yes]", "YAML reads yes/no/on/off as booleans; quote the class names"),
+    ("data.image_shape=[3, 8, 8, 8]", r"must be \[H, W\] or \[C, H, W\]"),
+])
+def test_bad_table_defaults_fail_at_load(override, message):
+    with pytest.raises(InvalidInput, match=message):
+        load_params(ROOT / "params.yaml", [override])

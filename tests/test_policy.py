@@ -67,6 +67,19 @@ def test_weaker_and_stronger_settings_are_told_apart():
                                                   "weaker": True}]
 
 
+def test_table_thresholds_are_compared_as_they_apply_to_tables():
+    signed = effective_policy(load_params(ROOT / "params.yaml"))
+
+    def diff(*overrides):
+        return {d["setting"]: d["weaker"] for d in policy_differences(signed, effective_policy(load_params(ROOT / "params.yaml", list(overrides))))}
+
+    assert diff("gate.min_robust_accuracy={0.1: 0.6}") == {"gate.min_robust_accuracy": False}  # images only
+    assert diff("gate.table.min_robust_accuracy={0.02: 0.5}") == {"gate.table": True}
+    assert diff("gate.table.min_robust_accuracy={0.02: 0.9}") == {"gate.table": False}
+    assert diff("gate.table.min_clean_accuracy=0.5") == {"gate.table": True}  # below the section's own 0.9
+    assert diff("gate.table={}") == {"gate.table": True}  # tables fall back to eps 0.1, which they never measure
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["promotion.four_eyes=true"], "contradicts promotion.mode: auto"),
     (["promotion.mode=manual", "promotion.four_eyes=true", "promotion.approvers=[alice]"], "at least two"),

@@ -100,6 +100,13 @@ class ModelHost:
         """Load, verify and calibrate one version (seconds; never on the request path)."""
         uri = f"models:/{self.name}/{version}"
         model = load_verified_model(uri)          # signature, verdict, registry digest, no pickle
+        if getattr(model, "kind", None) == "table":
+            raise InvalidInput(f"{uri} was trained on a table: the prediction service serves image models only "
+                               "(load tables with load_verified_model, which takes raw rows)")
+        if getattr(model, "kind", None) == "image":
+            # images arrive checked as float32 on [0, 1] in the model's shape (stages.monitoring.inputs),
+            # which is the network's own input: serve the network, so the detector reads its features
+            model = model.net
         mv = resolve(self.ws, f"{self.name}/{version}")
         tags = dict(mv.tags or {})
         config = getattr(model, "mlsec_config", {})

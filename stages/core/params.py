@@ -5,7 +5,10 @@ model that rejects unknown keys, so a typo is an error instead of a silently ign
 setting. The command line overrides single keys with ``--set section.key=value``; the
 value is parsed as YAML (``--set train.epochs=5``, ``--set gate.min_robust_accuracy={0.1: 0.6}``).
 
-All epsilons for adversarial robustness are on the [0, 1] input scale.
+All epsilons for adversarial robustness are on the [0, 1] input scale: pixels for images,
+the scaled features for tables (``stages.data.preprocessing``). ``train``, ``evaluate`` and
+``gate`` carry per-kind defaults: their ``table:`` keys replace the section's own for tables
+(``TrainParams.for_kind``); ``--set train.table.mode=dp`` changes one for tables.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.canonical import canonical_json
 from stages.core.errors import InvalidInput
@@ -28,6 +31,48 @@ IDENTITY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")  # an approver's ide
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+DATA_KINDS = ("image", "table")
+
+
+def _merge_overlay(section: BaseModel, overlay: dict[str, Any]) -> dict[str, Any]:
+    """``section`` as a dict with ``overlay``'s keys replacing its own; nested sections
+    (``train.adversarial``) merge key by key, any other value (a dict of thresholds too) is replaced."""
+    merged = section.model_dump(mode="python", by_alias=True)
+    for key, value in overlay.items():
+        current = getattr(section, key, None)
+        if isinstance(current, BaseModel) and isinstance(value, dict):
+            merged[key] = _merge_overlay(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class _KindSection(_Section):
+    """A section with per-kind defaults: ``table:`` holds the settings that replace the ones
+    above it when the data is a table (N x F rows); images use the section as written."""
+
+    table: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overlay_is_valid(self) -> "_KindSection":
+        unknown = sorted(set(self.table) - (set(type(self).model_fields) - {"table"}))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} under 'table'")
+        if self.table:
+            self.for_kind("table")  # the merged section must itself be valid
+        return self
+
+    def for_kind(self, kind: str | None):
+        """This section as it applies to data of ``kind`` (``image`` or ``table``)."""
+        if kind not in (None, *DATA_KINDS):
+            raise ValueError(f"unknown kind of data {kind!r}")
+        if kind != "table" or not self.table:
+            return self
+        merged = _merge_overlay(self, self.table)
+        merged["table"] = {}
+        return type(self).model_validate(merged)
 
 
 class ProjectParams(_Section):
@@ -43,6 +88,26 @@ class DataParams(_Section):
     source: str = "sklearn:digits"
     label_column: str = "label"
     image_shape: tuple[int, ...] | None = None
+    classes: list[int | str] | None = None
+    columns: dict[str, Literal["numeric", "categorical"]] | None = None
+    missing: Literal["refuse", "impute"] = "refuse"
+    max_categories: int = Field(default=50, ge=2)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+            raise ValueError("holds true/false: YAML reads yes/no/on/off as booleans; quote the class names, "
+                             "e.g. ['no', 'yes']")
+        return value
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "DataParams":
+        if self.image_shape is not None and (len(self.image_shape) not in (2, 3) or min(self.image_shape) < 1):
+            raise ValueError(f"data.image_shape must be [H, W] or [C, H, W] of positive sizes, got {list(self.image_shape)}")
+        if self.columns is not None and not self.columns:
+            raise ValueError("data.columns must name at least one column (or be null to infer them)")
+        return self
 
 
 class IngestParams(_Section):
@@ -51,8 +116,8 @@ class IngestParams(_Section):
 
 
 class ValidateParams(_Section):
-    min_class_fraction: float = Field(ge=0, le=1)
-    max_class_fraction: float = Field(ge=0, le=1)
+    min_class_share: float = Field(ge=0)
+    max_class_share: float = Field(gt=0)
     max_duplicate_fraction: float = Field(ge=0, le=1)
     drift_mean_tolerance: float = Field(gt=0)
     drift_std_tolerance: float = Field(gt=0)
@@ -101,7 +166,7 @@ class DPParams(_Section):
         return self
 
 
-class TrainParams(_Section):
+class TrainParams(_KindSection):
     mode: Literal["standard", "adversarial", "dp"]
     model: str = "auto"
     epochs: int = Field(ge=1)
@@ -117,7 +182,7 @@ class TrainParams(_Section):
     dp: DPParams
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(_KindSection):
     test_fraction: float = Field(gt=0, lt=1)
     epsilon: float = Field(gt=0, le=1)
     epsilons: list[float]
@@ -143,7 +208,7 @@ class RegressionTolerance(_Section):
     robust_accuracy: float = Field(ge=0)
 
 
-class GateParams(_Section):
+class GateParams(_KindSection):
     """Promotion policy. Every threshold left at None is simply not checked, but a policy
     with no thresholds at all rejects (fail closed). Governed: a run's values are compared
     with the signed policy (``stages.core.policy``)."""
@@ -326,14 +391,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         path, value = parse_override(item)
         node = data
+        overlay = False  # under a per-kind `table:` overlay any setting may be added (validated later)
         for depth, part in enumerate(path[:-1]):
+            if overlay and isinstance(node, dict) and part not in node:
+                node[part] = {}
             if not isinstance(node, dict) or part not in node:
                 raise InvalidInput(f"unknown setting {'.'.join(path[: depth + 1])!r} in --set {item!r}")
+            overlay = overlay or (part == "table" and depth == 1)
             node = node[part]
-        if not isinstance(node, dict) or path[-1] not in node:
+        if not isinstance(node, dict) or (path[-1] not in node and not overlay):
             raise InvalidInput(f"unknown setting {'.'.join(path)!r} in --set {item!r}")
         node[path[-1]] = value
     return data
+
 
 
 def _describe(err: ValidationError) -> str:

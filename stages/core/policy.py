@@ -13,6 +13,8 @@ and whether the run's value is weaker, setting by setting:
 * ``promotion.mode``: auto where the signed policy says manual; ``four_eyes``: off where on;
 * ``promotion.approvers``: a name the signed policy does not list;
 * ``promotion.approval_timeout_s``: a difference, never weaker;
+* ``gate.table`` (the thresholds for tables): weaker when any setting of the gate as it
+  applies to tables is weaker by the rules above;
 * anything else (a setting this code does not know): weaker (fail closed).
 """
 
@@ -59,17 +61,29 @@ def _weaker(key: str, signed: Any, effective: Any) -> bool:
     return True  # a setting without known semantics: fail closed
 
 
+def _for_tables(section: dict[str, Any]) -> dict[str, Any]:
+    """A section as it applies to tables: its ``table:`` overlay over its own keys."""
+    return {**{k: v for k, v in section.items() if k != "table"}, **(section.get("table") or {})}
+
+
 def policy_differences(signed: dict[str, Any], effective: dict[str, Any]) -> list[dict[str, Any]]:
     """Every governed setting where ``effective`` differs from ``signed``:
-    ``{"setting": "gate.min_clean_accuracy", "signed": 0.9, "effective": 0.0, "weaker": True}``."""
+    ``{"setting": "gate.min_clean_accuracy", "signed": 0.9, "effective": 0.0, "weaker": True}``.
+    A changed ``table:`` overlay is weaker when the section as it applies to tables is weaker
+    in any setting."""
     out = []
     for section in GOVERNED_SECTIONS:
         a, b = signed.get(section) or {}, effective.get(section) or {}
         for name in sorted(set(a) | set(b)):
             if a.get(name) != b.get(name):
                 key = f"{section}.{name}"
-                out.append({"setting": key, "signed": a.get(name), "effective": b.get(name),
-                            "weaker": _weaker(key, a.get(name), b.get(name))})
+                if name == "table":
+                    ta, tb = _for_tables(a), _for_tables(b)
+                    weaker = any(_weaker(f"{section}.{k}", ta.get(k), tb.get(k)) for k in set(ta) | set(tb)
+                                 if ta.get(k) != tb.get(k))
+                else:
+                    weaker = _weaker(key, a.get(name), b.get(name))
+                out.append({"setting": key, "signed": a.get(name), "effective": b.get(name), "weaker": weaker})
     return out
 
 

@@ -29,11 +29,48 @@ def write_prepared(dataset: Dataset, folder: Path) -> list[Path]:
         np.save(folder / name, array, allow_pickle=False)
         written.append(folder / name)
     meta = {"n": int(len(dataset.y)), "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-            "dtype": "float32", "scale": "[0, 1]", "scaled_from": dataset.scaled_from,
-            "has_annotator_labels": dataset.annotator_labels is not None}
+            "dtype": "float32", "scale": "[0, 1]" if dataset.kind == "image" else "user units",
+            "scaled_from": dataset.scaled_from, "has_annotator_labels": dataset.annotator_labels is not None,
+            **data_schema(dataset)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     written.append(folder / "meta.json")
     return written
+
+
+def data_schema(dataset: Dataset) -> dict[str, Any]:
+    """What the data declares about itself, recorded in ``meta.json`` and the signed manifest:
+    the kind of data, the class list, the table's columns (name, type, categories) or the
+    images' layout."""
+    schema: dict[str, Any] = {"kind": dataset.kind, "classes": list(dataset.classes)}
+    if dataset.columns is not None:
+        schema["columns"] = [dict(c) for c in dataset.columns]
+        schema["missing"] = dataset.missing
+    else:
+        schema["layout"] = dataset.layout
+    return schema
+
+
+def class_name(meta: dict[str, Any], position: int) -> Any:
+    """The user's label for class position ``position`` (the position itself without a class list)."""
+    classes = meta.get("classes")
+    return classes[position] if classes and 0 <= position < len(classes) else position
+
+
+def row_values(X: np.ndarray, meta: dict[str, Any], i: int) -> dict[str, Any]:
+    """``{"values": {column name: value as given}}`` for a table row (categories as text,
+    missing cells as None); ``{}`` for images."""
+    columns = meta.get("columns")
+    if X.ndim != 2 or not columns:
+        return {}
+    values: dict[str, Any] = {}
+    for column, v in zip(columns, X[i].tolist()):
+        if v != v:  # NaN: a missing cell
+            values[column["name"]] = None
+        elif column["type"] == "categorical":
+            values[column["name"]] = column["categories"][int(v)]
+        else:
+            values[column["name"]] = float(f"{v:.7g}")  # float32 holds about 7 significant digits
+    return {"values": values}
 
 
 def load_npy_bytes(data: bytes) -> np.ndarray:

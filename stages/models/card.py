@@ -23,7 +23,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
                     evaluation: dict[str, Any], screen: dict[str, Any]) -> str:
     p = params.project
     m = evaluation["metrics"]
-    ev = params.evaluate
+    train, ev = params.train.for_kind(manifest.get("kind")), params.evaluate.for_kind(manifest.get("kind"))
     robustness = evaluation.get("robustness", {})
     labels = {"fgsm": "FGSM", "pgd": f"PGD-{ev.pgd_steps}×{ev.restarts}", "apgd_ce": f"APGD-CE-{ev.apgd_steps}",
               "apgd_dlr": f"APGD-DLR-{ev.apgd_steps}"}
@@ -52,7 +52,12 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
     findings = screen.get("findings", {})
     per_det = findings.get("per_detector", {})
     qrows = [(name, str(info.get("count", info.get("flagged", "")))) for name, info in per_det.items()]
-    notes = [f"- Class {c['class']} was largely relabelled as {c['absorbed_by']} (targeted flip): the relabelled rows are quarantined."
+    classes = list(manifest.get("classes") or range(int(manifest["num_classes"])))
+
+    def name(position: Any) -> Any:
+        return classes[int(position)] if isinstance(position, int) and 0 <= position < len(classes) else position
+
+    notes = [f"- Class {name(c['class'])} was largely relabelled as {name(c['absorbed_by'])} (targeted flip): the relabelled rows are quarantined."
              for c in per_det.get("label_issues", {}).get("lost_classes", [])]
     notes += [f"- Annotator {a} scored below the quality bar; their labels were left out of the consensus."
               for a in per_det.get("annotators", {}).get("flagged_annotators", [])]
@@ -66,8 +71,8 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 - Owner: {p.owner}
 - Purpose: {p.purpose}
 - Risk class: {p.risk_class}
-- Training mode: {params.train.mode} ({'method ' + params.train.adversarial.method + ', ε ' + format(params.train.adversarial.epsilon, 'g') if params.train.mode == 'adversarial' else ''})
-- Input: float32 on the [0, 1] scale, shape {manifest['input_shape']}; output: logits over {manifest['num_classes']} classes.
+- Training mode: {train.mode}, model {train.model} ({'method ' + train.adversarial.method + ', ε ' + format(train.adversarial.epsilon, 'g') if train.mode == 'adversarial' else 'the default for this kind of data' if manifest.get('kind') == 'table' else ''})
+{_inputs_text(manifest, classes)}
 
 ## Data
 - Source: `{manifest['source']}`
@@ -76,7 +81,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 - DVC hash: `{manifest['dvc']['md5']}`
 - Accepted training set digest: `{screen.get('accepted_sha256')}`
 
-## Metrics (held-out split; ε on the [0, 1] input scale)
+## Metrics (held-out split; {_epsilon_text(manifest)})
 {_table([("clean accuracy", f"{m['clean_accuracy']:.4f}")] + eps_rows, ("metric", "value"))}
 
 ![robust accuracy vs epsilon](robustness_curve.png)
@@ -126,6 +131,28 @@ def policy_text(verdict: dict[str, Any]) -> str:
             if p.get("weakened") else "No setting is weaker than the signed policy.")
     return (f"{head}\n\n**Policy overridden**: this run's settings differ from the signed policy. Under the signed "
             f"policy the model {under}. {tail}\n\n{_table(rows, ('setting', 'difference'))}")
+
+
+def _inputs_text(manifest: dict[str, Any], classes: list[Any]) -> str:
+    """What a caller sends and gets back, with the column names of a table."""
+    classes_text = ", ".join(f"`{c}`" for c in classes)
+    out = f"- Output: logits over {len(classes)} classes, in order: {classes_text}."
+    columns = manifest.get("columns")
+    if manifest.get("kind") == "table" and columns:
+        listed = ", ".join(f"`{c['name']}` ({c['type']}{', ' + str(len(c['categories'])) + ' categories' if c['type'] == 'categorical' else ''})"
+                           for c in columns)
+        return (f"- Input: table rows with {len(columns)} named columns in the user's units: {listed}. The signed "
+                f"preprocessing (fitted on the accepted training rows; missing cells: {manifest.get('missing', 'refuse')}) "
+                f"scales them onto [0, 1] before the network.\n{out}")
+    shape = manifest["input_shape"]
+    return (f"- Input: images of shape {shape} (channels x height x width), float32 on [0, 1] or uint8 pixels "
+            f"(layout at ingest: {manifest.get('layout', 'NCHW')}).\n{out}")
+
+
+def _epsilon_text(manifest: dict[str, Any]) -> str:
+    if manifest.get("kind") == "table":
+        return "ε on the scaled features: a fraction of each numeric column's training range"
+    return "ε on the [0, 1] input scale"
 
 
 def write_model_card(ctx: RunContext, params: Params, *, manifest: dict[str, Any], verdict: dict[str, Any],

@@ -54,10 +54,40 @@ def verify_model_tree(root: Path) -> dict[str, Any]:
         raise IntegrityError("model.json does not match the configuration the gate saw")
     if not (artifacts / "attestation.json").is_file():
         raise IntegrityError("model has no attestation: refusing to load it")
-    attestation = verify_attestation(read_json(artifacts / "attestation.json"),
-                                     expected_subjects={"model.safetensors": weights_sha, "model.json": config_sha})
+    subjects = {"model.safetensors": weights_sha, "model.json": config_sha}
+    spec = _verified_preprocessing(weights_dir)
+    if spec is not None:
+        subjects["preprocessing.json"] = sha256_file(weights_dir / "preprocessing.json")
+    attestation = verify_attestation(read_json(artifacts / "attestation.json"), expected_subjects=subjects)
     return {"weights_dir": weights_dir, "weights_sha256": weights_sha, "verdict": verdict,
-            "verdict_sha256": verdict_digest(verdict_doc), "attestation": attestation}
+            "verdict_sha256": verdict_digest(verdict_doc), "attestation": attestation, "preprocessing": spec}
+
+
+def _verified_preprocessing(weights_dir: Path) -> dict[str, Any] | None:
+    """The preprocessing spec ``model.json`` names, checked against the SHA-256 recorded there
+    (model.json is bound to the gate's verdict). None for a model trained before specs existed."""
+    config = read_json(weights_dir / "model.json")
+    want = config.get("preprocessing_sha256")
+    path = weights_dir / "preprocessing.json"
+    if want is None:
+        if path.exists():
+            raise IntegrityError("preprocessing.json is not recorded in model.json: refusing to load it")
+        return None
+    if not path.is_file() or sha256_file(path) != want:
+        raise IntegrityError("preprocessing.json does not match the SHA-256 recorded in model.json")
+    return read_json(path)
+
+
+def _with_preprocessing(evidence: dict[str, Any]):
+    """The verified network, behind its verified preprocessing when the model has one."""
+    net = load_model_folder(evidence["weights_dir"])
+    if evidence.get("preprocessing") is None:
+        return net
+    from stages.ml.raw_inputs import (
+        RawInputModel,  # torch: slow to import, kept off the command line's start
+    )
+
+    return RawInputModel(net, evidence["preprocessing"]).eval()
 
 
 def _download(uri: str, dest: Path) -> Path:
@@ -76,9 +106,14 @@ def load_verified_model(uri: str):
     ``uri``: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``NAME/VERSION``, ``NAME@ALIAS``,
     or a local model folder. Refuses (``IntegrityError``, exit 4) on a missing or bad
     signature, a changed or added file anywhere in the folder, a verdict that does not bless
-    these weights, any pickle-bearing file, a version the ledger did not register, an alias
-    the ledger did not move there, and a revoked version (``ModelRevoked``). The model takes
-    float32 inputs on the [0, 1] scale and returns logits.
+    these weights, a preprocessing spec other than the one ``model.json`` records, any
+    pickle-bearing file, a version the ledger did not register, an alias the ledger did not
+    move there, and a revoked version (``ModelRevoked``). The model applies its signed
+    preprocessing (``stages.ml.raw_inputs.RawInputModel``), so it takes rows as the user has
+    them: images as float32 on [0, 1] or uint8 pixels (N x C x H x W or channels-last), tables
+    as raw rows in the user's units (a float tensor, a pandas DataFrame or a list of dicts); it
+    returns logits over ``model.json``'s class list. ``.net`` is the network on the scaled
+    [0, 1] features.
     """
     ws = Workspace.from_env()
     local = Path(uri)
@@ -86,7 +121,7 @@ def load_verified_model(uri: str):
         evidence = verify_model_tree(local)
         if ws.ledger_path.exists():  # a folder outside the registry: revoked weights are still refused
             assert_not_revoked(ws, name="", weights_sha256=evidence["weights_sha256"])
-        return load_model_folder(evidence["weights_dir"])
+        return _with_preprocessing(evidence)
     if uri.startswith(("runs:/", "file:", "mlflow-artifacts:")):
         raise InvalidInput(f"load a registered model by reference (models:/NAME/VERSION or NAME@ALIAS), not {uri}")
     name, alias, _ = parse_ref(uri)
@@ -97,7 +132,7 @@ def load_verified_model(uri: str):
         evidence = verify_version(ws, mv, Path(tmp))
         if not evidence["verdict"].get("passed"):
             raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to load it")
-        return load_model_folder(evidence["weights_dir"])
+        return _with_preprocessing(evidence)
 
 
 def verify_version(ws: Workspace, mv, dest: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def _net_for(X: np.ndarray, num_classes: int) -> torch.nn.Module:
     not the final architecture; on 28x28 images the small CNN costs a quarter of the MNIST
     net per epoch."""
     shape = tuple(X.shape[1:])
-    name = "cnn_small" if len(shape) == 3 and shape[1] == shape[2] else "auto"
+    name = "cnn_small" if len(shape) == 3 and min(shape[1:]) >= 2 else "auto"
     return build_model(name, input_shape=shape, num_classes=num_classes)
 
 

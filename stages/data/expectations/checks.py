@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,12 +83,38 @@ def _not_null_describer(column: str, note: str) -> Callable[[dict[str, Any]], tu
     return describe
 
 
+def _balance_describer(k: int) -> Callable[[dict[str, Any]], tuple[str | None, str]]:
+    """'1 class outside the balance bounds, e.g. class 3 at 0.0066 of the rows (0.066x an equal share)'."""
+
+    def describe(result: dict[str, Any]) -> tuple[str | None, str]:
+        rows = [r for r in (result.get("unexpected_index_list") or []) if isinstance(r.get("share"), (int, float))]
+        count = result.get("unexpected_count", len(rows))
+        text = f"{_plural(count, 'class')} outside the balance bounds"
+        if rows:
+            worst = max(rows, key=lambda r: abs(math.log(max(float(r["share"]), 1e-9))))
+            share = float(worst["share"])
+            text += f", e.g. class {worst.get('class')} at {_fmt(share / k)} of the rows ({_fmt(share)}x an equal share)"
+        return _names(rows, "class"), text
+
+    return describe
+
+
 def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: ValidateParams, num_classes: int | None,
                   expected_columns: list[str], expected_sample_shape: str | None, drift: bool,
-                  reference_note: str, class_tolerance: float) -> list[_Check]:
+                  reference_note: str, class_tolerance: float, label_name: str = "label", kind: str = "image",
+                  allow_missing: bool = False, expected_classes: list[str] | None = None) -> list[_Check]:
+    """The expectations for one dataset.
+
+    ``kind`` ``image``: every feature within [0, 1]. ``table``: features in the user's units
+    (no range), categorical codes within their category list, NaN allowed when
+    ``allow_missing`` (``data.missing: impute``), drift in reference standard deviations.
+    ``expected_classes``: the reference's class list, which this data's must equal.
+    """
     checks: list[_Check] = []
     add = checks.append
     n_expected = len(expected_columns)
+    schema_text = (f"{n_expected} columns: f0..f{n_expected - 2} then {label_name}" if expected_columns[0] == "f0"
+                   else f"{n_expected} columns: {_names([{'c': c} for c in expected_columns[:-1]], 'c')} then {label_name}")
 
     def columns_described(result: dict[str, Any]) -> tuple[str | None, str]:
         observed = result.get("observed_value") or []
@@ -104,54 +131,68 @@ def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: Validate
 
     add(_Check("rows", "schema: columns",
                gxe.ExpectTableColumnsToMatchOrderedList(column_list=expected_columns),
-               f"{n_expected} columns: f0..f{n_expected - 2} then label", columns_described))
+               schema_text, columns_described))
     add(_Check("rows", "row count",
                gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows),
                f"at least {params.min_rows} rows",
                lambda r: (None, f"{r.get('observed_value')} rows")))
     add(_Check("rows", "schema: label dtype",
-               gxe.ExpectColumnValuesToBeOfType(column="label", type_=LABEL_DTYPE),
+               gxe.ExpectColumnValuesToBeOfType(column=label_name, type_=LABEL_DTYPE),
                f"label dtype {LABEL_DTYPE}",
-               lambda r: ("label", f"label dtype {r.get('observed_value')}")))
+               lambda r: (label_name, f"label dtype {r.get('observed_value')}")))
     add(_Check("rows", "label missing",
-               gxe.ExpectColumnValuesToNotBeNull(column="label"),
+               gxe.ExpectColumnValuesToNotBeNull(column=label_name),
                "no missing (NaN) label",
-               lambda r: ("label", f"{_plural(r.get('unexpected_count'), 'label')} missing (NaN), e.g. rows "
-                                   f"{_names([{'i': i} for i in r.get('partial_unexpected_index_list') or []], 'i')}")))
+               lambda r: (label_name, f"{_plural(r.get('unexpected_count'), 'label')} missing (NaN), e.g. rows "
+                                      f"{_names([{'i': i} for i in r.get('partial_unexpected_index_list') or []], 'i')}")))
     if num_classes is not None:
-        label_check = gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(num_classes)))
+        label_check = gxe.ExpectColumnValuesToBeInSet(column=label_name, value_set=list(range(num_classes)))
         label_expected = f"labels in 0..{num_classes - 1}"
     else:
-        label_check = gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0)
+        label_check = gxe.ExpectColumnValuesToBeBetween(column=label_name, min_value=0)
         label_expected = "labels >= 0"
 
     def labels_described(result: dict[str, Any]) -> tuple[str | None, str]:
         values = sorted({_fmt(v) for v in result.get("partial_unexpected_list") or []})
-        return "label", (f"{_plural(result.get('unexpected_count'), 'label')} outside the label set, "
-                         f"e.g. {', '.join(values[:_EXAMPLES])}")
+        return label_name, (f"{_plural(result.get('unexpected_count'), 'label')} outside the label set, "
+                            f"e.g. {', '.join(values[:_EXAMPLES])}")
 
     add(_Check("rows", "label set", label_check, label_expected, labels_described))
+    if expected_classes is not None:
+        want = json.dumps(list(expected_classes))
+        add(_Check("dataset", "label set: classes as in the reference",
+                   gxe.ExpectColumnValuesToBeInSet(column="class_list", value_set=[want]),
+                   f"the classes {_names([{'c': c} for c in expected_classes], 'c')} (as in the reference)",
+                   lambda r: (None, f"classes {', '.join(json.loads((r.get('partial_unexpected_list') or ['[]'])[0]))}")))
 
     add(_Check("features", "schema: feature dtype",
                gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[FEATURE_DTYPE]),
                f"features of dtype {FEATURE_DTYPE}",
                _feature_describer("dtype", "of another dtype", "{name} is {value}")))
-    add(_Check("features", "NaN values",
-               gxe.ExpectColumnValuesToBeBetween(column="n_nan", min_value=0, max_value=0),
-               "no NaN in any feature",
-               _feature_describer("n_nan", "with NaN", "{name} has {value} NaN")))
+    if not allow_missing:
+        add(_Check("features", "NaN values",
+                   gxe.ExpectColumnValuesToBeBetween(column="n_nan", min_value=0, max_value=0),
+                   "no NaN in any feature",
+                   _feature_describer("n_nan", "with NaN", "{name} has {value} NaN")))
     add(_Check("features", "inf values",
                gxe.ExpectColumnValuesToBeBetween(column="n_inf", min_value=0, max_value=0),
                "no inf in any feature",
                _feature_describer("n_inf", "with inf", "{name} has {value} inf")))
-    add(_Check("features", "value range: min",
-               gxe.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, max_value=1.0),
-               "every feature within [0, 1]",
-               _feature_describer("min", "outside [0, 1]", "{name} min {value}", lowest_first=True)))
-    add(_Check("features", "value range: max",
-               gxe.ExpectColumnValuesToBeBetween(column="max", min_value=0.0, max_value=1.0),
-               "every feature within [0, 1]",
-               _feature_describer("max", "outside [0, 1]", "{name} max {value}")))
+    if kind == "image":
+        add(_Check("features", "value range: min",
+                   gxe.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, max_value=1.0),
+                   "every feature within [0, 1]",
+                   _feature_describer("min", "outside [0, 1]", "{name} min {value}", lowest_first=True)))
+        add(_Check("features", "value range: max",
+                   gxe.ExpectColumnValuesToBeBetween(column="max", min_value=0.0, max_value=1.0),
+                   "every feature within [0, 1]",
+                   _feature_describer("max", "outside [0, 1]", "{name} max {value}")))
+    else:
+        add(_Check("features", "categories known",
+                   gxe.ExpectColumnValuesToBeBetween(column="code_out_of_range", min_value=0, max_value=0),
+                   "every categorical value in its column's category list",
+                   _feature_describer("code_out_of_range", "with values outside their categories",
+                                      "{name} has {value}")))
     for column in ("min", "max", "mean", "std"):
         # GX skips nulls in range checks: a feature with no usable value must fail here.
         add(_Check("features", f"statistics computable: {column}",
@@ -159,11 +200,14 @@ def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: Validate
                    f"a {column} for every feature (at least one non-NaN value)",
                    _not_null_describer(column, "no finite values")))
 
+    k = len(frames["classes"])
     add(_Check("classes", "class balance",
-               gxe.ExpectColumnValuesToBeBetween(column="fraction", min_value=params.min_class_fraction,
-                                                 max_value=params.max_class_fraction),
-               f"every class fraction within [{params.min_class_fraction}, {params.max_class_fraction}]",
-               _feature_describer("fraction", "outside the balance bounds", "class {name} at {value}", unit="class")))
+               gxe.ExpectColumnValuesToBeBetween(column="share", min_value=params.min_class_share,
+                                                 max_value=params.max_class_share),
+               f"every class at {params.min_class_share}x to {params.max_class_share}x of an equal share "
+               f"(fraction {params.min_class_share / max(k, 1):.3g} to {min(1.0, params.max_class_share / max(k, 1)):.3g} "
+               f"for {k} classes)",
+               _balance_describer(max(k, 1))))
     add(_Check("dataset", "duplicate rows",
                gxe.ExpectColumnValuesToBeBetween(column="duplicate_fraction", min_value=0.0,
                                                  max_value=params.max_duplicate_fraction),
@@ -178,12 +222,13 @@ def _build_checks(gxe: Any, *, frames: dict[str, pd.DataFrame], params: Validate
                    f"samples of shape {expected_sample_shape} (as in the reference)",
                    lambda r: (None, f"samples of shape {(r.get('partial_unexpected_list') or ['?'])[0]}")))
     if drift:
+        unit = " reference std" if kind == "table" else ""
         for column, tolerance, what in (("mean_shift", params.drift_mean_tolerance, "mean"),
                                         ("std_shift", params.drift_std_tolerance, "std")):
             add(_Check("features", f"drift: feature {what}",
                        gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0.0, max_value=tolerance),
-                       f"|{what} - reference {what}| <= {tolerance} for every feature",
-                       _feature_describer(column, f"shifted in {what} by more than {tolerance}", "{name} by {value}")))
+                       f"|{what} - reference {what}| <= {tolerance}{unit} for every feature",
+                       _feature_describer(column, f"shifted in {what} by more than {tolerance}{unit}", "{name} by {value}")))
             add(_Check("features", f"drift: reference {what} available",
                        gxe.ExpectColumnValuesToNotBeNull(column=column),
                        f"a reference {what} for every feature",

@@ -91,11 +91,16 @@ def _class_key(value: Any) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
-def _class_counts(y: np.ndarray) -> dict[str, int]:
+def _class_counts(y: np.ndarray, class_names: list[str] | None = None) -> dict[str, int]:
+    """Rows per class, keyed by the class name (``class_names[label]``) or the label as text."""
     if y.size == 0:
         return {}
     values, counts = np.unique(y[~np.isnan(y)] if np.issubdtype(y.dtype, np.floating) else y, return_counts=True)
-    return {_class_key(v): int(c) for v, c in zip(values, counts)}
+    out = {}
+    for v, c in zip(values, counts):
+        inside = class_names is not None and np.issubdtype(values.dtype, np.integer) and 0 <= v < len(class_names)
+        out[class_names[int(v)] if inside else _class_key(v)] = int(c)
+    return out
 
 
 def _json_float(value: float) -> float | None:
@@ -104,10 +109,16 @@ def _json_float(value: float) -> float | None:
 
 
 def _statistics(X2: np.ndarray, X_shape: tuple[int, ...], X_dtype: np.dtype, y: np.ndarray,
-                agg: dict[str, np.ndarray], duplicate_fraction: float) -> dict[str, Any]:
+                agg: dict[str, np.ndarray], duplicate_fraction: float, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     n = len(X2)
-    counts = _class_counts(y)
-    return {
+    class_names = _class_names(schema)
+    counts = _class_counts(y, class_names)
+    described: dict[str, Any] = {}
+    if schema is not None:
+        described = {"kind": schema.get("kind"), "classes": list(schema.get("classes") or [])}
+        if schema.get("columns") is not None:
+            described["feature_names"] = [c["name"] for c in schema["columns"]]
+    return {**described,
         "format": STATISTICS_FORMAT,
         "n": n,
         "shape": [int(s) for s in X_shape],
@@ -122,7 +133,14 @@ def _statistics(X2: np.ndarray, X_shape: tuple[int, ...], X_dtype: np.dtype, y: 
     }
 
 
-def dataset_statistics(X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def _class_names(schema: dict[str, Any] | None) -> list[str] | None:
+    """The declared class list as text (how classes are keyed), or None without one."""
+    if schema is None or not schema.get("classes"):
+        return None
+    return [str(c) for c in schema["classes"]]
+
+
+def dataset_statistics(X: np.ndarray, y: np.ndarray, *, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """Statistics of one dataset, saved as the drift reference for the next run.
 
     Parameters
@@ -130,7 +148,10 @@ def dataset_statistics(X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     X : ndarray, shape (N, ...) such as (N, C, H, W) or (N, F)
         Features on the [0, 1] scale; flattened per sample in C order.
     y : ndarray, shape (N,)
-        Integer labels.
+        Integer labels (positions in the class list).
+    schema : dict or None
+        The data's own description (``stages.data.prepared.data_schema``: kind, classes,
+        columns); recorded so the next run can compare names and classes.
 
     Returns
     -------
@@ -138,11 +159,13 @@ def dataset_statistics(X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         ``format``, ``n``, ``shape`` (of X), ``dtype``, ``label_dtype``, ``n_features``,
         ``feature_mean`` and ``feature_std`` (lists of K floats, population std over the
         finite values of each feature; None where a feature has none), ``class_count``
-        and ``class_fraction`` (keyed by the label as text) and ``duplicate_fraction``.
+        and ``class_fraction`` (keyed by the class name, or the label as text without a
+        schema) and ``duplicate_fraction``; with a schema also ``kind``, ``classes`` and,
+        for tables, ``feature_names``.
     """
     X_arr = np.asarray(X)
     X2, y = _as_2d(X_arr, y)
-    return _statistics(X2, X_arr.shape, X_arr.dtype, y, _feature_aggregates(X2), _duplicate_fraction(X2))
+    return _statistics(X2, X_arr.shape, X_arr.dtype, y, _feature_aggregates(X2), _duplicate_fraction(X2), schema)
 
 
 def _reference_arrays(reference: dict[str, Any], k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float], str]:
