@@ -341,11 +341,16 @@ def test_a_version_that_fails_verification_at_reload_is_refused(served):
     good = c.get_model_version("mlsec-digits", "2").tags["mlsec.weights_sha256"]
     service.host.params = service.host.params.model_copy(update={"reload_poll_s": 3600.0})
     time.sleep(1.5)                                    # the watcher's last short wait ends; reloads now come from /reload
+    approval = ws / "bob-approves-v2.json"
+    signed = run_cli(["approve", "mlsec-digits/2", "--identity", "bob", "--reason", "test", "--out", str(approval)], cwd=ws)
+    assert signed.returncode == 0, signed.stderr
+    promote = ["promote", "mlsec-digits/2", "--approval", str(approval), "--reason", "test"]
     c.set_model_version_tag("mlsec-digits", "2", "mlsec.weights_sha256", "0" * 64)     # the registry now disagrees
     try:
-        assert run_cli(["promote", "mlsec-digits/2", "--approver", "bob", "--reason", "test"], cwd=ws).returncode == 4
+        assert run_cli(promote, cwd=ws).returncode == 4
         c.set_model_version_tag("mlsec-digits", "2", "mlsec.weights_sha256", good)
-        assert run_cli(["promote", "mlsec-digits/2", "--approver", "bob", "--reason", "test"], cwd=ws).returncode == 0
+        done = run_cli(promote, cwd=ws)
+        assert done.returncode == 0, done.stderr
         c.set_model_version_tag("mlsec-digits", "2", "mlsec.weights_sha256", "0" * 64)  # changed after promotion
         r = httpx.post(f"{served['url']}/v1/admin/reload", headers=_h(served, "admin"), timeout=120).json()
         assert r["action"] == "refused" and "failed verification" in r["reason"]
@@ -353,3 +358,29 @@ def test_a_version_that_fails_verification_at_reload_is_refused(served):
         assert _post(served, "alice", _digits(2)[0]).json()["version"] == "1"
     finally:
         c.set_model_version_tag("mlsec-digits", "2", "mlsec.weights_sha256", good)
+
+
+def test_a_champion_revoked_while_served_stops_answering_at_once(served, tmp_path):
+    """Revocation is a load refusal, also for the version already in memory: the next check
+    stops answering with it (503, one line saying why), records it and raises a critical alert.
+    Played on a copy of the workspace, so the shared one keeps its champion."""
+    copy = tmp_path / "ws"
+    shutil.copytree(served["ws"], copy, ignore=shutil.ignore_patterns("serving"))
+    admin, alice = add_client(copy, "admin", admin=True), add_client(copy, "alice")
+    X = _digits(3, seed=5)[0].reshape(3, -1).tolist()
+    with running_service(copy, SETTINGS + ["serving.reload_poll_s=3600"]) as (url, service):
+        version = service.host.current.version
+        ok = httpx.post(f"{url}/v1/predict", json={"inputs": X}, headers={"Authorization": f"Bearer {alice}"}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["version"] == version
+        done = run_cli(["revoke", f"mlsec-digits/{version}", "--reason", "weights leaked"], cwd=copy)
+        assert done.returncode == 0, done.stderr
+        r = httpx.post(f"{url}/v1/admin/reload", headers={"Authorization": f"Bearer {admin}"}, timeout=120).json()
+        assert r["action"] == "refused" and "revoked" in r["reason"] and "weights leaked" in r["reason"]
+        assert service.host.current is None
+        after = httpx.post(f"{url}/v1/predict", json={"inputs": X}, headers={"Authorization": f"Bearer {alice}"}, timeout=60)
+        assert after.status_code == 503 and "revoked" in after.text
+        again = httpx.post(f"{url}/v1/admin/reload", headers={"Authorization": f"Bearer {admin}"}, timeout=120).json()
+        assert again["action"] in ("none", "refused") and service.host.current is None   # not reloaded behind the refusal
+    alerts = _ledger_events(copy, "serving.alert.revoked")
+    assert alerts and alerts[-1]["payload"]["severity"] == "critical"
+    assert _ledger_events(copy, "serving.refused")[-1]["payload"]["version"] == version

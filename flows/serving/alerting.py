@@ -38,7 +38,7 @@ def event_for(model: str, version: str | None, alert: Alert) -> list[tuple[str, 
     if alert.kind == "low_confidence":
         return [(events.MONITOR_DEGRADED, {**base, "statistic": "low_confidence_rate", "value": p["low_confidence_rate"],
                                            "threshold": p["threshold"], "window": p["window"]})]
-    if alert.kind in ("alias_drift", "reload_refused"):
+    if alert.kind in ("alias_drift", "reload_refused", "revoked"):
         return [(events.SERVING_REFUSED, {"model": model, "version": p.get("version"), "served_version": p.get("served_version"),
                                           "reason": alert.message})]
     if alert.kind == "telemetry":

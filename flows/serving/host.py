@@ -28,6 +28,7 @@ from stages.core.params import ServingParams
 from stages.core.workspace import Workspace
 from stages.ml.runtime import SMALL_INPUT
 from stages.models.aliases import alias_drift
+from stages.models.records import revocation
 from stages.models.store import mlflow_aliases, parse_ref, resolve
 from stages.models.verify import load_verified_model
 from stages.monitoring.alerts import Alert
@@ -143,8 +144,14 @@ class ModelHost:
                 why = (f"alias {self.ref} points to version {target} in MLflow but the ledger records {drift[0]['ledger']}: "
                        "moved outside the pipeline")
                 return self._refuse(target, why, kind="alias_drift")
+            if served is not None:
+                hit = revocation(self.ws, name=self.name, version=served.version, weights_sha256=served.weights_sha256)
+                if hit:  # fail closed: a revoked version stops answering at once, whatever the alias says
+                    self.current = None
+                    return self._refuse(served.version, f"version {served.version} was revoked by {hit['actor']} "
+                                        f"(ledger seq {hit['seq']}): {hit['reason']}", kind="revoked")
             target = mlflow_aliases(self.ws, self.name).get(self.alias)
-            if target is None or served is None or target == served.version:
+            if target is None or (served is not None and target == served.version):
                 return {"action": "none", "version": served.version if served else None}
             if target in self.refused:
                 return {"action": "refused", "version": target, "reason": self.refused[target]}
@@ -155,9 +162,10 @@ class ModelHost:
             self.current = new                      # one assignment: in-flight requests keep their version
             self.switches += 1
             Ledger(self.ws.ledger_path).append("serving.switch", {"model": self.name, "alias": self.alias,
-                                                                   "version": new.version, "previous": served.version,
+                                                                   "version": new.version,
+                                                                   "previous": served.version if served else None,
                                                                    "weights_sha256": new.weights_sha256})
-            return {"action": "switched", "version": new.version, "previous": served.version}
+            return {"action": "switched", "version": new.version, "previous": served.version if served else None}
 
     def _refuse(self, version: str, why: str, *, kind: str) -> dict[str, Any]:
         first = version not in self.refused
@@ -166,7 +174,8 @@ class ModelHost:
         if first:
             Ledger(self.ws.ledger_path).append("serving.refused", {"model": self.name, "alias": self.alias, "version": version,
                                                                     "served_version": serving, "reason": why})
-            self.on_alert(Alert(kind, "critical", f"{why}; still serving version {serving or '-'}",
+            now = f"still serving version {serving}" if serving else "no version is served until the alias moves to one that verifies"
+            self.on_alert(Alert(kind, "critical", f"{why}; {now}",
                                 {"version": version, "served_version": serving}), serving)
         return {"action": "refused", "version": version, "reason": why}
 

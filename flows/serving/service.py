@@ -143,7 +143,10 @@ class PredictionService:
     def predict(self, client: Client, body: Any) -> dict[str, Any]:
         started = time.perf_counter()
         self._limit(client)
-        served: Served = self.host.current
+        served: Served | None = self.host.current
+        if served is None:
+            raise Refusal(503, "no_verified_model", f"{self.host.ref} has no version that verifies (revoked or refused): "
+                          "nothing is answered until the alias moves to one that does", {"Retry-After": "30"})
         if not isinstance(body, dict) or set(body) - {"inputs"} or "inputs" not in body:
             keys = sorted(body) if isinstance(body, dict) else type(body).__name__
             raise Refusal(422, "invalid_input", f"the body must be a JSON object with one key 'inputs', got {keys}")

@@ -8,6 +8,7 @@ Kinds (the event each maps to is documented with the project's events):
 ``extraction`` (a client's query stream looks like an extraction sweep),
 ``alias_drift`` (the served alias was moved outside the pipeline),
 ``reload_refused`` (a new version failed verification and was not served),
+``revoked`` (the served version was revoked: nothing is answered until the alias moves),
 ``telemetry`` (the telemetry store is locked or full, or recovered).
 Each kind and subject is raised at most once per ``cooldown_s``.
 """
@@ -20,7 +21,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-KINDS = ("drift", "evasion", "low_confidence", "extraction", "alias_drift", "reload_refused", "telemetry")
+KINDS = ("drift", "evasion", "low_confidence", "extraction", "alias_drift", "reload_refused", "revoked", "telemetry")
 SEVERITIES = ("info", "warning", "critical")
 
 
