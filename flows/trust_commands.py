@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from flows.cli_support import emit as _print, workspace as _ws
 from stages.core.errors import InvalidInput
 from stages.core.params import read_params_yaml
 from stages.core.policy import describe_differences, policy_differences
@@ -23,14 +24,6 @@ from stages.core.workspace import Workspace
 from stages.trust.identities import create_identity, key_dir
 from stages.trust.ledger import Ledger
 from stages.trust.policy import check_policy, committed_policy, load_signed_policy, policy_path, sign_policy
-
-
-def _ws() -> Workspace:
-    return Workspace.from_env()
-
-
-def _print(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    print(json.dumps(obj, sort_keys=True, default=str) if as_json else text(obj))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
