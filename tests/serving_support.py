@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 
 QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "screen.detectors=[label_issues]",
-         "gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null", "evaluate.membership_inference=false",
-         "gate.max_mia_auc=null"]
+         "evaluate.membership_inference=false"]
+# the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted)
+# bob may approve a manual promotion (his identity key is created with the workspace)
+POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null", "gate.max_mia_auc=null",
+          "promotion.approvers=[bob]"]
 
 
 def build_two_versions(path: Path) -> dict:
@@ -24,7 +27,11 @@ def build_two_versions(path: Path) -> dict:
     from stages.data.io import load_source
     from tests.support import make_workspace
 
-    make_workspace(path)
+    from stages.trust.identities import create_identity, identity_public
+
+    if identity_public("bob") is None:
+        create_identity("bob")
+    make_workspace(path, policy=POLICY)
     first = secure_training(overrides=QUICK, triggered_by="alice")
     d = load_source("sklearn:digits")
     np.savez(path / "digits-1700.npz", X=d.X[:1700], y=d.y[:1700])

@@ -11,11 +11,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_workspace(path: Path, params_text: str | None = None) -> Path:
+def make_workspace(path: Path, params_text: str | None = None, *, policy: list[str] | tuple[str, ...] = ()) -> Path:
+    """A pipeline workspace (git + DVC) with the project's params.yaml, or ``params_text``.
+
+    ``policy``: ``key=value`` settings written into the committed params.yaml, so that the
+    policy its first run signs (trust on first use) already has them. A test that lowers the
+    gate for a short run does it here: the same value given with ``--set`` is a weakened
+    policy, which is never promoted without signed approvals."""
+    import yaml
+
+    from stages.core.params import apply_overrides
+
+    text = params_text if params_text is not None else (ROOT / "params.yaml").read_text()
+    if policy:
+        text = yaml.safe_dump(apply_overrides(yaml.safe_load(text), list(policy)), sort_keys=False)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "params.yaml").write_text(text)
     from stages.trust.provenance import init_repo
 
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "params.yaml").write_text(params_text if params_text is not None else (ROOT / "params.yaml").read_text())
     init_repo(path)
     return path
 

@@ -19,8 +19,12 @@ from tests.support import make_workspace, run_cli
 
 pytestmark = pytest.mark.slow
 
-QUICK = ["screen.detectors=[label_issues]", "gate.no_regression=null", "evaluate.epsilons=[0.1]",
-         "evaluate.pgd_steps=10", "evaluate.restarts=1", "evaluate.membership_inference=false", "gate.max_mia_auc=null"]
+QUICK = ["screen.detectors=[label_issues]", "evaluate.epsilons=[0.1]", "evaluate.pgd_steps=10", "evaluate.restarts=1",
+         "evaluate.membership_inference=false"]
+# the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted);
+# the figures these tests check are measured whatever the gate says
+POLICY = ["gate.no_regression=null", "gate.max_mia_auc=null", "gate.min_robust_accuracy={}", "gate.min_clean_accuracy=0.5",
+          "gate.min_clean_accuracy_all_test=0.5"]
 
 
 def _run(ws, overrides: list[str]) -> dict:
@@ -66,7 +70,7 @@ def _independent_robust_accuracy(model, X: torch.Tensor, y: torch.Tensor, *, eps
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, prefect_server):
-    return make_workspace(tmp_path_factory.mktemp("honesty") / "ws")
+    return make_workspace(tmp_path_factory.mktemp("honesty") / "ws", policy=POLICY)
 
 
 def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(ws, monkeypatch):
@@ -96,8 +100,7 @@ def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(ws, monke
 def test_dp_epsilon_recomputes_from_mlflow_params_and_shows_on_the_card(ws):
     from stages.ml.dp_audit import recompute_epsilon
 
-    summary = _run(ws, ["train.mode=dp", "train.epochs=3", "gate.min_robust_accuracy={}", "gate.min_clean_accuracy=0.5",
-                        "gate.max_dp_epsilon=3.0", "evaluate.attacks=[fgsm]"])
+    summary = _run(ws, ["train.mode=dp", "train.epochs=3", "gate.max_dp_epsilon=3.0", "evaluate.attacks=[fgsm]"])
     run = _mlflow_run(ws, summary["run_id"])
     params, metrics = run.data.params, run.data.metrics
     assert {"dp.noise_multiplier", "dp.sample_rate", "dp.steps", "dp.accountant", "dp.delta"} <= set(params)
