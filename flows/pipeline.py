@@ -252,7 +252,9 @@ def _pipeline(summary: dict[str, Any], params_path: str, overrides: list[str] | 
     summary["policy"] = {k: verdict["policy"][k] for k in ("signed_sha256", "overridden", "weakened", "summary")}
     needed, why_not_auto = requirement(ws, verdict)
     if champion and str(champion.get("version")) == reg["model"]["version"]:
-        summary["status"] = "promoted"  # a rerun that reproduced the champion: it stays champion
+        # a rerun that reproduced the champion's weights: it stays champion; under a weakened
+        # policy the run does not claim a promotion it could not have had
+        summary["status"] = "promoted" if why_not_auto is None else "unchanged"
     elif why_not_auto is None:
         promote_task(ws, params, reg["model"]["version"], reason=f"gate passed in run {ctx.run_id}", auto=True)
         summary["status"] = "promoted"

@@ -6,6 +6,7 @@ alias the ledger did not move is refused; a revoked version is refused everywher
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -58,10 +59,15 @@ def ws(tmp_path_factory, prefect_server):
         os.environ["MLSEC_ROOT"] = old
 
 
+_SEEDS = itertools.count(1)
+
+
 def _run(extra: list[str], triggered_by: str = "alice") -> dict:
+    """One run with its own training seed: new weights each time, so no run reuses another's
+    training or registered version (each test here is about a new candidate)."""
     from flows.pipeline import secure_training
 
-    return secure_training(overrides=QUICK + extra, triggered_by=triggered_by)
+    return secure_training(overrides=QUICK + [f"train.seed={next(_SEEDS)}"] + extra, triggered_by=triggered_by)
 
 
 def _events(ws):

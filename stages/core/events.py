@@ -59,7 +59,7 @@ CATALOGUE: dict[str, EventSpec] = {spec.name: spec for spec in (
               "An unchanged source emits nothing."),
     EventSpec(RUN_FINISHED, "the secure-training flow, at its end (also on rejection or failure)", "dashboards, notifications",
               ("model", "run_id", "status"), ("data_sha256", "version", "error", "cached"),
-              "status: promoted, rejected, failed, awaiting_approval or declined; version is the registered version or null."),
+              "status: promoted, rejected, failed, awaiting_approval, declined or unchanged (a weakened run that reproduced the champion); version is the registered version or null."),
     EventSpec(ALIAS_MOVED, "promotion, rollback and registration (every alias move the pipeline makes)",
               "the model server (reloads and verifies the new version)",
               ("model", "alias", "version", "previous"), ("actor", "approver", "reason", "run_id"),
