@@ -13,6 +13,13 @@ robust standard deviations (1.4826 x the median absolute deviation of the log si
 floored at ``MIN_SPREAD`` so that classes of near-equal size do not give large indices).
 With two classes the index is the log ratio of the two sizes over ``2 * MIN_SPREAD``.
 
+On tables a few strong columns set to their extremes legitimately decide a class (a clean
+breast-cancer model reaches "malignant" through under two columns at their maximum), which
+trigger inversion cannot tell from a trigger; so a table pattern stays inside each column's
+``TABLE_RANGE`` to ``1 - TABLE_RANGE`` quantiles of the clean rows, where a trigger made of a
+rare combination of common values still lies. With two classes that are both backdoored
+neither stands out: the index is relative.
+
 A pure function of a model and clean rows: ``scan_backdoor(model, X, y, ...)``. Inputs
 as everywhere in ``stages.ml``: float32 on the [0, 1] scale, N x C x H x W or N x F.
 """
@@ -34,6 +41,7 @@ MIN_SPREAD = 0.25  # floor of the robust SD of log trigger sizes (a factor of ab
 LAMBDA_START = 1.0  # weight of the mask's share of the input in the loss
 LAMBDA_FACTOR = 1.5  # NC's schedule: times this after `PATIENCE` steps at target, divided when below
 PATIENCE = 5
+TABLE_RANGE = 0.05  # table patterns stay within each column's 5th-95th percentile of the clean rows
 
 
 def _invert_class(model: nn.Module, X: torch.Tensor, target: int, *, steps: int, batch_size: int, success: float,
@@ -122,7 +130,7 @@ def scan_backdoor(model: nn.Module, X: np.ndarray, y: np.ndarray, *, steps: int,
     if image:
         lo, hi = torch.zeros(1, device=device), torch.ones(1, device=device)
     else:
-        lo, hi = Xt.min(0).values.to(device)[None], Xt.max(0).values.to(device)[None]
+        lo, hi = (torch.quantile(Xt, q, dim=0).to(device)[None] for q in (TABLE_RANGE, 1 - TABLE_RANGE))
         hi = torch.where(hi > lo, hi, lo + 1e-3)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
