@@ -35,7 +35,7 @@ def _load(rows: list[dict[str, Any]]) -> str:
 
 
 def clean_table(recs: list[dict[str, Any]]) -> str:
-    out = ["| dataset | seeds | rows | flagged % mean (worst) | per detector (mean flags) | clean acc | logistic regression acc | screening s | load |",
+    out = ["| dataset | seeds | rows | flagged % mean ± SD (worst) | per detector (mean flags) | clean acc | logistic regression acc | screening s | load |",
            "|---|---|---|---|---|---|---|---|---|"]
     by = defaultdict(list)
     for r in recs:
@@ -53,7 +53,7 @@ def clean_table(recs: list[dict[str, Any]]) -> str:
 
 
 def flips_table(recs: list[dict[str, Any]]) -> str:
-    out = ["| dataset | flips | seeds | flipped | F1 mean (worst) | precision | recall | F1 label_issues only | screening s | load |",
+    out = ["| dataset | flips | seeds | flipped | F1 mean ± SD (worst) | precision | recall | F1 label_issues only | screening s | load |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     by = defaultdict(list)
     for r in recs:
@@ -66,7 +66,7 @@ def flips_table(recs: list[dict[str, Any]]) -> str:
 
 
 def backdoor_table(recs: list[dict[str, Any]]) -> str:
-    out = ["| dataset | trigger | family | rate | seeds | recall mean (worst) | precision | ASR clean | ASR undefended | ASR defended mean (worst) | acc undefended | acc defended | screening s |",
+    out = ["| dataset | trigger | family | rate | seeds | recall mean ± SD (worst) | precision | ASR clean | ASR undefended | ASR defended mean ± SD (worst) | acc undefended | acc defended | screening s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = defaultdict(list)
     for r in recs:
