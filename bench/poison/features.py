@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bench.poison.data import Split
+from bench.poison.report import trigger
 from bench.poison.triggers import Attack, poison
 from stages.core.params import ScreenParams
 
@@ -52,7 +53,7 @@ def features_table(records: list[dict[str, Any]]) -> str:
     rows: dict[tuple, list] = {}
     for r in records:
         for c in r["cases"]:
-            rows.setdefault((r["dataset"], c["case"], c["rate"]), []).append((r["seed"], c))
+            rows.setdefault((r["dataset"], trigger(c["case"]), c["rate"]), []).append((r["seed"], c))
     for (ds, case, rate), cs in rows.items():
         caught, total = sum(c["caught"] for _, c in cs), sum(c["poisoned"] for _, c in cs)
         fl = [c["clean_flagged"] for _, c in cs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ def _stat(values: list[float], *, worst: str) -> str:
         return "-"
     w = v.min() if worst == "min" else v.max()
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f} ({w:.3f})" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def trigger(name: str) -> str:
+    """An attack's name without its seed-drawn table columns ("columns 5,16: rare pair" ->
+    "columns a,b: rare pair"), so that the seeds of one table trigger are one row."""
+    return re.sub(r"and \d+,\d+", "and c,d", re.sub(r"columns \d+,\d+", "columns a,b", name))
 
 
 def _seeds(rows: list[dict[str, Any]]) -> str:
@@ -66,16 +73,18 @@ def flips_table(recs: list[dict[str, Any]]) -> str:
 
 
 def backdoor_table(recs: list[dict[str, Any]]) -> str:
-    out = ["| dataset | trigger | family | rate | seeds | recall mean ± SD (worst) | precision | ASR clean | ASR undefended | ASR defended mean ± SD (worst) | acc undefended | acc defended | screening s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| dataset | trigger | family | rate | seeds | recall mean ± SD (worst) | precision | ASR clean | ASR undefended | ASR defended mean ± SD (worst) "
+           "| ASR defended - clean (worst) | acc undefended | acc defended | screening s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = defaultdict(list)
     for r in recs:
-        by[(r["dataset"], r["attack"], r["rate"])].append(r)
+        by[(r["dataset"], trigger(r["attack"]), r["rate"])].append(r)
     for (ds, attack, rate), rows in by.items():
         fam = rows[0]["family"] + (" (new)" if rows[0].get("new") else "")
         out.append(f"| {ds} | {attack} | {fam} | {rate:.0%} | {_seeds(rows)} | {_stat([r['recall'] for r in rows], worst='min')} "
                    f"| {_stat([r['precision'] for r in rows], worst='min')} | {_stat([r['asr_clean'] for r in rows], worst='max')} "
                    f"| {_stat([r['asr_undefended'] for r in rows], worst='max')} | {_stat([r['asr_defended'] for r in rows], worst='max')} "
+                   f"| {max(r['asr_defended'] - r['asr_clean'] for r in rows):.3f} "
                    f"| {_stat([r['acc_undefended'] for r in rows], worst='min')} | {_stat([r['acc_defended'] for r in rows], worst='min')} "
                    f"| {np.mean([r['screen_s'] for r in rows]):.0f} |")
     return "\n".join(out)
