@@ -46,7 +46,7 @@ repro: setup
 
 bench: setup
 	@$(BIN)/python bench/hashing.py
-	@$(BIN)/python bench/poisoning.py --dataset digits
+	@$(BIN)/python bench/poisoning.py --datasets digits wine --seeds 0 --sections clean flips
 	@$(BIN)/python bench/train_mnist.py --quick
 	@$(BIN)/python bench/dp_grad_sample.py --quick
 	@$(BIN)/python bench/pipeline.py

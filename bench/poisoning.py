@@ -1,323 +1,191 @@
-"""Benchmark the screening detectors against label flips, bad annotators and backdoors.
+"""Benchmark the data defences against label flips and backdoors, over seeds and datasets.
 
-Prints Markdown tables. For each backdoor (trigger, poisoning rate, target class): the
-detection precision/recall/F1 of the flags against the poisoned rows, then attack success
-rate (ASR: non-target test images with the trigger classified as the target) and clean
-accuracy of the final model trained on the accepted rows versus one trained on everything.
-On digits the final model is the train stage's own ``fit`` with ``params.yaml`` (what the
-pipeline promotes: adversarial FGSM-RS by default); on MNIST a plain small CNN, as the
-pipeline's MNIST training takes hours per model on a CPU (``--final`` picks either).
+Each (section, dataset, seed, case) is one JSON line in ``--out`` (default
+``bench/out/poisoning.jsonl``; cases already there are skipped, so an interrupted run
+resumes); the Markdown tables (mean, worst and spread over seeds) are printed from that
+file at the end, or alone with ``--report``. Runs are long on a small CPU: run pieces in
+the background under ``nice`` and combine them through the one file.
 
-    python -m bench.poisoning --dataset digits [--quick]
-    python -m bench.poisoning --dataset mnist --quick      # needs ../shared/data/mnist
-    python -m bench.poisoning --dataset mnist --mnist-rows 10000 --sections flips
+Sections:
+  clean      flags on clean training rows; clean accuracy of the final model (tables: and of
+             logistic regression on the same rows)
+  flips      random label flips (10%; ``--flip-rates``): precision, recall, F1 of the flags
+  targeted   rows of classes 1 and 4 relabelled 7, and half of class 1 relabelled 7 (images)
+  backdoors  every trigger family at 1%, 5% and 10% (``--rates``): recall and precision of
+             the flags, attack success (ASR) on the clean, undefended and defended models
+  scan       the model-level backdoor scan on the clean model and on every undefended
+             (and defended) backdoored model of the ``backdoors`` section
+  features   spectral signatures on the screening network's learned features, alone (the
+             measurement that keeps them out of the screen; ``bench/poison/features.py``)
+  calibrate-labels, calibrate-shortcuts
+             what a grid of detector thresholds would flag (``bench/poison/calibrate.py``);
+             run them on the calibration seeds (100-104), never on the reported ones
+
+Seeds draw the split (and the MNIST subset); thresholds were calibrated on seeds 100-104,
+so measure on others (the default 0-4).
+
+``--quick`` (what fits in about an hour on two CPU cores): one trigger per family (the
+first listed), a plain quick network as the final model on images (tables keep the train
+stage's fit), and on MNIST the ``clean`` and ``flips`` sections only.
+
+    python -m bench.poisoning --datasets digits wine --seeds 0 1 2 3 4 --sections clean flips
+    python -m bench.poisoning --datasets mnist --sections backdoors scan --families "random position"
+    python -m bench.poisoning --quick --datasets digits mnist breast_cancer wine
+    python -m bench.poisoning --report
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import json
+import os
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from stages.screening import screen_dataset
-from stages.core.params import ScreenParams, load_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-Trigger = Callable[[np.ndarray], np.ndarray]
-SECTIONS = ("flips", "annotators", "backdoors")
+from bench.poison import calibrate, cases, features
+from bench.poison.data import DATASETS, load_split, mnist_available
+from bench.poison.report import read_records, render
+from bench.poison.triggers import Attack, image_attacks, table_attacks
+from stages.core.params import load_params
 
-
-# ---------------------------------------------------------------- data
-
-
-def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+SECTIONS = ("clean", "flips", "targeted", "backdoors", "scan", "features", "calibrate-labels", "calibrate-shortcuts")
+OUT = Path(__file__).resolve().parent / "out" / "poisoning.jsonl"
 
 
-def _idx(path: Path, header: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+def _write(out: Path, rec: dict[str, Any]) -> None:
+    rec = {**rec, "load": round(os.getloadavg()[0], 2), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("per_detector",)}), file=sys.stderr, flush=True)
 
 
-def load_mnist_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    X = _idx(MNIST_DIR / "train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
-    y = _idx(MNIST_DIR / "train-labels-idx1-ubyte.gz", 8).astype(np.int64)
-    pick = np.random.default_rng(seed).permutation(len(X))[:n]
-    return (X[pick] / 255.0).astype(np.float32), y[pick]
+def _selected(attacks: list[Attack], args: argparse.Namespace) -> list[Attack]:
+    """The attacks ``--families`` names (all by default); with ``--quick`` the first of each family."""
+    out, families = [], set()
+    for a in attacks:
+        if args.families and not any(f in a.family or f in a.name for f in args.families):
+            continue
+        if args.quick and a.family in families:
+            continue
+        families.add(a.family)
+        out.append(a)
+    return out
 
 
-def split(X: np.ndarray, y: np.ndarray, *, seed: int, test: float = 0.2):
-    perm = np.random.default_rng(seed).permutation(len(X))
-    n = int(len(X) * test)
-    return X[perm[n:]], y[perm[n:]], X[perm[:n]], y[perm[:n]]
+def run_dataset(name: str, seed: int, args: argparse.Namespace, done: set[tuple], out: Path) -> None:
+    params = load_params(args.params, args.overrides)
+    screen = params.screen
+    split = load_split(name, seed=seed)
+    plain = name == "mnist" or (args.quick and not split.is_table)
+    train = cases.make_trainer(args.final or ("plain" if plain else "pipeline"), params, split=split, seed=seed)
+    sections = [s for s in args.sections if not (args.quick and name == "mnist" and s not in ("clean", "flips"))]
+    args = argparse.Namespace(**{**vars(args), "sections": sections})
+    key = lambda section, case, rate=None: (section, name, seed, case, rate)  # noqa: E731
+    scan = (lambda m: cases.scan_summary(m, split, params)) if "scan" in args.sections else None
+    threshold = params.gate.max_backdoor_anomaly
+    base = {"dataset": name, "seed": seed}
 
+    clean_model = None
+    if "clean" in args.sections and key("clean", "clean") not in done:
+        rec, clean_model = cases.clean_case(split, screen, train)
+        _write(out, {"section": "clean", "case": "clean", **base, **rec})
+    if clean_model is None and ("backdoors" in args.sections or scan is not None):
+        clean_model = train(split.Xtr, split.ytr, split.K)
+    if scan is not None and key("scan", "clean") not in done:
+        s = scan(clean_model)
+        _write(out, {"section": "scan", "case": "clean", "model": "clean", **base, **s, "flagged": s["max_anomaly_index"] > threshold})
 
-# ---------------------------------------------------------------- triggers
+    if "flips" in args.sections:
+        for rate in args.flip_rates:
+            case = f"random {rate:.0%}"
+            if key("flips", case) in done:
+                continue
+            yn = cases.flip_labels(split.ytr, split.K, rate=rate, seed=seed)
+            _write(out, {"section": "flips", "case": case, **base, **cases.flips_case(split, screen, yn)})
 
+    if "targeted" in args.sections and not split.is_table:
+        rng = np.random.default_rng(seed + 4)
+        src = np.where(np.isin(split.ytr, [1, 4]))[0]
+        yn = split.ytr.copy()
+        yn[rng.choice(src, min(len(src) // 2, int(0.05 * len(yn))), replace=False)] = 7
+        if key("flips", "1, 4 -> 7, 5% of rows") not in done:
+            _write(out, {"section": "flips", "case": "1, 4 -> 7, 5% of rows", **base, **cases.flips_case(split, screen, yn)})
+        ones = np.where(split.ytr == 1)[0]
+        yn = split.ytr.copy()
+        yn[rng.choice(ones, len(ones) // 2, replace=False)] = 7
+        if key("flips", "1 -> 7, 50% of class 1") not in done:
+            _write(out, {"section": "flips", "case": "1 -> 7, 50% of class 1", **base, **cases.flips_case(split, screen, yn)})
 
-def patch_trigger(corner: str, size: int = 3) -> Trigger:
-    def apply(X: np.ndarray) -> np.ndarray:
-        X = X.copy()
-        H, W = X.shape[-2:]
-        r = {"t": 0, "b": H - size, "m": (H - size) // 2}[corner[0]]
-        c = {"l": 0, "r": W - size, "m": (W - size) // 2}[corner[1]]
-        X[..., r : r + size, c : c + size] = 1.0
-        return X
+    if "calibrate-labels" in args.sections and key("calibrate", "label_issues") not in done:
+        _write(out, {"section": "calibrate", "case": "label_issues", **base, "rows": len(split.ytr), **calibrate.label_grid(split, screen)})
+    if "calibrate-shortcuts" in args.sections and key("calibrate", "shortcuts") not in done:
+        attacks = _selected(table_attacks(split.Xtr, split.K) if split.is_table else image_attacks(split.K), args)
+        _write(out, {"section": "calibrate", "case": "shortcuts", **base, "rows": len(split.ytr),
+                     "cases": calibrate.shortcut_grid(split, screen, attacks, args.rates)})
 
-    return apply
+    if "features" in args.sections and key("features", "spectral_features") not in done:
+        attacks = _selected(table_attacks(split.Xtr, split.K) if split.is_table else image_attacks(split.K), args)
+        _write(out, {"section": "features", "case": "spectral_features", **base, "rows": len(split.ytr),
+                     "cases": features.features_case(split, screen, attacks, args.rates)})
 
-
-def blend_trigger(alpha: float = 0.2, seed: int = 123) -> Trigger:
-    def apply(X: np.ndarray) -> np.ndarray:
-        pattern = np.random.default_rng(seed).random(X.shape[1:]).astype(np.float32)
-        return ((1 - alpha) * X + alpha * pattern).astype(np.float32)
-
-    return apply
-
-
-def checker_trigger(size: int = 3) -> Trigger:
-    """A black-and-white checkerboard in the top-right corner."""
-
-    def apply(X: np.ndarray) -> np.ndarray:
-        X = X.copy()
-        W = X.shape[-1]
-        board = (np.indices((size, size)).sum(0) % 2).astype(np.float32)
-        X[..., :size, W - size :] = board
-        return X
-
-    return apply
-
-
-def sparse_trigger() -> Trigger:
-    def apply(X: np.ndarray) -> np.ndarray:
-        X = X.copy()
-        H, W = X.shape[-2:]
-        X[..., 0, 0] = 1.0
-        X[..., 1, W - 1] = 1.0
-        X[..., H - 1, 1] = 1.0
-        return X
-
-    return apply
-
-
-def poison(X, y, *, rate: float, trigger: Trigger, target: int, seed: int):
-    rng = np.random.default_rng(seed)
-    cand = np.where(y != target)[0]
-    idx = rng.choice(cand, int(round(rate * len(X))), replace=False)
-    X, y = X.copy(), y.copy()
-    X[idx] = trigger(X[idx])
-    y[idx] = target
-    mask = np.zeros(len(X), dtype=bool)
-    mask[idx] = True
-    return X, y, mask
-
-
-# ---------------------------------------------------------------- final model
-
-
-def train_cnn(X, y, *, num_classes: int, epochs: int, seed: int = 0, lr: float = 3e-3, batch_size: int = 64) -> torch.nn.Module:
-    """A quick final model: the same plain Adam loop the screening nets use."""
-    from stages.screening.evidence import _train_net
-
-    return _train_net(X, y, num_classes, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)[0]
-
-
-def final_trainer(mode: str, train_params, *, epochs: int, seed: int) -> Callable[..., torch.nn.Module]:
-    """``pipeline``: the train stage's own ``fit`` with ``params.yaml``'s train section (what
-    users promote); ``plain``: the quick Adam loop, for large benches on a CPU."""
-    if mode == "plain":
-        return lambda X, y, num_classes: train_cnn(X, y, num_classes=num_classes, epochs=epochs, seed=seed)
-    from stages.ml.training import fit
-
-    return lambda X, y, num_classes: fit(X, y, params=train_params, num_classes=num_classes, progress=False).model
-
-
-def predict(model, X):
-    with torch.no_grad():
-        return torch.cat([model(torch.from_numpy(X[s : s + 1024])).argmax(1) for s in range(0, len(X), 1024)]).numpy()
-
-
-def prf(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
-    tp = int((flagged & truth).sum())
-    p = tp / max(1, int(flagged.sum()))
-    r = tp / max(1, int(truth.sum()))
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
-def flag_mask(findings, n: int) -> np.ndarray:
-    m = np.zeros(n, dtype=bool)
-    m[findings.flagged_indices] = True
-    return m
-
-
-# ---------------------------------------------------------------- experiments
-
-
-@dataclass
-class Bench:
-    """One dataset split, the screening settings and the final-model trainer; one method per table."""
-
-    Xtr: np.ndarray
-    ytr: np.ndarray
-    Xte: np.ndarray
-    yte: np.ndarray
-    screen: ScreenParams
-    train_final: Callable[..., torch.nn.Module]
-    quick: bool
-    seed: int
-    clean_model: torch.nn.Module | None = None
-    clean_acc: float = float("nan")
-
-    @property
-    def K(self) -> int:
-        return int(max(self.ytr.max(), self.yte.max())) + 1
-
-    def accuracy(self, model: torch.nn.Module) -> float:
-        return float((predict(model, self.Xte) == self.yte).mean())
-
-    def clean(self) -> None:
-        t0 = time.perf_counter()
-        self.clean_model = self.train_final(self.Xtr, self.ytr, num_classes=self.K)
-        train_s = time.perf_counter() - t0
-        self.clean_acc = self.accuracy(self.clean_model)
-        f = screen_dataset(self.Xtr, self.ytr, params=self.screen)
-        print("## Clean data\n")
-        print("| rows | flagged | flagged % | per detector | screening s | final-model training s | clean acc |")
-        print("|---|---|---|---|---|---|---|")
-        per = ", ".join(f"{k}={v['flagged']}" for k, v in f.per_detector.items())
-        print(f"| {len(self.Xtr)} | {len(f.flags)} | {100 * f.flagged_fraction:.1f} | {per} | {f.seconds:.1f} | {train_s:.1f} | {self.clean_acc:.3f} |\n", flush=True)
-
-    def _flip_row(self, label: str, yn: np.ndarray) -> str:
-        """Screen flipped labels; final models on all rows (undefended) and accepted rows."""
-        truth = yn != self.ytr
-        f = screen_dataset(self.Xtr, yn, params=self.screen)
-        flagged = flag_mask(f, len(yn))
-        p, r, f1 = prf(flagged, truth)
-        li = np.zeros(len(yn), bool)
-        li[[g["index"] for g in f.flags if "label_issues" in g["detectors"]]] = True
-        acc_u = self.accuracy(self.train_final(self.Xtr, yn, num_classes=self.K))
-        acc_d = self.accuracy(self.train_final(self.Xtr[~flagged], f.labels[~flagged], num_classes=self.K))
-        return (f"| {label} | {int(truth.sum())} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {prf(li, truth)[2]:.3f} "
-                f"| {acc_u:.3f} | {acc_d:.3f} | {f.seconds:.1f} |")
-
-    def flips(self) -> None:
-        ytr, K, seed = self.ytr, self.K, self.seed
-        print(f"## Label flips (clean-data model: acc {self.clean_acc:.3f})\n")
-        print("Random: rows of any class relabelled to another class at random. Targeted: rows of")
-        print("classes 1 and 4 relabelled 7 (rate of all rows, at most half of each class), and rows")
-        print("of class 1 relabelled 7 (share of class 1).\n")
-        print("| flips | flipped | flagged | precision | recall | F1 | F1 label_issues only | acc undefended | acc defended | screening s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for rate in ([0.1] if self.quick else [0.05, 0.1, 0.2]):
-            rng = np.random.default_rng(seed + 1)
-            idx = rng.choice(len(ytr), int(rate * len(ytr)), replace=False)
-            yn = ytr.copy()
-            yn[idx] = (yn[idx] + rng.integers(1, K, len(idx))) % K
-            print(self._flip_row(f"random {rate:.0%}", yn), flush=True)
-        for rate in ([0.05] if self.quick else [0.01, 0.05, 0.1]):
-            rng = np.random.default_rng(seed + 4)
-            src = np.where(np.isin(ytr, [1, 4]))[0]
-            idx = rng.choice(src, min(len(src) // 2, int(rate * len(ytr))), replace=False)
-            yn = ytr.copy()
-            yn[idx] = 7
-            print(self._flip_row(f"1, 4 → 7, {rate:.0%} of rows", yn), flush=True)
-        for share in ([0.5] if self.quick else [0.1, 0.5, 0.7]):
-            rng = np.random.default_rng(seed + 5)
-            src = np.where(ytr == 1)[0]
-            yn = ytr.copy()
-            yn[rng.choice(src, int(share * len(src)), replace=False)] = 7
-            print(self._flip_row(f"1 → 7, {share:.0%} of class 1", yn), flush=True)
-        print()
-
-    def annotators(self) -> None:
-        ytr, K = self.ytr, self.K
-        print("## Annotators (5 annotators, each labels every row; #0 flips 30%, the rest 5%)\n")
-        rng = np.random.default_rng(self.seed + 2)
-        A = np.repeat(ytr[:, None], 5, axis=1)
-        for a, noise in enumerate([0.3, 0.05, 0.05, 0.05, 0.05]):
-            m = rng.random(len(ytr)) < noise
-            A[m, a] = (A[m, a] + rng.integers(1, K, m.sum())) % K
-        f = screen_dataset(self.Xtr, A[:, 1], params=self.screen, annotator_labels=A)
-        print("| annotator | quality | flagged | labels |")
-        print("|---|---|---|---|")
-        for a in f.annotators:
-            print(f"| {a['annotator']} | {a['quality']:.3f} | {a['flagged']} | {a['n_labels']} |")
-        print(f"\nconsensus accuracy vs true labels: {(f.labels == ytr).mean():.4f}; given-label (annotator 1) accuracy: {(A[:, 1] == ytr).mean():.4f}\n", flush=True)
-
-    def backdoors(self) -> None:
-        attacks: dict[str, tuple[Trigger, int]] = {  # name: (trigger, target class)
-            "patch 3x3 bottom-right": (patch_trigger("br"), 0),
-            "patch 3x3 top-left": (patch_trigger("tl"), 7),
-            "patch 3x3 bottom-left": (patch_trigger("bl"), 2),
-            "patch 3x3 centre": (patch_trigger("mm"), 3),
-            "blend 20% noise": (blend_trigger(), 5),
-            "sparse 3 pixels": (sparse_trigger(), 9),
-            "checkerboard 3x3 top-right": (checker_trigger(), 4),
-            "patch 2x2 centre": (patch_trigger("mm", size=2), 8),
-        }
-        if self.quick:
-            attacks = {k: attacks[k] for k in ("patch 3x3 bottom-right", "patch 3x3 centre", "blend 20% noise", "sparse 3 pixels", "checkerboard 3x3 top-right")}
-        print(f"## Backdoors (clean-data model: acc {self.clean_acc:.3f})\n")
-        print("ASR clean: the same triggered test images on the model trained on clean data (what the")
-        print("trigger does without any poisoning, e.g. filling a 0's centre makes an 8).\n")
-        print("| trigger | target | rate | poisoned | flagged | precision | recall | F1 | ASR clean | ASR undefended | ASR defended | acc undefended | acc defended | screening s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, (trig, t) in attacks.items():
-            Xtrig = trig(self.Xte[self.yte != t])
-            asr_c = float((predict(self.clean_model, Xtrig) == t).mean())
-            for rate in [0.01, 0.05, 0.1]:
-                Xp, yp, truth = poison(self.Xtr, self.ytr, rate=rate, trigger=trig, target=t, seed=self.seed + 3)
-                f = screen_dataset(Xp, yp, params=self.screen)
-                flagged = flag_mask(f, len(yp))
-                p, r, f1 = prf(flagged, truth)
-                und = self.train_final(Xp, yp, num_classes=self.K)
-                dfd = self.train_final(Xp[~flagged], f.labels[~flagged], num_classes=self.K)
-                asr_u = float((predict(und, Xtrig) == t).mean())
-                asr_d = float((predict(dfd, Xtrig) == t).mean())
-                print(f"| {name} | {t} | {rate:.0%} | {int(truth.sum())} | {len(f.flags)} | {p:.3f} | {r:.3f} | {f1:.3f} | {asr_c:.3f} | {asr_u:.3f} | {asr_d:.3f} "
-                      f"| {self.accuracy(und):.3f} | {self.accuracy(dfd):.3f} | {f.seconds:.1f} |", flush=True)
-        print()
+    if "backdoors" in args.sections:
+        for attack in _selected(table_attacks(split.Xtr, split.K) if split.is_table else image_attacks(split.K), args):
+            for rate in args.rates:
+                if key("backdoors", attack.name, rate) in done:
+                    continue
+                rec = cases.backdoor_case(split, screen, train, attack, rate=rate, clean_model=clean_model,
+                                          scan=scan if rate in args.scan_rates else None)
+                for which in ("undefended", "defended"):
+                    s = rec.pop(f"scan_{which}", None)
+                    if s is not None:
+                        _write(out, {"section": "scan", "case": attack.name, "rate": rate, "model": f"backdoored, {which}",
+                                     "asr": rec[f"asr_{which}"], **base, **s, "flagged": s["max_anomaly_index"] > threshold})
+                _write(out, {"section": "backdoors", "case": attack.name, **base, **rec})
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="tables after the clean-data one (default: all)")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--mnist-rows", type=int, default=None, help="MNIST subset size (default 3000 quick, 10000 full)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--datasets", nargs="+", choices=DATASETS, default=["digits"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=["clean", "flips", "backdoors"])
+    ap.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.05, 0.1], help="backdoor poisoning rates")
+    ap.add_argument("--flip-rates", nargs="+", type=float, default=[0.1])
+    ap.add_argument("--scan-rates", nargs="+", type=float, default=[0.05], help="backdoor rates whose models the scan section scans")
+    ap.add_argument("--families", nargs="+", default=None, help="only triggers whose family or name contains one of these")
     ap.add_argument("--final", choices=["pipeline", "plain"], default=None,
-                    help="final model: the train stage's fit (default on digits) or a plain quick CNN (default on MNIST)")
+                    help="final model: the train stage's fit (default; tables: standard mode, MLP) or a plain quick CNN (default on MNIST)")
+    ap.add_argument("--quick", action="store_true", help="one trigger per family, plain final models on images, MNIST: clean and flips only")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override, e.g. screen.detectors=[...]")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report", action="store_true", help="only print the tables from --out")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # small nets: one thread beats several on a small shared CPU
-    params = load_params(args.params)
-    screen = params.screen
-    seed = screen.seed
-    if args.dataset == "digits":
-        X, y = load_digits_data()
-        epochs = 20
-    else:
-        X, y = load_mnist_data(args.mnist_rows or (3000 if args.quick else 10000), seed)
-        epochs = 8
-    Xtr, ytr, Xte, yte = split(X, y, seed=seed)
-    final = args.final or ("pipeline" if args.dataset == "digits" else "plain")
-    bench = Bench(Xtr, ytr, Xte, yte, screen=screen, train_final=final_trainer(final, params.train, epochs=epochs, seed=seed),
-                  quick=args.quick, seed=seed)
-    what = f"train stage fit ({params.train.mode}, {params.train.epochs} epochs)" if final == "pipeline" else f"plain CNN, {epochs} epochs"
-    print(f"# Screening benchmark: {args.dataset}, {len(Xtr)} train / {len(Xte)} test rows, detectors {screen.detectors}; final model: {what}\n")
-    bench.clean()
-    for section in SECTIONS:
-        if section in args.sections:
-            getattr(bench, section)()
+    if not args.report:
+        torch.set_num_threads(1)  # small nets: one thread beats several on a small shared CPU
+        done = {(r["section"], r["dataset"], r["seed"], r["case"], r.get("rate")) for r in read_records(args.out)}
+        for name in args.datasets:
+            if name == "mnist" and not mnist_available():
+                print("MNIST not found: skipped (set MLSEC_MNIST_DIR)", file=sys.stderr)
+                continue
+            for seed in args.seeds:
+                run_dataset(name, seed, args, done, args.out)
+    print(f"# Data defences benchmark ({args.out.name})\n")
+    records = read_records(args.out)
+    print(render([r for r in records if r["section"] not in ("calibrate", "features")]))
+    if any(r["section"] == "features" for r in records):
+        print("## Spectral signatures on learned features, alone\n")
+        print(features.features_table([r for r in records if r["section"] == "features"]) + "\n")
+    if any(r["section"] == "calibrate" for r in records):
+        print("## Calibration (seeds " + ",".join(sorted({str(r["seed"]) for r in records if r["section"] == "calibrate"})) + ")\n")
+        print(calibrate.pick(records))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE and APGD-DLR) run on ever
 row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
 every attack at that epsilon. Per-sample results (``per_sample.npz``: which attacks each
-evaluated row survives) are kept for comparison with the champion. Privacy: the epsilon DP-SGD spent (when
+evaluated row survives) are kept for comparison with the champion. Backdoors: a model-level scan
+(trigger inversion, ``stages.ml.backdoor_scan``) on the evaluated rows gives
+``backdoor_anomaly_index``, the gate's ``max_backdoor_anomaly`` check; a scan that cannot run
+records its error and no metric, so that check fails closed. Privacy: the epsilon DP-SGD spent (when
 ``train.mode`` is ``dp``) and an empirical membership-inference audit (AUC and TPR at 1%
 FPR, members = accepted training rows, non-members = the evaluated test rows).
 """
@@ -89,6 +92,10 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
         body["membership_inference"] = mia
         metrics["mia_auc"] = float(mia["auc"])
         metrics["mia_tpr_at_1pct_fpr"] = float(mia["tpr_at_1pct_fpr"])
+    if ev.backdoor_scan.enabled:
+        body["backdoor_scan"] = _backdoor_scan(model, X[eval_idx], eval_labels, params)
+        if "max_anomaly_index" in body["backdoor_scan"]:
+            metrics["backdoor_anomaly_index"] = float(body["backdoor_scan"]["max_anomaly_index"])
     body["privacy"] = privacy
     body["metrics"] = metrics
     per_sample = ctx.path("evaluation", "per_sample.npz")
@@ -101,6 +108,17 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     ctx.record_outputs(STAGE, {"evaluation": path, "per_sample": per_sample, "robustness_curve": curve})
     ctx.log("evaluate.metrics", metrics)
     return {"metrics": metrics}
+
+
+def _backdoor_scan(model: Any, X: np.ndarray, y: np.ndarray, params: Params) -> dict[str, Any]:
+    """The scan's report, or ``{"error": ...}`` when it cannot run (the gate then fails closed)."""
+    from stages.ml.backdoor_scan import scan_backdoor  # torch: slow to import
+
+    scan = params.evaluate.backdoor_scan
+    try:
+        return scan_backdoor(model, X, y, steps=scan.steps, samples=scan.samples, success=scan.success, seed=params.evaluate.seed)
+    except Exception as err:  # noqa: BLE001 - recorded; the gate counts a scan that could not run as failed
+        return {"error": f"backdoor scan could not run: {type(err).__name__}: {err}"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,26 @@ def _at_most(name: str, value: float | None, threshold: float) -> dict[str, Any]
     return _check(name, round(float(value), 6), threshold, ok, f"{value:.4f} {'<=' if ok else '>'} {threshold}")
 
 
+def _backdoor_check(value: float | None, scan: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
+    """The model-level backdoor scan: the largest anomaly index of any class's smallest trigger."""
+    if value is None:
+        why = (scan or {}).get("error") or "scan did not run"
+        return _check("backdoor_scan", None, threshold, False, f"{why}: check cannot run, counted as failed")
+    ok = value <= threshold
+    detail = ""
+    if scan and scan.get("classes"):
+        top = scan["classes"][int(scan["suspect_class"])]
+        detail = (f"; class {top['class']} reachable with a {top['trigger_size']:g}-{scan['size_unit']} trigger "
+                  f"(median class {scan['median_trigger_size']:g})")
+    return _check("backdoor_scan", round(float(value), 6), threshold, ok, f"anomaly index {value:.2f} {'<=' if ok else '>'} {threshold}{detail}")
+
+
 def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, Any] | None) -> dict[str, Any]:
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
-    integrity_verified, flagged_fraction, data_kind (the policy's per-kind thresholds apply:
-    ``gate.table`` for tables). ``champion``: None or {"version", "metrics"} (from the
-    champion's signed verdict; ``"revoked": True`` when it was revoked)."""
+    integrity_verified, flagged_fraction, backdoor_scan (the scan's report, for the reason),
+    data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables). ``champion``:
+    None or {"version", "metrics"} (from the champion's signed verdict; ``"revoked": True`` when
+    it was revoked)."""
     policy = policy.for_kind(evidence.get("data_kind"))
     metrics = evidence.get("metrics") or {}
     checks: list[dict[str, Any]] = []
@@ -70,6 +85,8 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
         checks.append(_at_most("mia_auc", metrics.get("mia_auc"), policy.max_mia_auc))
     if policy.max_flagged_fraction is not None:
         checks.append(_at_most("flagged_fraction", evidence.get("flagged_fraction"), policy.max_flagged_fraction))
+    if policy.max_backdoor_anomaly is not None:
+        checks.append(_backdoor_check(metrics.get("backdoor_anomaly_index"), evidence.get("backdoor_scan"), policy.max_backdoor_anomaly))
     if policy.require_validation:
         v = evidence.get("validation_passed")
         checks.append(_check("validation", v, True, v is True, "suite passed" if v is True else "validation did not pass or did not run"))
@@ -126,6 +143,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         "integrity_verified": integrity,
         "flagged_fraction": json.loads(inputs["screen_report"]).get("flagged_fraction"),
         "data_kind": ctx.manifest(where=STAGE).get("kind"),
+        "backdoor_scan": evaluation.get("backdoor_scan"),
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {

@@ -182,6 +182,15 @@ class TrainParams(_KindSection):
     dp: DPParams
 
 
+class BackdoorScanParams(_Section):
+    """The model-level backdoor scan (trigger inversion, ``stages.ml.backdoor_scan``)."""
+
+    enabled: bool = True
+    steps: int = Field(default=300, ge=1)  # optimisation steps per class
+    samples: int = Field(default=256, ge=8)  # clean held-out rows of other classes per class
+    success: float = Field(default=0.9, gt=0, le=1)  # share of rows a trigger must send to the class
+
+
 class EvaluateParams(_KindSection):
     test_fraction: float = Field(gt=0, lt=1)
     epsilon: float = Field(gt=0, le=1)
@@ -192,6 +201,7 @@ class EvaluateParams(_KindSection):
     apgd_steps: int = Field(default=100, ge=1)
     attack_rows: int | None = Field(default=None, ge=1)
     membership_inference: bool = True
+    backdoor_scan: BackdoorScanParams = Field(default_factory=BackdoorScanParams)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -223,6 +233,7 @@ class GateParams(_KindSection):
     max_dp_epsilon: float | None = Field(default=None, gt=0)
     max_mia_auc: float | None = Field(default=None, ge=0, le=1)
     max_flagged_fraction: float | None = Field(default=None, ge=0, le=1)
+    max_backdoor_anomaly: float | None = Field(default=None, gt=0)
     require_validation: bool = True
     require_integrity: bool = True
     no_regression: RegressionTolerance | None = None

@@ -14,14 +14,17 @@ nothing is skipped silently. Unknown detector names raise ``InvalidInput``.
 
 Detectors (names as in ``params.yaml``), one module each:
 
-    labels.py                  label_issues: cleanlab on out-of-sample probabilities, lost classes
+    labels.py                  label_issues: labels the out-of-sample models all but rule out, lost classes
     datalab.py                 outliers, near_duplicates: one cleanlab Datalab kNN audit
     annotators.py              annotators: CROWDLAB consensus of the trusted annotators
     backdoor/spectral.py       spectral: spectral signatures on cross-class residuals
     backdoor/trigger_groups.py   ... and the trigger-group search for ~1% backdoors
     backdoor/stamps.py         stamps: triggers stamped on the background or on ink
-    backdoor/activation.py     activation_clustering (opt-in)
+    backdoor/shortcuts.py      shortcuts: labels that hold only while doubted rows are trained on
     backdoor/loss.py           loss_isolation: rows learned abnormally fast
+
+Tables (N x F) are screened like images, on standardised columns wherever rows are compared
+(neighbours, outliers, the table models: logistic regression, an RBF SVC, nearest neighbours).
 
 Shared evidence: ``evidence.py`` (out-of-sample probabilities, the screening network),
 ``neighbours.py`` (cross-class and trimmed nearest rows), ``context.py`` (inputs and cache).

@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.core.errors import InvalidInput
 from stages.core.params import ScreenParams
-from stages.screening.evidence import _oos_pred_probs, _train_screening_net
+from stages.screening.evidence import _oos_probs, _train_screening_net, ensemble, screening_view, standardised
 from stages.screening.neighbours import _trimmed_neighbours
 
 
@@ -77,14 +77,46 @@ class ScreenContext:
             self._cache["flat"] = self.X.reshape(len(self.X), -1)
         return self._cache["flat"]
 
+    @property
+    def is_table(self) -> bool:
+        return self.X.ndim == 2
+
+    @property
+    def features(self) -> np.ndarray:
+        """Rows as vectors for distances and the screening models: the pixels of images, the
+        standardised columns of tables."""
+        return self.cached("features", lambda: standardised(self.flat) if self.is_table else self.flat)
+
+    @property
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        """What the screening models learn from: (inputs, vectors for nearest neighbours):
+        images pooled to at most 16 pixels per side and their pixels; table rows and their
+        standardised columns."""
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            if self.is_table:
+                return self.X, self.features
+            small = screening_view(self.X)
+            return small, small.reshape(len(small), -1)
+
+        return self.cached("view", make)
+
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
 
     # ---- out-of-sample probabilities
+    def model_probs(self, exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each screening model's K-fold out-of-sample probabilities; rows in ``exclude``
+        (a mask) are never trained on. Cached only without ``exclude``."""
+        if exclude is not None:
+            return _oos_probs(*self.view, self.labels, self.num_classes, self.params, exclude=exclude)
+        return self.cached("model_probs", lambda: _oos_probs(*self.view, self.labels, self.num_classes, self.params))
+
     def pred_probs(self) -> np.ndarray:
-        return self.cached("pred_probs", lambda: _oos_pred_probs(self.X, self.labels, self.num_classes, self.params))
+        """The models' mean out-of-sample probabilities (N x K)."""
+        return self.cached("pred_probs", lambda: ensemble(self.model_probs()))
 
     @property
     def typical(self) -> np.ndarray:
@@ -93,8 +125,8 @@ class ScreenContext:
 
     # ---- trimmed nearest neighbours in input space (share agreeing with each row's label, residuals)
     def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.cached("trimmed", lambda: _trimmed_neighbours(self.flat, self.labels))
+        return self.cached("trimmed", lambda: _trimmed_neighbours(self.features, self.labels))
 
-    # ---- a briefly trained network on all rows: loss curves and penultimate features
+    # ---- a briefly trained network on all rows: its loss curves
     def screening_net(self) -> dict[str, np.ndarray]:
-        return self.cached("net", lambda: _train_screening_net(self.X, self.labels, self.num_classes, self.params))
+        return self.cached("net", lambda: _train_screening_net(self.view[0], self.labels, self.num_classes, self.params))

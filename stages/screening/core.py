@@ -21,7 +21,7 @@ from stages.core.params import ScreenParams
 # importing the detector modules registers them
 from stages.screening import datalab, labels  # noqa: F401
 from stages.screening.annotators import _analyse_annotators
-from stages.screening.backdoor import activation, loss, spectral, stamps  # noqa: F401
+from stages.screening.backdoor import loss, shortcuts, spectral, stamps  # noqa: F401
 from stages.screening.context import ScreenContext, check_screen_inputs
 from stages.screening.prefetch import prefetch_evidence
 from stages.screening.registry import DETECTORS

@@ -16,12 +16,12 @@ from typing import Any
 from stages.core.fanout import Mapper
 from stages.screening.backdoor.trigger_groups import _trigger_groups
 from stages.screening.context import ScreenContext
-from stages.screening.evidence import _fold_probs, _train_screening_net, combine_folds, oos_folds
+from stages.screening.evidence import _train_screening_net, combine_folds, fold_probs, oos_folds
 
 # evidence -> the detectors that read it (a detector not listed computes what it needs itself)
 USERS = {
-    "pred_probs": {"label_issues", "annotators"},
-    "net": {"spectral", "activation_clustering", "loss_isolation"},
+    "model_probs": {"label_issues", "annotators", "shortcuts"},
+    "net": {"loss_isolation"},
     "trigger_groups": {"spectral"},
 }
 
@@ -30,11 +30,12 @@ def evidence_item(job: tuple[Any, ...]) -> Any:
     """One piece of evidence; ``job[0]`` says which (``fold``, ``net`` or ``trigger_groups``)."""
     kind, args = job[0], job[1:]
     if kind == "fold":
-        return _fold_probs(*args)
+        return fold_probs(*args)
     if kind == "net":
         return _train_screening_net(*args)
     if kind == "trigger_groups":
-        return _trigger_groups(*args)
+        *positional, data_kind = args
+        return _trigger_groups(*positional, kind=data_kind)
     raise ValueError(f"unknown evidence {kind!r}")
 
 
@@ -44,13 +45,14 @@ def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) 
     wanted = {key for key, users in USERS.items() if users & set(detectors) and key not in ctx._cache}
     jobs: list[tuple[Any, ...]] = []
     folds = None
-    if "pred_probs" in wanted:
+    if "model_probs" in wanted:
         folds = oos_folds(ctx.labels, ctx.num_classes, ctx.params)
-        jobs += [("fold", ctx.X, ctx.labels, tr, te, ctx.num_classes, ctx.params, i) for i, (tr, te) in enumerate(folds)]
+        X_view, features = ctx.view
+        jobs += [("fold", X_view, features, ctx.labels, tr, te, ctx.num_classes, ctx.params, i) for i, (tr, te) in enumerate(folds)]
     if "net" in wanted:
-        jobs.append(("net", ctx.X, ctx.labels, ctx.num_classes, ctx.params))
+        jobs.append(("net", ctx.view[0], ctx.labels, ctx.num_classes, ctx.params))
     if "trigger_groups" in wanted:
-        jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed()))
+        jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(), "table" if ctx.is_table else "image"))
     if not jobs:
         return []
     results = mapper(evidence_item, jobs, label="screen-evidence")
@@ -58,7 +60,7 @@ def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) 
     for job, result in zip(jobs, results):
         by_kind.setdefault(job[0], []).append(result)
     if folds is not None:
-        ctx._cache["pred_probs"] = combine_folds(by_kind["fold"], folds, len(ctx.X), ctx.num_classes)
+        ctx._cache["model_probs"] = combine_folds(by_kind["fold"], folds, len(ctx.X), ctx.num_classes)
     if "net" in by_kind:
         ctx._cache["net"] = by_kind["net"][0]
     if "trigger_groups" in by_kind:

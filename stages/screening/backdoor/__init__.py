@@ -1,2 +1,2 @@
 """Backdoor detectors, one per file: spectral signatures with the trigger-group search,
-stamped triggers, activation clustering and loss-based isolation."""
+stamped triggers, shortcuts and loss-based isolation."""

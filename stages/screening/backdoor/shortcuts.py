@@ -1,0 +1,72 @@
+"""Detector ``shortcuts``: labels that hold only while suspicious rows are in the training data.
+
+A dirty-label backdoor teaches the models a shortcut (the trigger) from the poisoned rows
+themselves: out-of-sample models trained on folds that hold the other poisoned rows learn
+it and call a poisoned row's label plausible, although its content is another class's.
+Take the shortcut's teachers away and the label falls. So the screening models are refitted
+(K-fold, as for label issues) without every row that any of them, or the trimmed nearest
+neighbours, doubt (p(label) < ``SHORTCUT_DOUBT``, or under half the trimmed neighbours share
+the label): a generous set that holds most poisoned rows whatever the trigger looks like
+(fixed or moving patches, values that vary per row, several triggers, a rare combination
+of table columns). Rows whose label the models then doubt join the set, and the refit is
+repeated until the set stops growing (at most ``SHORTCUT_ROUNDS`` times).
+
+A row is flagged when its label's out-of-sample probability falls below
+``SHORTCUT_MAX_PROB`` without the doubted rows, having been at least ``SHORTCUT_MIN_DROP``
+higher with them. Ambiguous clean rows are doubted too, but their label does not depend on
+other doubted rows: it was never plausible enough to fall that far. Rows whose label was
+already implausible are ``label_issues``'s.
+
+A trigger that every model learns from a few rows and that puts its rows next to each
+other (a fixed patch at 5% or more) keeps them out of the doubted set; ``spectral`` and
+``stamps`` find those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.screening.context import ScreenContext
+from stages.screening.evidence import ensemble
+from stages.screening.registry import register_detector
+from stages.screening.results import DetectorResult
+
+SHORTCUT_DOUBT = 0.5  # a model doubts a label below this probability; trimmed neighbours below this share
+SHORTCUT_ROUNDS = 3
+SHORTCUT_MAX_PROB = 0.1  # without the doubted rows the label is implausible ...
+SHORTCUT_MIN_DROP = 0.3  # ... and it was at least this much more probable with them
+
+
+def shortcut_probs(ctx: ScreenContext) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-sample probabilities without the doubted rows (N x K), and the doubted-row mask."""
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(len(ctx.labels))
+        doubted = ctx.trimmed()[0] < SHORTCUT_DOUBT
+        for probs in ctx.model_probs().values():
+            doubted |= probs[rows, ctx.labels] < SHORTCUT_DOUBT
+        probs = ctx.pred_probs()
+        for _ in range(SHORTCUT_ROUNDS):
+            probs = ensemble(ctx.model_probs(exclude=doubted))
+            grown = doubted | (probs[rows, ctx.labels] < SHORTCUT_DOUBT)
+            if (grown == doubted).all():
+                break
+            doubted = grown
+        return probs, doubted
+
+    return ctx.cached("shortcut_probs", make)
+
+
+@register_detector("shortcuts")
+def detect_shortcuts(ctx: ScreenContext) -> DetectorResult:
+    rows = np.arange(len(ctx.labels))
+    without, doubted = shortcut_probs(ctx)
+    before = ctx.pred_probs()[rows, ctx.labels]
+    after = without[rows, ctx.labels]
+    hit = doubted & (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
+    idx = np.where(hit)[0]
+    reasons = [f"label {ctx.labels[i]} holds only with doubted rows in training: p(label) {before[i]:.2f} with them, "
+               f"{after[i]:.2f} without (then {int(without[i].argmax())}, p={without[i].max():.2f})" for i in idx]
+    counts = np.bincount(ctx.labels[idx], minlength=ctx.num_classes)
+    return DetectorResult(idx, before[idx] - after[idx], f"p(label) < {SHORTCUT_MAX_PROB} without doubted rows, {SHORTCUT_MIN_DROP}+ lower than with them",
+                          reasons, {"doubted": int(doubted.sum()), "per_class": {str(c): int(n) for c, n in enumerate(counts) if n}})
