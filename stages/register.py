@@ -205,7 +205,10 @@ def _log_training(report: dict[str, Any]) -> None:
     if guard:
         mlflow.log_metrics({"train.guard_restores": float(guard["restores"]),
                             "train.guard_collapses": float(len(guard["events"])),
-                            "train.final_alpha": float(guard["final_alpha"])})
+                            "train.final_alpha": float(guard["final_alpha"]),
+                            "train.guard_final_method_n_fgsm": float(guard["final_method"] == "n_fgsm"),
+                            "train.guard_selected_epoch": float(guard["selected_epoch"]),
+                            "train.guard_last_epoch": float(guard["last_epoch"])})
         for event in guard["events"]:
             mlflow.log_metrics({"train.collapse_pgd_accuracy": float(event["guard_pgd_accuracy"]),
                                 "train.collapse_fgsm_accuracy": float(event["guard_fgsm_accuracy"])},

@@ -70,6 +70,8 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
                             "collapse_guard": _guard_summary(result.guard)})
     for event in (result.guard or {}).get("events", []):
         ctx.log("train.catastrophic_overfitting", event)
+    if result.guard and result.guard["selected_epoch"] != result.guard["last_epoch"]:
+        ctx.log("train.best_epoch_kept", {k: result.guard[k] for k in ("selected_epoch", "selected", "last_epoch")})
     last = result.history[-1] if result.history else {}
     return {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name, "mode": tp.mode, "device": result.device,
             "epochs": len(result.history), "train_accuracy": last.get("accuracy"), "privacy": result.privacy}
@@ -91,8 +93,9 @@ def _guard_summary(guard: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the ledger keeps of the collapse guard: whether it ran, what it did, the final step."""
     if guard is None:
         return None
-    return {"restores": guard["restores"], "collapses": len(guard["events"]), "final_alpha": guard["final_alpha"],
-            "stopped_early": any(e["new_alpha"] is None for e in guard["events"])}
+    return {"restores": guard["restores"], "collapses": len(guard["events"]), "final_method": guard["final_method"],
+            "final_alpha": guard["final_alpha"], "stopped_early": any(e["new_alpha"] is None for e in guard["events"]),
+            "selected_epoch": guard["selected_epoch"], "last_epoch": guard["last_epoch"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
-"""The catastrophic-overfitting guard: a collapse (PGD accuracy on the fixed batch falling while
-FGSM accuracy rises) is detected, the last good epoch comes back from memory, training goes on
-with a smaller step, and everything is reported; N-FGSM trains."""
+"""The catastrophic-overfitting guard: a collapse (PGD accuracy on the fixed batch falling from the
+best good epoch while the FGSM-PGD gap widens) is detected, the best good epoch comes back from
+memory, training goes on with a smaller step and then with N-FGSM, the model handed back is the
+best good epoch's, and everything is reported; N-FGSM trains."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _params(**adv) -> TrainParams:
 
 
 def _scripted(monkeypatch, readings: list[tuple[float, float]]):
-    """Replace the guard's measurement by scripted (FGSM, PGD) accuracies, one per epoch, and
-    record the weights each epoch starts from."""
+    """Replace the guard's measurement by scripted (FGSM, PGD) accuracies, one for the untrained
+    model and one per epoch, and record the weights each epoch starts and ends with."""
     calls = iter(readings)
     monkeypatch.setattr(guard_module.CollapseGuard, "measure", lambda self, model: dict(
         zip(("guard_fgsm_accuracy", "guard_pgd_accuracy"), next(calls))))
@@ -54,8 +55,10 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("fgsm_after, pgd_after, collapse", [
     (0.95, 0.05, True),    # FGSM up, PGD down by 0.4: the collapse signature
-    (0.95, 0.30, False),   # PGD down by less than guard_drop
-    (0.50, 0.05, False),   # PGD down, but FGSM down too: not the single-step overfit
+    (0.55, 0.05, True),    # FGSM a little down, PGD down by 0.4: the gap widened by 0.35
+    (0.65, 0.30, False),   # PGD down by less than guard_drop, FGSM less than twice guard_drop above it
+    (0.97, 0.40, True),    # PGD barely down but FGSM 0.57 above it: overfit to FGSM
+    (0.20, 0.05, False),   # everything down together (divergence): not the single-step overfit
 ])
 def test_detection_rule(fgsm_after, pgd_after, collapse):
     g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
@@ -64,9 +67,28 @@ def test_detection_rule(fgsm_after, pgd_after, collapse):
     assert g.collapsed({"guard_fgsm_accuracy": fgsm_after, "guard_pgd_accuracy": pgd_after}) is collapse
 
 
+def test_a_collapse_spread_over_epochs_is_measured_from_the_best_epoch():
+    g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
+                                   device=torch.device("cpu"))
+    for epoch, (fgsm, pgd) in enumerate([(0.9, 0.85), (0.93, 0.75)], start=1):  # each step down less than 0.2
+        stats = {"guard_fgsm_accuracy": fgsm, "guard_pgd_accuracy": pgd}
+        assert not g.collapsed(stats)
+        g.remember(epoch, stats, {})
+    assert g.best["epoch"] == 1  # the weaker epoch 2 is not the reference
+    assert g.collapsed({"guard_fgsm_accuracy": 0.95, "guard_pgd_accuracy": 0.62})
+
+
+def test_a_model_that_overfits_fgsm_before_it_is_robust_counts_as_collapsed():
+    g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
+                                   device=torch.device("cpu"))
+    assert g.collapsed({"guard_fgsm_accuracy": 0.72, "guard_pgd_accuracy": 0.14})  # no reference needed
+    g.remember(1, {"guard_fgsm_accuracy": 0.39, "guard_pgd_accuracy": 0.14}, {})
+    assert g.collapsed({"guard_fgsm_accuracy": 0.72, "guard_pgd_accuracy": 0.14})  # PGD did not fall; gap 0.58
+
+
 def test_a_collapse_restores_the_last_good_epoch_and_goes_on_with_a_smaller_step(digits, tmp_path, monkeypatch):
     X, y = digits
-    starts, ends = _scripted(monkeypatch, [(0.5, 0.4), (0.6, 0.45), (0.95, 0.05), (0.62, 0.47), (0.65, 0.5), (0.7, 0.52)])
+    starts, ends = _scripted(monkeypatch, [(0.1, 0.1), (0.5, 0.4), (0.6, 0.45), (0.95, 0.05), (0.62, 0.47), (0.65, 0.5), (0.7, 0.52)])
     store = CheckpointStore(tmp_path, run_id="guard", key=b"k" * 32)
     result = fit(X, y, params=_params(), num_classes=10, checkpoints=store, progress=False)
     assert len(starts) == 6  # epoch 3 was trained twice
@@ -84,12 +106,13 @@ def test_a_collapse_restores_the_last_good_epoch_and_goes_on_with_a_smaller_step
 
 def test_after_the_last_allowed_restore_training_stops_at_the_last_good_epoch(digits, monkeypatch):
     X, y = digits
-    starts, ends = _scripted(monkeypatch, [(0.5, 0.4), (0.6, 0.45), (0.95, 0.05)])
+    starts, ends = _scripted(monkeypatch, [(0.1, 0.1), (0.5, 0.4), (0.6, 0.45), (0.95, 0.05)])
     result = fit(X, y, params=_params(guard_max_restores=0), num_classes=10, progress=False)
     assert len(starts) == 3 and [h["epoch"] for h in result.history] == [1, 2]
     assert _same([t for t in result.model.state_dict().values()], ends[1])  # the model handed back is epoch 2's
     (event,) = result.guard["events"]
-    assert event["action"] == "stopped at the last good epoch" and event["new_alpha"] is None
+    assert event["action"] == "stopped at the best good epoch" and event["new_alpha"] is None
+    assert result.guard["selected_epoch"] == 2 and result.guard["last_epoch"] == 2
 
 
 def test_guard_measures_real_accuracies_and_is_off_for_multi_step_methods(digits):
@@ -116,3 +139,53 @@ def test_n_fgsm_trains_and_leaves_the_epsilon_ball_only_by_design(digits):
     assert (Xt + delta).min() >= 0 and (Xt + delta).max() <= 1
     result = fit(X, y, params=_params(method="n_fgsm"), num_classes=10, progress=False)
     assert np.isfinite(result.history[-1]["loss"]) and result.guard["final_alpha"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("fallback", ["pgd", "n_fgsm"])
+def test_a_second_collapse_restores_again_and_switches_to_the_fallback(digits, tmp_path, monkeypatch, fallback):
+    from stages.ml.training import adversarial
+
+    X, y = digits
+    starts, ends = _scripted(monkeypatch, [(0.1, 0.1), (0.5, 0.4), (0.6, 0.45), (0.95, 0.05), (0.96, 0.1), (0.62, 0.47),
+                                           (0.65, 0.5), (0.7, 0.52)])
+    calls = {"pgd": [], "n_fgsm": []}
+    real_pgd, real_n_fgsm = adversarial.pgd_delta, adversarial.n_fgsm_delta
+    monkeypatch.setattr(adversarial, "pgd_delta", lambda *a, **k: calls["pgd"].append(k) or real_pgd(*a, **k))
+    monkeypatch.setattr(adversarial, "n_fgsm_delta", lambda *a, **k: calls["n_fgsm"].append(k) or real_n_fgsm(*a, **k))
+    params = _params(guard_fallback=fallback)
+    store = CheckpointStore(tmp_path, run_id="guard", key=b"k" * 32)
+    result = fit(X, y, params=params, num_classes=10, checkpoints=store, progress=False)
+    assert len(starts) == 7 and _same(starts[3], ends[1]) and _same(starts[4], ends[1])  # epoch 3 redone twice
+    first, second = result.guard["events"]
+    assert first["new_method"] == "fgsm_rs" and first["new_alpha"] == pytest.approx(0.09375)
+    assert second["method"] == "fgsm_rs" and second["alpha"] == pytest.approx(0.09375)
+    assert result.guard["final_method"] == second["new_method"] == fallback and result.guard["restores"] == 2
+    # every batch of the last three epochs (4 batches each) was trained with the fallback
+    if fallback == "pgd":
+        assert second["action"] == "restored the best good epoch, switched to PGD-2"
+        assert second["new_alpha"] == pytest.approx(0.05) and second["new_steps"] == 2  # 2 steps of epsilon / 2
+        fallback_calls = [c for c in calls["pgd"] if c["steps"] == 2]
+        assert len(fallback_calls) == 3 * 4 and all(c["alpha"] == pytest.approx(0.05) for c in fallback_calls)
+        assert result.guard["final_steps"] == 2
+    else:
+        assert second["action"] == "restored the best good epoch, switched to N-FGSM"
+        assert second["new_alpha"] == pytest.approx(0.1)  # N-FGSM's step: epsilon
+        assert len(calls["n_fgsm"]) == 3 * 4 and all(c["noise"] == pytest.approx(0.2) for c in calls["n_fgsm"])
+    ckpt = store.load(checkpoint_binding(X, y, params, 10))
+    assert ckpt["guard"]["method"] == fallback and ckpt["guard"]["restores"] == 2
+
+
+def test_the_model_handed_back_is_the_best_good_epoch_also_after_a_resume(digits, tmp_path, monkeypatch):
+    X, y = digits
+    starts, ends = _scripted(monkeypatch, [(0.1, 0.1), (0.5, 0.4), (0.6, 0.55), (0.62, 0.5)])
+    params = TrainParams.model_validate({**_params().model_dump(), "epochs": 3})
+    store = CheckpointStore(tmp_path, run_id="guard", key=b"k" * 32)
+    result = fit(X, y, params=params, num_classes=10, checkpoints=store, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.guard["events"] == []
+    assert _same(list(result.model.state_dict().values()), ends[1]) and not _same(ends[1], ends[2])
+    assert result.guard["selected_epoch"] == 2 and result.guard["last_epoch"] == 3
+    assert result.guard["selected"]["guard_pgd_accuracy"] == 0.55
+    # a finished run read back from its checkpoint hands back the same epoch 2 without training
+    again = fit(X, y, params=params, num_classes=10, checkpoints=CheckpointStore(tmp_path, run_id="guard", key=b"k" * 32),
+                progress=False)
+    assert len(starts) == 3 and _same(list(again.model.state_dict().values()), ends[1])

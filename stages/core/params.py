@@ -146,6 +146,8 @@ class AdversarialParams(_Section):
     guard_drop: float = Field(default=0.2, gt=0, le=1)
     guard_alpha_factor: float = Field(default=0.75, gt=0, lt=1)
     guard_max_restores: int = Field(default=2, ge=0)
+    guard_fallback: Literal["pgd", "n_fgsm", "smaller_step"] = "pgd"
+    guard_fallback_steps: int = Field(default=2, ge=1)
 
 
 class DPParams(_Section):

@@ -35,7 +35,9 @@ class BatchLoss:
         self.params, self.adv = params, params.adversarial
         self.warmup_steps = self.adv.warmup_epochs * steps_per_epoch
         self.generator = torch.Generator(device=device).manual_seed(params.seed + 1)
-        method = self.adv.method
+        # the collapse guard may switch a single-step method to its fallback (method, steps, alpha)
+        self.method = method = self.adv.method
+        self.steps = self.adv.pgd_steps
         if self.adv.alpha is not None:
             self.alpha = self.adv.alpha
         elif method == "fgsm_rs":
@@ -58,17 +60,17 @@ class BatchLoss:
             return F.cross_entropy(logits, yb), logits
         eps = self.epsilon_at(step)
         alpha = self.alpha * eps / self.adv.epsilon
-        if self.adv.method == "trades":
+        if self.method == "trades":
             X_adv = _trades_adversary(model, xb, epsilon=eps, alpha=alpha, steps=self.adv.pgd_steps,
                                       generator=self.generator)
             logits = model(xb)
             robust = F.kl_div(F.log_softmax(model(X_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
             return F.cross_entropy(logits, yb) + self.adv.trades_beta * robust, logits
         with eval_mode(model):
-            if self.adv.method == "n_fgsm":
+            if self.method == "n_fgsm":
                 delta = n_fgsm_delta(model, xb, yb, epsilon=eps, alpha=alpha, noise=2 * eps, generator=self.generator)
             else:
-                steps = 1 if self.adv.method == "fgsm_rs" else self.adv.pgd_steps
+                steps = 1 if self.method == "fgsm_rs" else self.steps
                 delta = pgd_delta(model, xb, yb, epsilon=eps, alpha=alpha, steps=steps, random_start=True,
                                   generator=self.generator)
         logits = model(xb + delta)

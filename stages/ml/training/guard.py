@@ -3,13 +3,28 @@
 Single-step training can collapse within an epoch (Wong et al.; Andriushchenko and Flammarion):
 the model learns to defeat the one-step attack it is trained against while its accuracy under
 a multi-step attack falls to near zero. After every epoch the guard measures FGSM and PGD
-accuracy at the full training epsilon on a small fixed batch of training rows. A collapse is
-PGD accuracy falling by at least ``guard_drop`` below that of the last good epoch while FGSM
-accuracy rises above it. The answer: restore the last good epoch's state (model, optimizer,
-schedule, random generators: an in-memory copy, never read back from a file), multiply the
-FGSM step ``alpha`` by ``guard_alpha_factor`` and train the lost epochs again. After
-``guard_max_restores`` restores, training stops at the last good state. Every measurement and
-every event is returned for the train report, the ledger and MLflow.
+accuracy at the full training epsilon on a small fixed batch of training rows.
+
+A collapse, measured against the best good epoch so far (highest PGD accuracy on the batch;
+the untrained model counts as epoch 0), is either PGD accuracy down by at least ``guard_drop``
+while the gap between FGSM and PGD accuracy widens by at least ``guard_drop`` (the one-step
+attack no longer finds what the multi-step one does), or FGSM accuracy above PGD accuracy by
+at least twice ``guard_drop`` whatever came before (a model that overfits the one-step attack
+before it ever became robust, or little by little).
+Measuring against the best epoch rather than the last one also catches a collapse spread
+over several epochs.
+
+The answers, one per collapse: restore the best good epoch's state (model, optimizer,
+schedule, random generators: an in-memory copy, never read back from a file) and train the
+lost epochs again, first with the FGSM step ``alpha`` multiplied by ``guard_alpha_factor``,
+then, if it collapses again, with ``guard_fallback``: PGD with ``guard_fallback_steps`` steps
+of epsilon / steps from a random start (the default: one more gradient per batch, and it held
+where FGSM-RS and N-FGSM did not on MNIST at epsilon 0.3), N-FGSM (de Jorge et al.: noise
+2 epsilon, step epsilon, no projection) or a smaller step again. After ``guard_max_restores``
+restores, training stops.
+Whatever happened, the model handed back is the best good epoch's (``selected_epoch``),
+never a later, worse one. Every measurement and every event is returned for the train
+report, the ledger and MLflow.
 """
 
 from __future__ import annotations
@@ -27,10 +42,11 @@ from stages.ml.runtime import eval_mode
 
 SINGLE_STEP = ("fgsm_rs", "n_fgsm")
 GUARD_PGD_STEPS = 10  # PGD-10, one restart, step 2.5 * epsilon / 10: cheap and far stronger than FGSM
+READINGS = ("guard_fgsm_accuracy", "guard_pgd_accuracy")
 
 
 class CollapseGuard:
-    """Watches one ``fit``; holds the fixed batch, the last good state and the events."""
+    """Watches one ``fit``; holds the fixed batch, the best good state and the events."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, params: TrainParams, *, device: torch.device):
         adv = params.adversarial
@@ -38,7 +54,7 @@ class CollapseGuard:
         self.params, self.epsilon = params, adv.epsilon
         self.events: list[dict[str, Any]] = []
         self.restores = 0
-        self.last_good: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None  # {"epoch", "stats", "state"} of the best good epoch
         if self.enabled:
             rows = np.random.default_rng(params.seed + 2).choice(len(X), size=min(adv.guard_rows, len(X)), replace=False)
             self.X = torch.from_numpy(X[np.sort(rows)]).to(device)
@@ -56,30 +72,71 @@ class CollapseGuard:
                         "guard_pgd_accuracy": float((model(pgd).argmax(1) == self.y).float().mean())}
 
     def collapsed(self, stats: dict[str, float]) -> bool:
-        if self.last_good is None:
+        """FGSM accuracy above PGD accuracy by twice ``guard_drop``, or, against the best good
+        epoch, PGD accuracy down by ``guard_drop`` and the FGSM-PGD gap wider by as much."""
+        drop = self.params.adversarial.guard_drop
+        fgsm, pgd = stats["guard_fgsm_accuracy"], stats["guard_pgd_accuracy"]
+        if fgsm - pgd >= 2 * drop:
+            return True
+        if self.best is None:
             return False
-        good = self.last_good["stats"]
-        return (stats["guard_pgd_accuracy"] <= good["guard_pgd_accuracy"] - self.params.adversarial.guard_drop
-                and stats["guard_fgsm_accuracy"] > good["guard_fgsm_accuracy"])
+        good = self.best["stats"]
+        widened = (fgsm - pgd) - (good["guard_fgsm_accuracy"] - good["guard_pgd_accuracy"])
+        return widened >= drop and pgd <= good["guard_pgd_accuracy"] - drop
 
     def remember(self, epoch: int, stats: dict[str, float], state: dict[str, Any]) -> None:
-        """Keep a deep copy of a good epoch's state (``state``: whatever restoring needs)."""
-        self.last_good = {"epoch": epoch, "stats": dict(stats), "state": copy.deepcopy(state)}
+        """Keep a deep copy of a good epoch's state (``state``: whatever restoring needs) when its
+        PGD accuracy is at least the best so far (a tie goes to the later epoch)."""
+        if self.best is None or stats["guard_pgd_accuracy"] >= self.best["stats"]["guard_pgd_accuracy"]:
+            self.best = {"epoch": epoch, "stats": {k: stats[k] for k in READINGS}, "state": copy.deepcopy(state)}
 
-    def record_collapse(self, epoch: int, stats: dict[str, float], *, alpha: float, new_alpha: float,
-                        stopped: bool) -> dict[str, Any]:
-        good = self.last_good or {"epoch": 0, "stats": {}}
+    def answer(self, *, method: str, alpha: float, steps: int) -> tuple[str, str, float, int]:
+        """(action, method, alpha, steps) for the next collapse; action is ``smaller_step``,
+        ``pgd``, ``n_fgsm`` or ``stop``."""
+        adv = self.params.adversarial
+        if self.restores >= adv.guard_max_restores:
+            return "stop", method, alpha, steps
+        if self.restores == 0 or method != adv.method or adv.guard_fallback == "smaller_step":
+            return "smaller_step", method, alpha * adv.guard_alpha_factor, steps
+        if adv.guard_fallback == "pgd":
+            k = adv.guard_fallback_steps
+            return "pgd", "pgd", self.epsilon / k, k
+        return "n_fgsm", "n_fgsm", self.epsilon, steps  # N-FGSM's own step: epsilon, with noise 2 epsilon
+
+    def record_collapse(self, epoch: int, stats: dict[str, float], *, method: str, alpha: float, action: str,
+                        new_method: str, new_alpha: float, new_steps: int) -> dict[str, Any]:
+        good = self.best or {"epoch": 0, "stats": {}}
+        stopped = action == "stop"
+        text = {"stop": "stopped at the best good epoch",
+                "smaller_step": "restored the best good epoch, smaller step",
+                "pgd": f"restored the best good epoch, switched to PGD-{new_steps}",
+                "n_fgsm": "restored the best good epoch, switched to N-FGSM"}[action]
         event = {"event": "catastrophic_overfitting", "epoch": epoch, **stats,
-                 "last_good_epoch": good["epoch"], "last_good": good["stats"], "alpha": alpha,
-                 "action": "stopped at the last good epoch" if stopped else "restored the last good epoch",
-                 "new_alpha": None if stopped else new_alpha}
+                 "last_good_epoch": good["epoch"], "last_good": good["stats"], "method": method, "alpha": alpha,
+                 "action": text, "new_method": None if stopped else new_method,
+                 "new_alpha": None if stopped else new_alpha,
+                 "new_steps": None if stopped or new_method == "fgsm_rs" else new_steps}
         self.events.append(event)
         self.restores += 0 if stopped else 1
         return event
 
-    def report(self, alpha: float) -> dict[str, Any]:
+    def checkpoint_state(self, *, method: str, alpha: float, steps: int) -> dict[str, Any]:
+        """What a resumed run needs to go on guarding: the method and step, the events, the best good state."""
+        return {"alpha": alpha, "method": method, "steps": steps, "events": self.events, "restores": self.restores,
+                "best": self.best}
+
+    def load_checkpoint_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Take back ``checkpoint_state``; returns the trainer's settings to restore (method, alpha, steps)."""
+        self.events, self.restores = list(saved["events"]), int(saved["restores"])
+        self.best = saved.get("best")
+        return {k: saved[k] for k in ("method", "alpha", "steps") if k in saved}
+
+    def report(self, *, method: str, alpha: float, steps: int, last_epoch: int) -> dict[str, Any]:
         adv = self.params.adversarial
+        best = self.best or {"epoch": last_epoch, "stats": {}}
         return {"enabled": self.enabled, "rows": int(len(self.X)) if self.enabled else 0,
                 "pgd_steps": GUARD_PGD_STEPS, "epsilon": self.epsilon, "drop": adv.guard_drop,
                 "alpha_factor": adv.guard_alpha_factor, "max_restores": adv.guard_max_restores,
-                "restores": self.restores, "final_alpha": alpha, "events": self.events}
+                "fallback": adv.guard_fallback, "restores": self.restores, "final_method": method,
+                "final_alpha": alpha, "final_steps": 1 if method == "fgsm_rs" else steps, "events": self.events, "selected_epoch": best["epoch"],
+                "selected": best["stats"], "last_epoch": last_epoch}

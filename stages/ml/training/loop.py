@@ -132,8 +132,8 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
         history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
     guard = CollapseGuard(X, y, params, device=device)
     if ckpt is not None and "guard" in ckpt:
-        trainer.alpha = float(ckpt["guard"]["alpha"])
-        guard.events, guard.restores = list(ckpt["guard"]["events"]), int(ckpt["guard"]["restores"])
+        for key, value in guard.load_checkpoint_state(ckpt["guard"]).items():
+            setattr(trainer, key, value)
 
     with small_model_threads(device, input_shape):
         history = _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast,
@@ -148,7 +148,9 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
     final = build_model(model_name, input_shape=input_shape, num_classes=num_classes, dropout=params.dropout)
     final.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
     return FitResult(model=final.eval(), model_name=model_name, history=history, privacy=privacy, device=str(device),
-                     guard=guard.report(trainer.alpha) if guard.enabled else None)
+                     guard=guard.report(method=trainer.method, alpha=trainer.alpha, steps=trainer.steps,
+                                        last_epoch=len(history))
+                     if guard.enabled else None)
 
 
 def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast, *, engine, device,
@@ -157,9 +159,9 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
                   progress: bool, guard: CollapseGuard) -> list[dict[str, float]]:
     """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history.
 
-    With the collapse guard on, a collapsed epoch is not kept: the last good epoch's state comes
-    back from memory (never from a checkpoint file) and training goes on from there with a
-    smaller step (``guard.py``).
+    With the collapse guard on, a collapsed epoch is not kept: the best good epoch's state comes
+    back from memory and training goes on from there with a smaller step, then with the
+    fallback method (``guard.py``); at the end the model holds the best good epoch's weights.
     """
     bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -175,10 +177,13 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
         if engine is not None:
             payload["accountant"] = engine.accountant.state_dict()
         if guard.enabled:
-            payload["guard"] = {"alpha": trainer.alpha, "events": guard.events, "restores": guard.restores}
+            payload["guard"] = guard.checkpoint_state(method=trainer.method, alpha=trainer.alpha, steps=trainer.steps)
         checkpoints.save(payload, binding=binding, epoch=epoch)
 
     epoch = start_epoch
+    if guard.enabled and guard.best is None:
+        # the untrained model is epoch 0: the state to go back to if the first epochs collapse
+        guard.remember(epoch, guard.measure(_inner(model)), state())
     while epoch < params.epochs:
         with warnings.catch_warnings():
             # Opacus' per-sample hooks fire on module outputs because inputs need no grad: expected
@@ -190,28 +195,26 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
             stats.update(guard.measure(_inner(model)))
             stats["guard_seconds"] = time.perf_counter() - started
             if guard.collapsed(stats):
-                stop = guard.restores >= params.adversarial.guard_max_restores
-                new_alpha = trainer.alpha * params.adversarial.guard_alpha_factor
-                event = guard.record_collapse(epoch + 1, stats, alpha=trainer.alpha, new_alpha=new_alpha, stopped=stop)
-                good = guard.last_good
-                _inner(model).load_state_dict(good["state"]["model"])
-                optimizer.load_state_dict(good["state"]["optimizer"])
-                scheduler.load_state_dict(good["state"]["scheduler"])
-                scaler.load_state_dict(good["state"]["scaler"])
-                _set_rng_state(good["state"]["rng"], generators)
-                epoch, history = good["epoch"], history[:good["epoch"]]
+                action, method, alpha, steps = guard.answer(method=trainer.method, alpha=trainer.alpha,
+                                                            steps=trainer.steps)
+                event = guard.record_collapse(epoch + 1, stats, method=trainer.method, alpha=trainer.alpha,
+                                              action=action, new_method=method, new_alpha=alpha, new_steps=steps)
+                epoch = guard.best["epoch"]
+                _restore(model, optimizer, scheduler, scaler, generators, guard.best["state"])
+                history = history[:epoch]
                 bar.reset(total=params.epochs)
                 bar.update(epoch)
                 print(f"train: catastrophic overfitting in epoch {event['epoch']} (PGD accuracy "
-                      f"{event['guard_pgd_accuracy']:.3f} vs {good['stats']['guard_pgd_accuracy']:.3f} after epoch "
-                      f"{epoch}); {event['action']}" + ("" if stop else f", alpha {trainer.alpha:g} -> {new_alpha:g}"),
+                      f"{event['guard_pgd_accuracy']:.3f} vs {event['last_good']['guard_pgd_accuracy']:.3f} after "
+                      f"epoch {epoch}); {event['action']}"
+                      + ("" if action == "stop" else f", {trainer.method} alpha {trainer.alpha:g} -> {method} alpha {alpha:g}"),
                       file=sys.stderr)
-                if stop:
+                if action == "stop":
                     break
-                trainer.alpha = new_alpha
+                trainer.method, trainer.alpha, trainer.steps = method, alpha, steps
                 save(epoch)
                 continue
-            guard.remember(epoch + 1, {k: stats[k] for k in ("guard_fgsm_accuracy", "guard_pgd_accuracy")}, state())
+            guard.remember(epoch + 1, stats, state())
         history.append({"epoch": epoch + 1, **stats})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
@@ -219,7 +222,21 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
         save(epoch + 1)
         epoch += 1
     bar.close()
+    if guard.enabled and guard.best is not None and guard.best["epoch"] != len(history):
+        # a later epoch did worse on the fixed batch than the best good one: hand back the best
+        _inner(model).load_state_dict(guard.best["state"]["model"])
+        print(f"train: ending with epoch {guard.best['epoch']} (PGD accuracy on the fixed batch "
+              f"{guard.best['stats']['guard_pgd_accuracy']:.3f}, the best), not epoch {len(history)}", file=sys.stderr)
     return history
+
+
+def _restore(model, optimizer, scheduler, scaler, generators: dict[str, torch.Generator], state: dict[str, Any]) -> None:
+    """Put back a remembered epoch's model, optimizer, schedule, scaler and random generators."""
+    _inner(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], generators)
 
 
 def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any, scaler: Any, trainer: BatchLoss,
