@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from stages.core.errors import InvalidInput, PipelineError
-from stages.core.fanout import eta_text, serial_map
+from stages.core.fanout import Clock, serial_map
 from stages.core.params import OrchestrationParams
 
 
@@ -74,7 +74,7 @@ class Progress:
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
-        self._started: dict[str, float] = {}
+        self._clock = Clock()
         self._artifacts: dict[str, Any] = {}
 
     def _log(self, text: str) -> None:
@@ -86,10 +86,7 @@ class Progress:
     def __call__(self, label: str, done: int, total: int, note: str = "") -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        if done == 0 or label not in self._started:
-            self._started[label] = time.monotonic()
-        line = f"{self.stage}: {label} {eta_text(done, total, time.monotonic() - self._started[label])}" + \
-               (f" ({note})" if note else "")
+        line = f"{self.stage}: {label} {self._clock.text(label, done, total)}" + (f" ({note})" if note else "")
         pct = 100.0 * done / max(1, total)
         try:
             if label not in self._artifacts:
@@ -150,6 +147,7 @@ def check_dask(address: str, *, timeout_s: float) -> None:
 
 
 FANNED_OUT = ("screen", "evaluate")  # the stages whose cores take a mapper
+PROGRESSED = ("train",)  # the stages whose cores take a progress reporter (epochs)
 _RUN_MAPPERS: dict[str, Any] = {}
 
 

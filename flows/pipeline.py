@@ -26,7 +26,7 @@ from prefect.input import RunInput  # noqa: E402
 
 from flows.caching import CACHED_STAGES, OUTPUTS, key_parts, replay_ledger  # noqa: E402
 from flows.concurrency import model_lock  # noqa: E402
-from flows.fanout import FANNED_OUT, make_runner, mapper_for_run, run_mapper, running  # noqa: E402
+from flows.fanout import FANNED_OUT, PROGRESSED, Progress, make_runner, mapper_for_run, run_mapper, running  # noqa: E402
 from flows.server import TEMPORARY_ENV  # noqa: E402
 from stages import evaluate, gate, ingest, register, screen, train, validate  # noqa: E402
 from stages.core import events  # noqa: E402
@@ -62,6 +62,8 @@ def _stage_task(name: str, core):
     def _run(ctx: RunContext, params: Params, **kwargs: Any) -> dict[str, Any]:
         if name in FANNED_OUT:
             kwargs["mapper"] = run_mapper(ctx.run_id, name)  # not a task parameter: its workers are no data
+        if name in PROGRESSED:
+            kwargs["progress"] = Progress(name)  # epochs with the time left: run log, terminal, UI artifact
         if name in CACHED_STAGES and params.orchestration.cache and not ctx.paranoid:
             return _cached_stage(name, core, ctx, params, **kwargs)
         result = run_stage(name, core, ctx, params, **kwargs)

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from stages.core.fanout import Progress
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import accepted_rows_digest, load_npz_bytes, parse_prepared
@@ -26,7 +27,9 @@ STAGE = "train"
 CHECKPOINT_KEY_LABEL = b"mlsec.checkpoint/v1"  # the checkpoint seal: derived from the signing key
 
 
-def run(ctx: RunContext, params: Params) -> dict[str, Any]:
+def run(ctx: RunContext, params: Params, *, progress: Progress | None = None) -> dict[str, Any]:
+    """Train on the rows screening accepted (``progress``: told of each epoch with the time
+    left, e.g. the flow's reporter to its log and the Prefect UI)."""
     # torch and Opacus: slow to import, kept off the command line's start
     from stages.ml.training import fit
     from stages.ml.training.checkpoints import CheckpointRefused, CheckpointStore
@@ -43,7 +46,7 @@ def run(ctx: RunContext, params: Params) -> dict[str, Any]:
     store = CheckpointStore(ctx.run_dir / "checkpoints", run_id=ctx.run_id, key=derive_secret(CHECKPOINT_KEY_LABEL))
     try:
         result = fit(X_model, accepted_labels, params=tp, num_classes=int(meta["num_classes"]),
-                     checkpoints=store, progress=sys.stderr.isatty())
+                     checkpoints=store, progress=sys.stderr.isatty(), on_epoch=progress)
     except CheckpointRefused as err:
         raise ctx.violation(file=str(err.path.relative_to(ctx.ws.root)), expected=f"a checkpoint sealed for run {ctx.run_id}",
                             actual="refused", where=STAGE, reason=err.reason) from None

@@ -28,6 +28,24 @@ def test_eta_text():
     assert eta_text(0, 4, 0.0) == "0/4"
     assert eta_text(1, 4, 30.0) == "1/4, about 1m30s left"
     assert eta_text(4, 4, 61.0) == "4/4 in 1m01s"
+    # a resumed loop: 2 of 10 were done before the clock started, 2 more took 20 s
+    assert eta_text(4, 10, 20.0, first=2) == "4/10, about 1m00s left"
+    assert eta_text(2, 10, 5.0, first=2) == "2/10"
+
+
+def test_clock_restarts_when_work_goes_back(monkeypatch):
+    from stages.core import fanout
+
+    now = [100.0]
+    monkeypatch.setattr(fanout.time, "monotonic", lambda: now[0])
+    clock = fanout.Clock()
+    assert clock.text("epochs", 3, 10) == "3/10"  # resumed at 3: nothing timed yet
+    now[0] += 10
+    assert clock.text("epochs", 4, 10) == "4/10, about 1m00s left"
+    now[0] += 10
+    assert clock.text("epochs", 2, 10) == "2/10"  # restored to epoch 2: timed again from here
+    now[0] += 5
+    assert clock.text("epochs", 3, 10) == "3/10, about 35s left"
 
 
 def test_serial_map_keeps_order_and_reports_progress():

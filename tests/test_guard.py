@@ -90,8 +90,13 @@ def test_a_collapse_restores_the_last_good_epoch_and_goes_on_with_a_smaller_step
     X, y = digits
     starts, ends = _scripted(monkeypatch, [(0.1, 0.1), (0.5, 0.4), (0.6, 0.45), (0.95, 0.05), (0.62, 0.47), (0.65, 0.5), (0.7, 0.52)])
     store = CheckpointStore(tmp_path, run_id="guard", key=b"k" * 32)
-    result = fit(X, y, params=_params(), num_classes=10, checkpoints=store, progress=False)
+    told = []
+    result = fit(X, y, params=_params(), num_classes=10, checkpoints=store, progress=False,
+                 on_epoch=lambda label, done, total, note="": told.append((label, done, total, note)))
     assert len(starts) == 6  # epoch 3 was trained twice
+    # the progress went back with the restore, and said why
+    assert [(d, t) for _, d, t, _ in told] == [(0, 5), (1, 5), (2, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert "epoch 3 collapsed, back to epoch 2" in told[3][3]
     assert _same(starts[3], ends[1]) and not _same(starts[3], ends[2])  # the redo starts from epoch 2's weights
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
     assert result.history[2]["guard_pgd_accuracy"] == 0.47  # the kept epoch 3 is the redo

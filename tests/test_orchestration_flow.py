@@ -128,3 +128,42 @@ def test_the_run_sent_its_events(reruns):
     assert any(m["alias"] == "challenger" and m["version"] == first["model"]["version"] for m in moved), moved
     finished = [e.payload for e in mine if e.event == events.RUN_FINISHED and e.payload["run_id"] == second["run_id"]]
     assert finished[0]["status"] == "promoted" and finished[0]["cached"] == ["evaluate", "screen", "train"]
+
+
+def test_training_in_a_flow_reports_each_epoch_with_the_time_left(reruns):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
+
+    ws, first, second = reruns
+    run_id = first["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        def task_runs(flow_run_id):
+            return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+        def train_log(flow_run_id):
+            (train,) = [r.id for r in task_runs(flow_run_id) if r.name.startswith("train")]
+            return [log.message for log in client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[train])))]
+
+        tasks = {r.id: r.name for r in task_runs(run_id)}
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), type=ArtifactFilterType(any_=["progress"])))
+        logs, reused = train_log(run_id), train_log(second["flow_run_id"])
+    # the UI: a progress artifact on the train task, moved to 100% by the last epoch
+    epochs = [a for a in artifacts if tasks.get(a.task_run_id, "").startswith("train") and "epochs" in (a.description or "")]
+    assert len(epochs) == 1, [(tasks.get(a.task_run_id), a.description) for a in artifacts]
+    assert epochs[0].data == pytest.approx(100.0) and "epochs 15/15 in" in epochs[0].description
+    # the run log (and the terminal): every epoch, what trains and the time left
+    lines = [m for m in logs if m.startswith("train: epochs ")]
+    assert lines[0].startswith("train: epochs 0/15") and "standard" in lines[0]
+    for k in range(1, 15):
+        assert any(m.startswith(f"train: epochs {k}/15, about ") and " left (standard: loss " in m for m in lines), (k, lines)
+    # the rerun reused the trained model: no epoch ran, none is reported
+    assert reused and not [m for m in reused if m.startswith("train: epochs")]

@@ -188,8 +188,15 @@ def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch, mo
 
     epochs_run = []
     monkeypatch.setattr(training, "_run_epoch", lambda *a, **k: epochs_run.append(1) or real_epoch(*a, **k))
-    resumed = fit(X, y, params=params, num_classes=10, checkpoints=sealed_store(tmp_path), progress=False)
+    told = []
+    resumed = fit(X, y, params=params, num_classes=10, checkpoints=sealed_store(tmp_path), progress=False,
+                  on_epoch=lambda label, done, total, note="": told.append((label, done, total, note)))
     assert len(epochs_run) == 2 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    # progress counts from the resumed epoch and says what trains
+    assert [(label, d, t) for label, d, t, _ in told] == [("epochs", 1, 3), ("epochs", 2, 3), ("epochs", 3, 3)]
+    assert "resumed after epoch 1" in told[0][3] and told[0][3].startswith(
+        "adversarial fgsm_rs, epsilon 0.1" if mode == "adversarial" else "dp, noise 1")
+    assert all("loss" in note and "accuracy" in note for *_, note in told[1:])
     assert sealed_epoch(tmp_path) == 3
     assert all(torch.equal(s, t) for s, t in zip(_weights(uninterrupted.model), _weights(resumed.model)))
     if mode == "dp":

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from stages.core.errors import InvalidInput
+from stages.core.fanout import Progress
 from stages.core.params import TrainParams
 from stages.ml.nets import build_model, default_model_name
 from stages.ml.runtime import resolve_device, seed_everything, small_model_threads
@@ -80,7 +81,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, checkpoints: CheckpointStore | None = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, on_epoch: Progress | None = None) -> FitResult:
     """Train a model on ``X`` (N x C x H x W or N x F, float32 on [0, 1]) and int labels ``y``.
 
     With ``checkpoints``, a sealed checkpoint is written after every epoch and resumed from
@@ -88,6 +89,11 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
     overwritten; anything else raises ``CheckpointRefused``, exit 4). Everything restored,
     the DP accountant included, comes from a verified checkpoint. Returns the model as a
     plain ``nn.Module`` in eval mode on CPU.
+
+    ``progress`` shows a tqdm bar on stderr; ``on_epoch`` (a :class:`stages.core.fanout.Progress`,
+    e.g. the flow's log and UI reporter) is told ``("epochs", k, epochs, note)`` when training
+    starts (k = the epochs a checkpoint already had), after each epoch (the note: the mode,
+    loss, accuracy, images/s) and when the collapse guard goes back to an earlier epoch.
     """
     X, y = check_training_data(X, y, num_classes=num_classes)
     device = resolve_device(params.device)
@@ -139,7 +145,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
         history = _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast,
                                 engine=engine, device=device, params=params, history=history, start_epoch=start_epoch,
                                 steps_per_epoch=steps_per_epoch, checkpoints=checkpoints, binding=binding,
-                                generators=generators, progress=progress, guard=guard)
+                                generators=generators, progress=progress, guard=guard, on_epoch=on_epoch)
 
     privacy = privacy_report(engine, train_optimizer, params, sample_rate=1 / steps_per_epoch) if engine is not None else None
     trained = _inner(model)
@@ -156,7 +162,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
 def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, trainer, autocast, *, engine, device,
                   params: TrainParams, history: list[dict[str, float]], start_epoch: int, steps_per_epoch: int,
                   checkpoints: CheckpointStore | None, binding: dict[str, str], generators: dict[str, torch.Generator],
-                  progress: bool, guard: CollapseGuard) -> list[dict[str, float]]:
+                  progress: bool, guard: CollapseGuard, on_epoch: Progress | None = None) -> list[dict[str, float]]:
     """Epochs ``start_epoch + 1 .. params.epochs`` with a checkpoint after each; returns the history.
 
     With the collapse guard on, a collapsed epoch is not kept: the best good epoch's state comes
@@ -165,6 +171,10 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
     """
     bar = tqdm(total=params.epochs, initial=start_epoch, desc=f"train {params.mode}", unit="epoch",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    what = mode_text(params)
+    if on_epoch:
+        on_epoch("epochs", start_epoch, params.epochs, f"{what}, {len(loader.dataset)} rows"
+                 + (f", resumed after epoch {start_epoch}" if start_epoch else ""))
 
     def state() -> dict[str, Any]:
         return {"model": _inner(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -209,6 +219,9 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
                       f"epoch {epoch}); {event['action']}"
                       + ("" if action == "stop" else f", {trainer.method} alpha {trainer.alpha:g} -> {method} alpha {alpha:g}"),
                       file=sys.stderr)
+                if on_epoch:
+                    on_epoch("epochs", epoch, params.epochs, f"{what}: epoch {event['epoch']} collapsed, back to epoch "
+                             f"{epoch}" + (", stopped" if action == "stop" else f", {method} alpha {alpha:g}"))
                 if action == "stop":
                     break
                 trainer.method, trainer.alpha, trainer.steps = method, alpha, steps
@@ -221,6 +234,9 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
                         img_s=f"{stats['images_per_s']:.0f}")
         save(epoch + 1)
         epoch += 1
+        if on_epoch:
+            on_epoch("epochs", epoch, params.epochs, f"{what}: loss {stats['loss']:.3f}, accuracy {stats['accuracy']:.3f}, "
+                     f"{stats['images_per_s']:.0f} images/s")
     bar.close()
     if guard.enabled and guard.best is not None and guard.best["epoch"] != len(history):
         # a later epoch did worse on the fixed batch than the best good one: hand back the best
@@ -237,6 +253,16 @@ def _restore(model, optimizer, scheduler, scaler, generators: dict[str, torch.Ge
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"], generators)
+
+
+def mode_text(params: TrainParams) -> str:
+    """What trains, in words: ``"adversarial fgsm_rs, epsilon 0.1"``, ``"dp, target epsilon 3"``."""
+    if params.mode == "adversarial":
+        return f"adversarial {params.adversarial.method}, epsilon {params.adversarial.epsilon:g}"
+    if params.mode == "dp":
+        target = params.dp.target_epsilon
+        return "dp, " + (f"target epsilon {target:g}" if target is not None else f"noise {params.dp.noise_multiplier:g}")
+    return params.mode
 
 
 def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any, scaler: Any, trainer: BatchLoss,
