@@ -172,7 +172,7 @@ def _evaluate(model, name: str, row: dict[str, Any], test, sample: np.ndarray, *
         start = time.perf_counter()
         report = evaluate_robustness(model, Xte[sample], yte[sample], epsilons=[EPSILON], pgd_steps=50, restarts=10,
                                      attacks=["fgsm", "pgd", "apgd_ce", "apgd_dlr"], apgd_steps=100,
-                                     batch_size=batch, seed=0)
+                                     batch_size=batch, seed=0, early_exit=False)  # each attack alone
         ev["pipeline"] = {**{a: report.attack_accuracy[a][EPSILON] for a in report.attacks},
                           "worst_case": report.robust_accuracy[EPSILON], "clean_on_sample": float(report.correct[:, 0].mean()),
                           "n": int(len(sample)), "seconds": time.perf_counter() - start,

@@ -61,7 +61,8 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     attacks = [a for a in ev.attacks if not (a == "apgd_dlr" and int(meta["num_classes"]) < 3)]
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
-                                 sample=ev.attack_rows, seed=ev.seed, mapper=mapper)
+                                 sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,
+                                 mapper=mapper)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "data_kind": manifest.get("kind"), "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),

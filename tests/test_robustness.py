@@ -102,3 +102,57 @@ def test_mia_refuses_too_few_samples(model, digits):
     X, y = digits
     with pytest.raises(InvalidInput, match="need at least 2 members and 2 non-members, got 1 and 50"):
         membership_inference_audit(model, X[:1], y[:1], X[:50], y[:50])
+
+
+def _counting(monkeypatch):
+    """Wrap the registered attacks to record how many rows each call attacks."""
+    from stages.ml import robustness
+
+    seen = []
+    for name, attack in list(robustness.EVAL_ATTACKS.items()):
+        def counted(m, X, y, eps, b, g, _name=name, _attack=attack):
+            seen.append((_name, eps, len(X)))
+            return _attack(m, X, y, eps, b, g)
+        monkeypatch.setitem(robustness.EVAL_ATTACKS, name, counted)
+    return seen
+
+
+def test_early_exit_attacks_only_rows_still_standing_and_keeps_the_worst_case(model, digits, monkeypatch):
+    """FGSM is deterministic: with early exit a row's worst case at each epsilon is exactly the
+    one of every attack on every row, with the smaller epsilons' findings carried up; only the
+    rows still standing are attacked."""
+    X, y = digits
+    X, y = X[1200:1400], y[1200:1400]
+    seen = _counting(monkeypatch)
+    kwargs = dict(epsilons=[0.1, 0.05], pgd_steps=2, restarts=1, attacks=["fgsm"], batch_size=64)
+    full = evaluate_robustness(model, X, y, early_exit=False, **kwargs)
+    attacked_full = sum(n for *_, n in seen)
+    seen.clear()
+    early = evaluate_robustness(model, X, y, early_exit=True, **kwargs)
+    clean = full.correct[:, 0]
+    small = clean & full.correct[:, 2]  # right on clean input and under FGSM at 0.05
+    assert np.array_equal(early.correct[:, 2], small)
+    assert np.array_equal(early.correct[:, 1], small & full.correct[:, 1])  # fooled at 0.05: fooled at 0.1
+    assert early.robust_accuracy[0.05] == pytest.approx(full.robust_accuracy[0.05])
+    assert early.robust_accuracy[0.1] == pytest.approx(small[full.correct[:, 1]].sum() / len(y))
+    # attacked: the rows right on clean input at 0.05 (smallest first), then those FGSM did not fool
+    assert [(e, sum(n for _, eps, n in seen if eps == e)) for e in (0.05, 0.1)] == [(0.05, clean.sum()), (0.1, small.sum())]
+    assert sum(n for *_, n in seen) < attacked_full
+    body = early.to_dict()
+    assert body["attack_accuracy_is"].startswith("cumulative") and "each attack alone" in full.to_dict()["attack_accuracy_is"]
+
+
+def test_early_exit_is_as_strong_with_randomised_attacks(model, digits):
+    """PGD's random starts fall differently when fewer rows are attacked, so rows may differ; the
+    worst case may not be weaker than attacking every row (within the noise of a restart)."""
+    X, y = digits
+    early = evaluate_robustness(model, X[1200:1400], y[1200:1400], epsilons=[0.05, 0.1], pgd_steps=10, restarts=2,
+                                batch_size=64, seed=0, early_exit=True)
+    full = evaluate_robustness(model, X[1200:1400], y[1200:1400], epsilons=[0.05, 0.1], pgd_steps=10, restarts=2,
+                               batch_size=64, seed=0, early_exit=False)
+    for eps in (0.05, 0.1):
+        assert early.robust_accuracy[eps] <= full.robust_accuracy[eps] + 0.02
+        # a cumulative column never stands where an earlier one fell
+        i = early.epsilons.index(eps)
+        assert not (early.correct[:, 2 + 2 * i] & ~early.correct[:, 1 + 2 * i]).any()
+    assert not (early.correct[:, 3] & ~early.correct[:, 2]).any()  # 0.1 only where 0.05 held

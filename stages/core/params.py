@@ -202,6 +202,7 @@ class EvaluateParams(_KindSection):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"], min_length=1)
     apgd_steps: int = Field(default=100, ge=1)
     attack_rows: int | None = Field(default=None, ge=1)
+    early_exit: bool = True
     membership_inference: bool = True
     backdoor_scan: BackdoorScanParams = Field(default_factory=BackdoorScanParams)
     seed: int = 0

@@ -76,6 +76,7 @@ class RobustnessReport:
     columns: list[str]
     budget: AttackBudget
     n_samples: int = field(default=0)
+    early_exit: bool = False
 
     @property
     def n_attacked(self) -> int:
@@ -108,7 +109,11 @@ class RobustnessReport:
                 "pgd_steps": self.budget.pgd_steps, "pgd_alpha": "2.5 * epsilon / pgd_steps",
                 "restarts": self.budget.restarts, "apgd_steps": self.budget.apgd_steps, "seed": self.budget.seed,
                 "n_samples": self.n_samples, "n_attacked": self.n_attacked,
-                "robust_accuracy_is": "per-row worst case over clean and every attack at that epsilon",
+                "robust_accuracy_is": "per-row worst case over clean and every attack at that epsilon"
+                                      + (" and the smaller ones" if self.early_exit else ""),
+                "attack_accuracy_is": ("cumulative: right on clean input, under this attack and every attack before "
+                                       "it at this epsilon and at the smaller epsilons (attacks skip rows already lost)"
+                                       if self.early_exit else "each attack alone, on every attacked row"),
                 "epsilon_scale": "[0, 1] input scale"}
 
 
@@ -130,31 +135,52 @@ def _sample_rows(n: int, sample: int | None, seed: int) -> np.ndarray:
     return mask
 
 
-CHUNK_ROWS = 1024  # attacked rows per fan-out item (attacked in batches of ``batch_size``)
+CHUNK_ROWS = 512  # attacked rows per fan-out item (attacked in batches of ``batch_size``)
 
 
 def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
-    """One fan-out item: every attack of ``names`` at one epsilon on one chunk of rows.
+    """One fan-out item: every attack of ``names`` at every epsilon on one chunk of rows.
 
-    ``job`` = (model, X chunk, y chunk, epsilon, names, budget, batch_size, seed). Runs on one
-    intra-op thread with a generator of its own, so the answer does not depend on the process
-    or the order it runs in. Returns a boolean matrix: rows x attacks, True = still right.
+    ``job`` = (model, X chunk, y chunk, epsilons, names, budget, batch_size, seeds, early_exit);
+    ``seeds[i]`` seeds the generator of epsilon ``i``. Runs on one intra-op thread with
+    generators of its own, so the answer does not depend on the process or the order it runs
+    in. Returns a boolean matrix: rows x (epsilon, attack) in that order, True = still right.
+
+    With ``early_exit`` an attack runs only on the rows still standing: right on clean input,
+    under the earlier attacks at this epsilon and under every attack at the smaller epsilons
+    (an example found inside a smaller ball lies inside the larger one too). A row's worst case
+    is the same as when every attack runs on every row; each column then says "right under
+    this attack and every one before it" (AutoAttack's convention), not the attack alone.
     """
-    model, X, y, eps, names, budget, batch_size, seed = job
+    model, X, y, epsilons, names, budget, batch_size, seeds, early_exit = job
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        ok = np.zeros((len(X), len(names)), dtype=bool)
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        ok = np.zeros((len(X), len(epsilons) * len(names)), dtype=bool)
+        ascending = sorted(range(len(epsilons)), key=lambda i: epsilons[i])
         with eval_mode(model):
             for start in range(0, len(X), batch_size):
                 xb, yb = X[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-                for j, name in enumerate(names):
-                    adv = EVAL_ATTACKS[name](model, xb, yb, eps, budget, generator)
-                    _check_in_ball(name, adv, xb, eps)
-                    with torch.no_grad():
-                        ok[start:start + len(xb), j] = (model(adv).argmax(1) == yb).cpu().numpy()
+                with torch.no_grad():
+                    standing = model(xb).argmax(1) == yb if early_exit else torch.ones_like(yb, dtype=torch.bool)
+                for e_i in ascending:
+                    eps = epsilons[e_i]
+                    if not early_exit:
+                        standing = torch.ones_like(yb, dtype=torch.bool)
+                    for j, name in enumerate(names):
+                        idx = torch.nonzero(standing).squeeze(1)
+                        if len(idx) == 0:
+                            break
+                        xa, ya = xb[idx], yb[idx]
+                        adv = EVAL_ATTACKS[name](model, xa, ya, eps, budget, generators[e_i])
+                        _check_in_ball(name, adv, xa, eps)
+                        with torch.no_grad():
+                            right = model(adv).argmax(1) == ya
+                        ok[start + idx.cpu().numpy(), e_i * len(names) + j] = right.cpu().numpy()
+                        if early_exit:
+                            standing[idx] = right
         return ok
     finally:
         torch.set_num_threads(previous)
@@ -162,15 +188,19 @@ def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
 
 def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsilons: list[float], pgd_steps: int,
                         restarts: int, attacks: list[str] = ("fgsm", "pgd"), apgd_steps: int = 100,
-                        sample: int | None = None, batch_size: int = 256, seed: int = 0,
+                        sample: int | None = None, batch_size: int = 256, seed: int = 0, early_exit: bool = True,
                         mapper: Mapper | None = None) -> RobustnessReport:
     """Clean accuracy of ``model`` on (X, y), and accuracy under each of ``attacks`` at each
     L-inf epsilon ([0, 1] scale), on every row or on a seeded sample of ``sample`` rows.
 
     PGD takes ``pgd_steps`` steps of ``2.5 * epsilon / pgd_steps`` from ``restarts`` random
     starts and keeps, per sample, the start that fools the model; APGD runs ``apgd_steps``
-    iterations seeded by ``seed``. The attacks run per epsilon and per chunk of
-    ``CHUNK_ROWS`` attacked rows, each chunk with a generator seeded from (``seed``, epsilon
+    iterations seeded by ``seed``. With ``early_exit`` (the default) the attacks skip the rows
+    already lost (wrong on clean input, fooled by an earlier attack or at a smaller epsilon):
+    the per-row worst case is the same, and each attack's accuracy is cumulative (right under
+    it and every attack before it, AutoAttack's convention); without, every attack runs on
+    every attacked row and its accuracy is its own. The attacks run per chunk of
+    ``CHUNK_ROWS`` attacked rows, each chunk with generators seeded from (``seed``, epsilon
     index, chunk index), through ``mapper`` (default: here, one after another; the flow passes
     one that spreads them over workers) with the same results either way.
     """
@@ -195,15 +225,15 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
             correct[start:start + len(xb), 0] = (model(xb).argmax(1) == yb).cpu().numpy()
     rows = np.flatnonzero(attacked)
     chunks = [rows[s:s + CHUNK_ROWS] for s in range(0, len(rows), CHUNK_ROWS)]
-    jobs = [(model, X[idx], y[idx], eps, names, budget, batch_size, seed * 1_000_003 + e_i * 10_007 + c_i)
-            for e_i, eps in enumerate(eps_list) for c_i, idx in enumerate(chunks)]
+    jobs = [(model, X[idx], y[idx], eps_list, names, budget, batch_size,
+             [seed * 1_000_003 + e_i * 10_007 + c_i for e_i in range(len(eps_list))], early_exit)
+            for c_i, idx in enumerate(chunks)]
     if mapper is None or device.type != "cpu":  # one GPU: its batches are the parallelism
         results = [attack_chunk(job) for job in jobs]
     else:
         results = mapper(attack_chunk, jobs, label="evaluate-attacks")
-    for k, ok in enumerate(results):
-        e_i, c_i = divmod(k, len(chunks))
-        correct[chunks[c_i], 1 + e_i * len(names):1 + (e_i + 1) * len(names)] = ok
+    for idx, ok in zip(chunks, results):
+        correct[idx, 1:] = ok
     on = correct[attacked]
     per_attack = {name: {e: float(on[:, 1 + i * len(names) + j].mean()) for i, e in enumerate(eps_list)}
                   for j, name in enumerate(names)}
@@ -211,7 +241,7 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
               for i, e in enumerate(eps_list)}
     return RobustnessReport(clean_accuracy=float(correct[:, 0].mean()), epsilons=eps_list, attacks=names,
                             attack_accuracy=per_attack, robust_accuracy=robust, correct=correct, attacked=attacked,
-                            columns=columns, budget=budget, n_samples=len(X))
+                            columns=columns, budget=budget, n_samples=len(X), early_exit=early_exit)
 
 
 def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
