@@ -6,8 +6,9 @@
 2. Rerun on unchanged data: the same command again in the same workspace (screen, train and
    evaluate reused from the first run after their keys verify) against the first run.
 3. Fan-out: screening (``screen_dataset``) and the robustness evaluation
-   (``evaluate_robustness``, FGSM and PGD as in the issue's baseline) on the MNIST sample with
-   1 worker (serial), 2 local worker processes, and 2 threads.
+   (``evaluate_robustness`` with the attacks of params.yaml, of a model trained one FGSM-RS
+   epoch on the sample's training split) on the MNIST sample with 1 worker (serial), 2 local
+   worker processes, and 2 threads; wall and CPU seconds (this process and its workers).
 4. ``--full``: screening plus evaluation on full MNIST (60,000 rows) with 2 workers, against
    5 adversarial (FGSM-RS) training epochs on the same rows.
 
@@ -15,7 +16,7 @@ MNIST comes from ``../shared/data/mnist`` (or ``--mnist DIR``); without it only 
 rows are printed. Comparisons of 1 and 2 workers mean nothing on a busy machine: the
 load average is printed with each table.
 
-    nice -n 10 python bench/orchestration.py [--rows 10000] [--full] [--skip-runs]
+    nice -n 10 python bench/orchestration.py [--rows 10000] [--full] [--skip-runs] [--skip-fanout]
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ MLSEC = Path(sys.executable).parent / "mlsec"
 
 def load() -> str:
     return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cores"
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (worker processes)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def trained_model(X: np.ndarray, y: np.ndarray):
+    """One FGSM-RS epoch (params.yaml's adversarial settings) on the training split: a model
+    whose evaluation costs what a real one does (an untrained one is fooled at once)."""
+    from stages.core.params import load_params
+    from stages.data.prepared import split_indices
+    from stages.ml.training import fit
+
+    params = load_params(ROOT / "params.yaml", ["train.epochs=1"])
+    tr, te = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    model = fit(X[tr], y[tr], params=params.train, num_classes=10, progress=False).model
+    return model, te, time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def mnist_sample(folder: Path, rows: int, out: Path) -> Path:
@@ -94,10 +117,9 @@ def overhead_rows(tmp: Path, mnist: Path | None, *, digits: bool = True) -> list
     return lines
 
 
-def fanout_rows(mnist: Path, *, label: str) -> list[str]:
+def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, threads: bool = True) -> list[str]:
     from flows.fanout import TaskRunnerMapper, make_runner
     from stages.core.params import OrchestrationParams, load_params
-    from stages.ml.nets import build_model
     from stages.ml.robustness import evaluate_robustness
     from stages.screening import screen_dataset
 
@@ -106,34 +128,38 @@ def fanout_rows(mnist: Path, *, label: str) -> list[str]:
         y = d["y"].astype(np.int64)
     params = load_params(ROOT / "params.yaml")
     ev = params.evaluate
-    import torch
-
-    torch.manual_seed(0)
-    model = build_model("cnn_small", input_shape=tuple(X.shape[1:]), num_classes=10)
-    n_eval = len(X) // 5
-    lines = [f"| {label} | workers | screening (s) | speed-up | evaluation (s) | speed-up |", "|---|---|---:|---:|---:|---:|"]
+    attacks = attacks or list(ev.attacks)
+    model, te, epoch_s, epoch_cpu = trained_model(X, y)
+    lines = [f"One FGSM-RS epoch on the {len(y) - len(te):,} training rows: {epoch_s:.0f} s wall, {epoch_cpu:.0f} CPU s. "
+             f"Evaluation: {', '.join(attacks)} at {ev.epsilons} on the {len(te):,} held-out rows, early exit "
+             f"{'on' if ev.early_exit else 'off'}.", "",
+             f"| {label} | workers | screening (s) | CPU s | speed-up | evaluation (s) | CPU s | speed-up |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     base = {}
-    for name, orch in (("serial", None), ("2 processes", OrchestrationParams(task_runner="processes", workers=2)),
-                       ("2 threads", OrchestrationParams(task_runner="threads", workers=2))):
+    runners = [("serial", None), ("2 processes", OrchestrationParams(task_runner="processes", workers=2))]
+    runners += [("2 threads", OrchestrationParams(task_runner="threads", workers=2))] if threads else []
+    for name, orch in runners:
         runner = make_runner(orch) if orch else None
         t = {}
         if runner is not None:
             runner.__enter__()
         try:
             mapper = TaskRunnerMapper(runner) if runner is not None else None
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
             screen_dataset(X, y, params=params.screen, mapper=mapper)
-            t["screen"] = time.perf_counter() - start
-            start = time.perf_counter()
-            evaluate_robustness(model, X[:n_eval], y[:n_eval], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
-                                restarts=ev.restarts, attacks=["fgsm", "pgd"], seed=ev.seed, mapper=mapper)
+            t["screen"], t["screen_cpu"] = time.perf_counter() - start, cpu_seconds() - cpu
+            start, cpu = time.perf_counter(), cpu_seconds()
+            evaluate_robustness(model, X[te], y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
+                                restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps, seed=ev.seed,
+                                early_exit=ev.early_exit, mapper=mapper)
             t["evaluate"] = time.perf_counter() - start
         finally:
             if runner is not None:
                 runner.__exit__(None, None, None)
+        t["evaluate_cpu"] = cpu_seconds() - cpu  # the workers' CPU time counts once they have exited
         base = base or t
-        lines.append(f"| {label} | {name} | {t['screen']:.1f} | {base['screen'] / t['screen']:.2f}x | {t['evaluate']:.1f} | "
-                     f"{base['evaluate'] / t['evaluate']:.2f}x |")
+        lines.append(f"| {label} | {name} | {t['screen']:.1f} | {t['screen_cpu']:.0f} | {base['screen'] / t['screen']:.2f}x | "
+                     f"{t['evaluate']:.1f} | {t['evaluate_cpu']:.0f} | {base['evaluate'] / t['evaluate']:.2f}x |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
@@ -163,7 +189,8 @@ def full_rows(mnist_dir: Path) -> list[str]:
         ev = params.evaluate
         start = time.perf_counter()
         evaluate_robustness(result.model, d.X[te], d.y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
-                            restarts=ev.restarts, attacks=["fgsm", "pgd"], seed=ev.seed, mapper=mapper)
+                            restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps, seed=ev.seed,
+                            early_exit=ev.early_exit, mapper=mapper)
         eval_s = time.perf_counter() - start
     return ["| full MNIST (60,000 rows) | seconds | in adversarial epochs |", "|---|---:|---:|",
             f"| one FGSM-RS epoch | {epoch:.0f} | 1.0 |", f"| screening, 2 workers | {screen_s:.0f} | {screen_s / epoch:.1f} |",
@@ -173,10 +200,16 @@ def full_rows(mnist_dir: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    # next to the checkout, or next to the folder of worktrees
+    default = next((p for p in (ROOT.parent / "shared" / "data" / "mnist", ROOT.parents[1] / "shared" / "data" / "mnist")
+                    if p.is_dir()), ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--mnist", default=str(default))
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--full", action="store_true", help="also screen and evaluate full MNIST (long)")
     parser.add_argument("--skip-runs", action="store_true", help="only the fan-out tables")
+    parser.add_argument("--skip-fanout", action="store_true", help="leave out the fan-out tables")
+    parser.add_argument("--attacks", help="fan-out table: these attacks (comma-separated) instead of params.yaml's")
+    parser.add_argument("--no-threads", action="store_true", help="fan-out table: leave out the 2-thread runner")
     parser.add_argument("--no-digits", action="store_true", help="leave out the digits runs")
     args = parser.parse_args()
     from stages.core.telemetry import telemetry_off
@@ -190,13 +223,14 @@ def main() -> int:
         if not args.skip_runs:
             print(f"\n## Orchestration overhead and reruns ({load()} at start)\n")
             print("\n".join(overhead_rows(tmp, mnist, digits=not args.no_digits)))
-        if mnist is not None:
+        if mnist is not None and not args.skip_fanout:
             print(f"\n## Fan-out on {args.rows:,} MNIST rows (evaluation on a fifth of them; {load()} at start)\n")
-            print("\n".join(fanout_rows(mnist, label="MNIST sample")))
+            print("\n".join(fanout_rows(mnist, label="MNIST sample", attacks=args.attacks and args.attacks.split(","),
+                                         threads=not args.no_threads)))
             if args.full:
                 print(f"\n## Full MNIST ({load()} at start)\n")
                 print("\n".join(full_rows(mnist_dir)))
-        else:
+        elif mnist is None:
             print(f"\n(no MNIST at {mnist_dir}: fan-out tables skipped)")
         print(f"\n{load()} at the end")
     finally:
