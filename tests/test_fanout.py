@@ -108,7 +108,8 @@ def test_screen_on_a_dask_cluster_matches_serial(serial_findings, prefect_server
     _same(findings, serial_findings)
 
 
-def test_attacks_on_worker_processes_match_serial(prefect_server):
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_attacks_on_worker_processes_match_serial(prefect_server, early_exit):
     import torch
 
     from flows.fanout import TaskRunnerMapper, make_runner
@@ -117,8 +118,8 @@ def test_attacks_on_worker_processes_match_serial(prefect_server):
 
     torch.manual_seed(0)
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10)
-    X, y = _digits(CHUNK_ROWS + 300)  # two chunks per epsilon
-    kwargs = dict(epsilons=[0.05, 0.1], pgd_steps=3, restarts=2, seed=7)
+    X, y = _digits(CHUNK_ROWS + 300)  # two chunks
+    kwargs = dict(epsilons=[0.05, 0.1], pgd_steps=3, restarts=2, seed=7, early_exit=early_exit)
     serial = evaluate_robustness(model, X, y, **kwargs)
     with make_runner(OrchestrationParams(task_runner="processes", workers=2)) as runner:
         fanned = evaluate_robustness(model, X, y, mapper=TaskRunnerMapper(runner), **kwargs)
