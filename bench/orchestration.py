@@ -22,6 +22,7 @@ load average is printed with each table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -219,10 +220,17 @@ def main() -> int:
     os.environ.setdefault("MLSEC_KEY_DIR", str(tmp / "keys"))
     mnist_dir = Path(args.mnist)
     mnist = mnist_sample(mnist_dir, args.rows, tmp / "mnist.npz") if mnist_dir.is_dir() else None
+    stack = contextlib.ExitStack()
     try:
         if not args.skip_runs:
             print(f"\n## Orchestration overhead and reruns ({load()} at start)\n")
             print("\n".join(overhead_rows(tmp, mnist, digits=not args.no_digits)))
+        if mnist is not None and not args.skip_fanout and not os.environ.get("PREFECT_API_URL"):
+            # one server for the task runners, as 'mlsec run' does: without it every worker
+            # process starts a temporary server of its own on one SQLite file
+            from flows.server import temporary_server
+
+            stack.enter_context(temporary_server(tmp / "prefect")).ready()
         if mnist is not None and not args.skip_fanout:
             print(f"\n## Fan-out on {args.rows:,} MNIST rows (evaluation on a fifth of them; {load()} at start)\n")
             print("\n".join(fanout_rows(mnist, label="MNIST sample", attacks=args.attacks and args.attacks.split(","),
@@ -234,6 +242,7 @@ def main() -> int:
             print(f"\n(no MNIST at {mnist_dir}: fan-out tables skipped)")
         print(f"\n{load()} at the end")
     finally:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
