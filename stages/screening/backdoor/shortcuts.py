@@ -37,8 +37,20 @@ SHORTCUT_MAX_PROB = 0.1  # without the doubted rows the label is implausible ...
 SHORTCUT_MIN_DROP = 0.3  # ... and it was at least this much more probable with them
 
 
+def _refit_leaves_every_class(ctx: ScreenContext, doubted: np.ndarray) -> bool:
+    """Whether every class keeps enough undoubted rows for the K-fold refit (two per fold)."""
+    present = np.bincount(ctx.labels, minlength=ctx.num_classes) > 0
+    kept = np.bincount(ctx.labels[~doubted], minlength=ctx.num_classes)
+    return bool((kept[present] >= 2 * ctx.params.folds).all())
+
+
 def shortcut_probs(ctx: ScreenContext) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-sample probabilities without the doubted rows (N x K), and the doubted-row mask."""
+    """Out-of-sample probabilities without the doubted rows (N x K), and the doubted-row mask.
+
+    The doubted set grows only while every class keeps enough rows to refit on; when the
+    screening models doubt so much of a class that nothing would be left (a tiny or very
+    noisy dataset), the refit is not made and no row is doubted: there is no small group of
+    rows to tell apart, and the other detectors still judge every row."""
 
     def make() -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(len(ctx.labels))
@@ -46,10 +58,12 @@ def shortcut_probs(ctx: ScreenContext) -> tuple[np.ndarray, np.ndarray]:
         for probs in ctx.model_probs().values():
             doubted |= probs[rows, ctx.labels] < SHORTCUT_DOUBT
         probs = ctx.pred_probs()
+        if not _refit_leaves_every_class(ctx, doubted):
+            return probs, np.zeros(len(rows), dtype=bool)
         for _ in range(SHORTCUT_ROUNDS):
             probs = ensemble(ctx.model_probs(exclude=doubted))
             grown = doubted | (probs[rows, ctx.labels] < SHORTCUT_DOUBT)
-            if (grown == doubted).all():
+            if (grown == doubted).all() or not _refit_leaves_every_class(ctx, grown):
                 break
             doubted = grown
         return probs, doubted
