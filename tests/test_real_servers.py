@@ -252,7 +252,8 @@ def test_retraining_requested_by_an_alert_starts_a_run(stack):
 
 
 def test_a_killed_worker_marks_its_run_crashed_and_a_rerun_completes(stack):
-    long_training = ["train.mode=adversarial", "train.adversarial.method=pgd", "train.epochs=300"]
+    # far more epochs than 35 s allow on any machine (on a quiet one, 300 finished before the kill)
+    long_training = ["train.mode=adversarial", "train.adversarial.method=pgd", "train.epochs=20000"]
     flow_run_id = stack.trigger(overrides=[*FAST, *long_training])
     stack.wait(flow_run_id, states={"RUNNING"}, timeout_s=300)
     time.sleep(35)  # well into the run, past its first heartbeat
