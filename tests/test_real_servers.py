@@ -251,13 +251,29 @@ def test_retraining_requested_by_an_alert_starts_a_run(stack):
     stack.wait(new[0]["id"])
 
 
+def _kill_flow_run_processes(flow_run_id: str) -> int:
+    """SIGKILL every process running ``flow_run_id`` (Prefect puts the id in its environment)."""
+    marker, killed = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode(), 0
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes():
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue
+    return killed
+
+
 def test_a_killed_worker_marks_its_run_crashed_and_a_rerun_completes(stack):
-    long_training = ["train.mode=adversarial", "train.adversarial.method=pgd", "train.epochs=300"]
+    # far more epochs than 35 s allow on any machine (on a quiet one, 300 finished before the kill)
+    long_training = ["train.mode=adversarial", "train.adversarial.method=pgd", "train.epochs=20000"]
     flow_run_id = stack.trigger(overrides=[*FAST, *long_training])
     stack.wait(flow_run_id, states={"RUNNING"}, timeout_s=300)
     time.sleep(35)  # well into the run, past its first heartbeat
     os.killpg(stack.worker.pid, signal.SIGKILL)  # the worker and the run it started, as a dead machine
     stack.worker.wait()
+    # the process worker starts each flow run in a session of its own: kill that too
+    assert _kill_flow_run_processes(flow_run_id) >= 1
     crashed = stack.wait(flow_run_id, timeout_s=300)
     assert crashed["state_type"] == "CRASHED", crashed["state"]
     stack.start_worker()
