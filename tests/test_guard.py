@@ -29,6 +29,11 @@ def _params(**adv) -> TrainParams:
         "adversarial": {"method": "fgsm_rs", "epsilon": 0.1, "warmup_epochs": 0, "guard_rows": 64, **adv}, "dp": {}})
 
 
+def _guard(num_classes: int = 10) -> guard_module.CollapseGuard:
+    return guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
+                                      num_classes=num_classes, device=torch.device("cpu"))
+
+
 def _scripted(monkeypatch, readings: list[tuple[float, float]]):
     """Replace the guard's measurement by scripted (FGSM, PGD) accuracies, one for the untrained
     model and one per epoch, and record the weights each epoch starts and ends with."""
@@ -61,15 +66,13 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     (0.20, 0.05, False),   # everything down together (divergence): not the single-step overfit
 ])
 def test_detection_rule(fgsm_after, pgd_after, collapse):
-    g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
-                                   device=torch.device("cpu"))
+    g = _guard()
     g.remember(1, {"guard_fgsm_accuracy": 0.6, "guard_pgd_accuracy": 0.45}, {})
     assert g.collapsed({"guard_fgsm_accuracy": fgsm_after, "guard_pgd_accuracy": pgd_after}) is collapse
 
 
 def test_a_collapse_spread_over_epochs_is_measured_from_the_best_epoch():
-    g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
-                                   device=torch.device("cpu"))
+    g = _guard()
     for epoch, (fgsm, pgd) in enumerate([(0.9, 0.85), (0.93, 0.75)], start=1):  # each step down less than 0.2
         stats = {"guard_fgsm_accuracy": fgsm, "guard_pgd_accuracy": pgd}
         assert not g.collapsed(stats)
@@ -79,11 +82,25 @@ def test_a_collapse_spread_over_epochs_is_measured_from_the_best_epoch():
 
 
 def test_a_model_that_overfits_fgsm_before_it_is_robust_counts_as_collapsed():
-    g = guard_module.CollapseGuard(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), _params(),
-                                   device=torch.device("cpu"))
-    assert g.collapsed({"guard_fgsm_accuracy": 0.72, "guard_pgd_accuracy": 0.14})  # no reference needed
+    g = _guard()
     g.remember(1, {"guard_fgsm_accuracy": 0.39, "guard_pgd_accuracy": 0.14}, {})
     assert g.collapsed({"guard_fgsm_accuracy": 0.72, "guard_pgd_accuracy": 0.14})  # PGD did not fall; gap 0.58
+
+
+def test_a_model_never_robust_beyond_chance_is_not_judged():
+    """Three classes, the untrained model at PGD 0 (epoch 0 is the only reference): a half-trained
+    net whose FGSM accuracy is far above its PGD accuracy (the label-leaking first epochs of small
+    data) trains on, since the only epoch to go back to is no more robust. Once an epoch has been
+    above chance, the same reading is a collapse."""
+    g = _guard(num_classes=3)
+    g.remember(0, {"guard_fgsm_accuracy": 0.03, "guard_pgd_accuracy": 0.0}, {})
+    leaking = {"guard_fgsm_accuracy": 1.0, "guard_pgd_accuracy": 0.08}
+    assert not g.collapsed(leaking)
+    g.remember(1, leaking, {})
+    g.remember(2, {"guard_fgsm_accuracy": 0.5, "guard_pgd_accuracy": 0.33}, {})  # at chance: still nothing to lose
+    assert not g.collapsed(leaking)
+    g.remember(3, {"guard_fgsm_accuracy": 0.6, "guard_pgd_accuracy": 0.45}, {})
+    assert g.collapsed(leaking)
 
 
 def test_a_collapse_restores_the_last_good_epoch_and_goes_on_with_a_smaller_step(digits, tmp_path, monkeypatch):

@@ -9,10 +9,17 @@ A collapse, measured against the best good epoch so far (highest PGD accuracy on
 the untrained model counts as epoch 0), is either PGD accuracy down by at least ``guard_drop``
 while the gap between FGSM and PGD accuracy widens by at least ``guard_drop`` (the one-step
 attack no longer finds what the multi-step one does), or FGSM accuracy above PGD accuracy by
-at least twice ``guard_drop`` whatever came before (a model that overfits the one-step attack
-before it ever became robust, or little by little).
-Measuring against the best epoch rather than the last one also catches a collapse spread
-over several epochs.
+at least twice ``guard_drop`` however that came about (a model that overfits the one-step attack
+little by little, or before its PGD accuracy ever rose far). Measuring against the best epoch
+rather than the last one also catches a collapse spread over several epochs.
+
+Both rules judge only a model that has had robustness to lose: the best good epoch's PGD
+accuracy must be above chance (1 / classes). Before that, the only epoch to go back to is one
+no more robust than the current (often the untrained model), and early epochs of small data
+show a wide FGSM-PGD gap that is not a collapse: the one-step perturbation of a half-trained
+net can even reveal the label (label leaking, Kurakin et al.), so FGSM accuracy exceeds clean
+accuracy while PGD accuracy climbs from zero. Such a run trains on; if it never becomes
+robust, the robustness gate fails it.
 
 The answers, one per collapse: restore the best good epoch's state (model, optimizer,
 schedule, random generators: an in-memory copy, never read back from a file) and train the
@@ -48,8 +55,10 @@ READINGS = ("guard_fgsm_accuracy", "guard_pgd_accuracy")
 class CollapseGuard:
     """Watches one ``fit``; holds the fixed batch, the best good state and the events."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, params: TrainParams, *, device: torch.device):
+    def __init__(self, X: np.ndarray, y: np.ndarray, params: TrainParams, *, num_classes: int,
+                 device: torch.device):
         adv = params.adversarial
+        self.chance = 1.0 / num_classes
         self.enabled = params.mode == "adversarial" and adv.method in SINGLE_STEP and adv.guard_rows > 0
         self.params, self.epsilon = params, adv.epsilon
         self.events: list[dict[str, Any]] = []
@@ -72,14 +81,15 @@ class CollapseGuard:
                         "guard_pgd_accuracy": float((model(pgd).argmax(1) == self.y).float().mean())}
 
     def collapsed(self, stats: dict[str, float]) -> bool:
-        """FGSM accuracy above PGD accuracy by twice ``guard_drop``, or, against the best good
-        epoch, PGD accuracy down by ``guard_drop`` and the FGSM-PGD gap wider by as much."""
+        """Once the best good epoch's PGD accuracy is above chance: FGSM accuracy above PGD
+        accuracy by twice ``guard_drop``, or, against that epoch, PGD accuracy down by
+        ``guard_drop`` and the FGSM-PGD gap wider by as much."""
         drop = self.params.adversarial.guard_drop
         fgsm, pgd = stats["guard_fgsm_accuracy"], stats["guard_pgd_accuracy"]
+        if self.best is None or self.best["stats"]["guard_pgd_accuracy"] <= self.chance:
+            return False  # never robust yet: nothing to lose, nothing better to go back to
         if fgsm - pgd >= 2 * drop:
             return True
-        if self.best is None:
-            return False
         good = self.best["stats"]
         widened = (fgsm - pgd) - (good["guard_fgsm_accuracy"] - good["guard_pgd_accuracy"])
         return widened >= drop and pgd <= good["guard_pgd_accuracy"] - drop

@@ -136,7 +136,7 @@ def fit(X: np.ndarray, y: np.ndarray, *, params: TrainParams, num_classes: int, 
             engine.accountant.load_state_dict(ckpt["accountant"])
         _set_rng_state(ckpt["rng"], generators)
         history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
-    guard = CollapseGuard(X, y, params, device=device)
+    guard = CollapseGuard(X, y, params, num_classes=num_classes, device=device)
     if ckpt is not None and "guard" in ckpt:
         for key, value in guard.load_checkpoint_state(ckpt["guard"]).items():
             setattr(trainer, key, value)
