@@ -17,6 +17,12 @@ higher with them. Ambiguous clean rows are doubted too, but their label does not
 other doubted rows: it was never plausible enough to fall that far. Rows whose label was
 already implausible are ``label_issues``'s.
 
+The teachers are a small group within their class: a class most of whose rows end up doubted
+(more than ``SHORTCUT_MAX_CLASS_DOUBT``) is contested as a whole, as when half of the 1s are
+relabelled 7 and every 1 becomes a coin toss between the two labels. Refitting without most
+of it says nothing about a shortcut (its few remaining rows decide), so rows of a contested
+class are not judged here; a class lost to another one is ``label_issues``'s.
+
 A trigger that every model learns from a few rows and that puts its rows next to each
 other (a fixed patch at 5% or more) keeps them out of the doubted set; ``spectral`` and
 ``stamps`` find those.
@@ -35,6 +41,7 @@ SHORTCUT_DOUBT = 0.5  # a model doubts a label below this probability; trimmed n
 SHORTCUT_ROUNDS = 3
 SHORTCUT_MAX_PROB = 0.1  # without the doubted rows the label is implausible ...
 SHORTCUT_MIN_DROP = 0.3  # ... and it was at least this much more probable with them
+SHORTCUT_MAX_CLASS_DOUBT = 0.75  # a class with more of its rows doubted is contested as a whole: not judged
 
 
 def _refit_leaves_every_class(ctx: ScreenContext, doubted: np.ndarray) -> bool:
@@ -77,10 +84,14 @@ def detect_shortcuts(ctx: ScreenContext) -> DetectorResult:
     without, doubted = shortcut_probs(ctx)
     before = ctx.pred_probs()[rows, ctx.labels]
     after = without[rows, ctx.labels]
-    hit = doubted & (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
+    present = np.bincount(ctx.labels, minlength=ctx.num_classes)
+    share = np.bincount(ctx.labels[doubted], minlength=ctx.num_classes) / np.maximum(present, 1)
+    contested = share > SHORTCUT_MAX_CLASS_DOUBT
+    hit = doubted & ~contested[ctx.labels] & (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
     idx = np.where(hit)[0]
     reasons = [f"label {ctx.labels[i]} holds only with doubted rows in training: p(label) {before[i]:.2f} with them, "
                f"{after[i]:.2f} without (then {int(without[i].argmax())}, p={without[i].max():.2f})" for i in idx]
     counts = np.bincount(ctx.labels[idx], minlength=ctx.num_classes)
     return DetectorResult(idx, before[idx] - after[idx], f"p(label) < {SHORTCUT_MAX_PROB} without doubted rows, {SHORTCUT_MIN_DROP}+ lower than with them",
-                          reasons, {"doubted": int(doubted.sum()), "per_class": {str(c): int(n) for c, n in enumerate(counts) if n}})
+                          reasons, {"doubted": int(doubted.sum()), "per_class": {str(c): int(n) for c, n in enumerate(counts) if n},
+                                    "contested_classes": {str(c): round(float(share[c]), 3) for c in np.flatnonzero(contested)}})
