@@ -63,6 +63,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     (0.55, 0.05, True),    # FGSM a little down, PGD down by 0.4: the gap widened by 0.35
     (0.65, 0.30, False),   # PGD down by less than guard_drop, FGSM less than twice guard_drop above it
     (0.97, 0.40, True),    # PGD barely down but FGSM 0.57 above it: overfit to FGSM
+    (0.95, 0.50, False),   # FGSM 0.45 above PGD, but PGD up from 0.45: still gaining robustness
     (0.20, 0.05, False),   # everything down together (divergence): not the single-step overfit
 ])
 def test_detection_rule(fgsm_after, pgd_after, collapse):
@@ -101,6 +102,15 @@ def test_a_model_never_robust_beyond_chance_is_not_judged():
     assert not g.collapsed(leaking)
     g.remember(3, {"guard_fgsm_accuracy": 0.6, "guard_pgd_accuracy": 0.45}, {})
     assert g.collapsed(leaking)
+
+
+def test_an_epoch_more_robust_than_every_earlier_one_is_not_a_collapse():
+    """The reading that made the first guard restore a healthy full-MNIST FGSM-RS run at epoch
+    2: FGSM accuracy 0.4 above PGD accuracy, PGD accuracy up from 0.25 to 0.46."""
+    g = _guard()
+    g.remember(1, {"guard_fgsm_accuracy": 0.55, "guard_pgd_accuracy": 0.248}, {})
+    assert not g.collapsed({"guard_fgsm_accuracy": 0.87, "guard_pgd_accuracy": 0.463})
+    assert g.collapsed({"guard_fgsm_accuracy": 0.87, "guard_pgd_accuracy": 0.248})  # the same gap without the gain
 
 
 def test_a_collapse_restores_the_last_good_epoch_and_goes_on_with_a_smaller_step(digits, tmp_path, monkeypatch):

@@ -214,9 +214,10 @@ def _train_epochs(model, loader, train_optimizer, optimizer, scheduler, scaler, 
                 history = history[:epoch]
                 bar.reset(total=params.epochs)
                 bar.update(epoch)
-                print(f"train: catastrophic overfitting in epoch {event['epoch']} (PGD accuracy "
-                      f"{event['guard_pgd_accuracy']:.3f} vs {event['last_good']['guard_pgd_accuracy']:.3f} after "
-                      f"epoch {epoch}); {event['action']}"
+                good = event["last_good"]
+                print(f"train: catastrophic overfitting in epoch {event['epoch']} (FGSM / PGD accuracy "
+                      f"{event['guard_fgsm_accuracy']:.3f} / {event['guard_pgd_accuracy']:.3f}, best epoch {epoch}: "
+                      f"{good['guard_fgsm_accuracy']:.3f} / {good['guard_pgd_accuracy']:.3f}); {event['action']}"
                       + ("" if action == "stop" else f", {trainer.method} alpha {trainer.alpha:g} -> {method} alpha {alpha:g}"),
                       file=sys.stderr)
                 if on_epoch:
