@@ -78,14 +78,18 @@ def mlflow_health_url(tracking_uri: str) -> str | None:
     return tracking_uri.rstrip("/") + "/health"
 
 
+def _require_prefect(api: str, *, hint: str) -> None:
+    """Raise ServiceUnavailable, saying what to do (``hint``), when the Prefect API does not answer."""
+    why = wait_healthy(prefect_health_url(api))
+    if why:
+        raise ServiceUnavailable(f"the Prefect server at {api} does not answer ({why}, {HEALTH_TRIES} tries): {hint}")
+
+
 def check_services(*, mlflow_uri: str | None = None) -> None:
     """Fail fast, before any stage runs, when a configured server does not answer."""
     api = os.environ.get("PREFECT_API_URL")
     if api:
-        why = wait_healthy(prefect_health_url(api))
-        if why:
-            raise ServiceUnavailable(f"the Prefect server at {api} does not answer ({why}, {HEALTH_TRIES} tries): "
-                                     "start it ('prefect server start') or unset PREFECT_API_URL")
+        _require_prefect(api, hint="start it ('prefect server start') or unset PREFECT_API_URL")
     health = mlflow_health_url(mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
     if health:
         why = wait_healthy(health)
@@ -99,10 +103,7 @@ def scheduling_api() -> str:
     local server. Refuses (exit 2) when there is none: nothing would ever run the schedule."""
     api = os.environ.get("PREFECT_API_URL")
     if api:
-        why = wait_healthy(prefect_health_url(api))
-        if why:
-            raise ServiceUnavailable(f"the Prefect server at {api} does not answer ({why}, {HEALTH_TRIES} tries): "
-                                     "start it with 'prefect server start'")
+        _require_prefect(api, hint="start it with 'prefect server start'")
         return api
     if _health(prefect_health_url(LOCAL_API), timeout=2.0) is None:
         print(f"mlsec: using the Prefect server at {LOCAL_API} (PREFECT_API_URL is not set)", file=sys.stderr)
