@@ -27,7 +27,7 @@ from stages.models.promotion import promote, rollback
 from stages.trust.keys import rotate_keys
 from stages.trust.ledger import Ledger
 from stages.trust.provenance import init_repo
-from flows import serving_commands, trust_commands
+from flows import review_commands, serving_commands, trust_commands
 from flows.cli_support import emit as _print, workspace as _ws
 from flows.cli_support import quiet_expected_failures as _quiet_expected_failures
 from flows.cli_support import services as _services
@@ -202,7 +202,7 @@ def cmd_playbook(args: argparse.Namespace) -> int:
         server.ready()
         result = run_playbook(ws, args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
                               retrain=args.retrain, since_hours=args.since_hours, digests=args.digests,
-                              trigger=args.trigger, overrides=list(args.overrides))
+                              trigger=args.trigger, overrides=list(args.overrides), queue=args.queue)
     _print(result, args.json, lambda r: json.dumps(r, indent=2, default=str))
     return 0
 
@@ -287,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since-hours", type=float, default=None, help="telemetry window (evasion: 24, degradation: 1)")
     p.add_argument("--digests", help="poisoning-response: suspect sample digests, one per line, or a quarantine list")
     p.add_argument("--trigger", help="poisoning-response: a trigger .npz with 'mask' and 'pattern'")
+    p.add_argument("--queue", help="evasion-response --retrain: retrain with the labelled items of this review queue "
+                   "('mlsec review list') instead of queueing new ones")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="settings of a retraining run")
     p.set_defaults(fn=cmd_playbook)
 
     serving_commands.add_commands(sub, common, _Parser)
+    review_commands.add_commands(sub, common, _Parser)
 
     p = sub.add_parser("init", parents=[common], help="make the current folder a pipeline workspace (git + DVC + local remote)")
     p.set_defaults(fn=cmd_init)

@@ -220,3 +220,42 @@ def test_an_unknown_queue_is_bad_input(review_ws):
     for name in ("20000101T000000Z", "../audit", ""):
         with pytest.raises(InvalidInput, match="unknown review queue|invalid review queue name"):
             open_review(ws, name, where="test")
+
+
+def test_labelled_rows_join_the_champions_data_with_the_reviewers_labels_and_its_class_order(tmp_path):
+    """The source a retraining ingests: the champion's rows, then the labelled ones with the
+    reviewers' classes (by name, the champion's class order kept), each recorded under the run
+    with the sample digest ingest will give it."""
+    from flows.playbooks.data import DatasetVersion
+    from flows.playbooks.review import review_source
+    from stages.data.io import load_source
+    from stages.data.prepared import row_digest as sample_digest
+
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    classes = ["zebra", "ant", "cat"]                     # declared order, not sorted
+    rng = np.random.default_rng(1)
+    data = DatasetVersion("r0", "d" * 64, "s", rng.random((6, *SHAPE), dtype=np.float32),
+                          np.array([0, 1, 2, 0, 1, 2]), {"classes": classes, "kind": "image"})
+    queue, _ = write_queue(ws, model="m", reason="r", rows=_rows(3, seed=2), classes=classes, data_kind="image")
+    d = [item["input_sha256"] for item in queue.items]
+    record_labels(ws, queue, resolve_labels(queue, [(d[0], "cat"), (d[1], None), (d[2], "zebra")]),
+                  identity=_identity("rita"), reason="")
+    review = open_review(ws, queue.name, where="test")
+    X, y, items = training_rows(review.queue, review.final)
+    run_id = "20260101T000000Z-abcdef"
+    source, overrides, record = review_source(ws, review, data, X, y, items, run_id=run_id, declared=None)
+    assert overrides == ['data.classes=["zebra", "ant", "cat"]'] and record["items"] == 2
+    ingested = load_source(source, classes=classes)        # as the run's ingest reads it with that setting
+    assert list(ingested.classes) == classes and len(ingested.y) == 8
+    assert ingested.y[-2:].tolist() == [2, 0] and np.array_equal(ingested.X[-2:], review.queue.X[[0, 2]])
+    assert [sample_digest(ingested.X, int(ingested.y[i]), i) for i in (6, 7)] == [it["sample_sha256"] for it in items]
+    entry = [e for e in Ledger(ws.ledger_path).entries() if e["event"] == "review.train"][-1]
+    assert entry["run_id"] == run_id and [it["input_sha256"] for it in entry["payload"]["items"]] == [d[0], d[2]]
+    assert queue_status(review.queue, review.final, Ledger(ws.ledger_path).entries())["trained_in"] == \
+        [{"run_id": run_id, "items": 2}]
+    # nothing labelled: the champion's rows alone, and the ledger says so
+    empty = np.zeros((0, *SHAPE), dtype=np.float32)
+    source, _, record = review_source(ws, review, data, empty, np.zeros(0, np.int64), [], run_id=run_id + "0",
+                                      declared=classes)
+    assert record["items"] == 0 and len(load_source(source, classes=classes).y) == 6
