@@ -11,26 +11,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import traceback
 from typing import Any
 
-from flows.server import check_services, configured_server, temporary_server
+from flows.server import configured_server
 from stages.core import events
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.params import load_params
 from stages.core.telemetry import telemetry_off
-from stages.core.workspace import Workspace
 from stages.models.inventory import inventory
 from stages.models.lineage import audit_verify, lineage, render_lineage
 from stages.models.promotion import promote, rollback
 from stages.trust.keys import rotate_keys
 from stages.trust.ledger import Ledger
 from stages.trust.provenance import init_repo
-from flows import serving_commands, trust_commands
+from flows import review_commands, serving_commands, trust_commands
 from flows.cli_support import emit as _print, workspace as _ws
+from flows.cli_support import quiet_expected_failures as _quiet_expected_failures
+from flows.cli_support import services as _services
 from flows.trust_commands import read_approvals
 
 telemetry_off()
@@ -41,36 +41,6 @@ class _Parser(argparse.ArgumentParser):
         print(f"mlsec: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
-
-
-def _quiet_expected_failures() -> None:
-    """Expected failures (bad input, rejection, integrity) are one line: drop the traceback
-    Prefect's engine attaches to its log records (``--debug`` keeps them)."""
-
-    class DropTraceback(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            exc = record.exc_info[1] if record.exc_info else None
-            if isinstance(exc, PipelineError):
-                record.exc_info, record.exc_text = None, None
-            return True
-
-    drop = DropTraceback()
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(drop)
-
-
-def _services(ws: Workspace, params) -> contextlib.AbstractContextManager:
-    """Check the configured servers answer (one line naming the URL otherwise); without
-    PREFECT_API_URL, a temporary Prefect server this process owns and always stops."""
-    check_services(mlflow_uri=ws.mlflow_uri)
-    if params.orchestration.dask_address and params.orchestration.task_runner in ("auto", "dask"):
-        from flows.fanout import check_dask  # Prefect: slow to import; only when a Dask cluster is named
-
-        check_dask(params.orchestration.dask_address, timeout_s=params.orchestration.dask_timeout_s)
-    if os.environ.get("PREFECT_API_URL"):
-        return contextlib.nullcontext(configured_server())
-    return temporary_server(ws.root / ".prefect" / "temporary")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -232,7 +202,7 @@ def cmd_playbook(args: argparse.Namespace) -> int:
         server.ready()
         result = run_playbook(ws, args.playbook, model=args.model, run_id=args.run_id, reason=args.reason,
                               retrain=args.retrain, since_hours=args.since_hours, digests=args.digests,
-                              trigger=args.trigger, overrides=list(args.overrides))
+                              trigger=args.trigger, overrides=list(args.overrides), queue=args.queue)
     _print(result, args.json, lambda r: json.dumps(r, indent=2, default=str))
     return 0
 
@@ -317,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since-hours", type=float, default=None, help="telemetry window (evasion: 24, degradation: 1)")
     p.add_argument("--digests", help="poisoning-response: suspect sample digests, one per line, or a quarantine list")
     p.add_argument("--trigger", help="poisoning-response: a trigger .npz with 'mask' and 'pattern'")
+    p.add_argument("--queue", help="evasion-response --retrain: retrain with the labelled items of this review queue "
+                   "('mlsec review list') instead of queueing new ones")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="settings of a retraining run")
     p.set_defaults(fn=cmd_playbook)
 
     serving_commands.add_commands(sub, common, _Parser)
+    review_commands.add_commands(sub, common, _Parser)
 
     p = sub.add_parser("init", parents=[common], help="make the current folder a pipeline workspace (git + DVC + local remote)")
     p.set_defaults(fn=cmd_init)

@@ -2,7 +2,8 @@
 automation on its alert's event (``stages.core.events``):
 
 * ``mlsec.monitor.attack-suspected`` -> ``evasion-response`` (review queue, no retraining:
-  retraining after an attack is a person's decision, ``mlsec playbook evasion-response --retrain``);
+  retraining after an attack is a person's decision: label the queue with ``mlsec review label``,
+  then ``mlsec review retrain QUEUE``);
 * ``mlsec.monitor.degraded`` -> ``degradation-response`` (rollback, then the drift-or-attack report);
 * ``poisoning-response`` is served without a trigger (it needs the suspects) and is started by
   hand, from the UI or with ``mlsec playbook poisoning-response``.

@@ -3,8 +3,9 @@ champion's, each read through its signed manifest; suspect rows by digest or tri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,12 +26,21 @@ class DatasetVersion:
     source: str
     X: np.ndarray
     y: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)   # the prepared meta.json: kind, classes, input shape
+
+    @property
+    def classes(self) -> list[Any]:
+        return list(self.meta.get("classes") or range(int(self.meta.get("num_classes") or int(self.y.max()) + 1)))
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "image"))
 
 
 def _read(ws: Workspace, run_id: str) -> DatasetVersion:
     files, manifest = RunContext(ws, run_id).dataset_bytes(where="playbook")   # parsed from the checked bytes
-    X, y, _, _ = parse_prepared(files)
-    return DatasetVersion(run_id, manifest["merkle_root"], str(manifest.get("source")), X, y)
+    X, y, _, meta = parse_prepared(files)
+    return DatasetVersion(run_id, manifest["merkle_root"], str(manifest.get("source")), X, y, meta)
 
 
 def dataset_versions(ws: Workspace) -> list[DatasetVersion]:

@@ -1,10 +1,12 @@
 """Incident playbooks as Prefect flows; each step is a ledger entry (``flows.playbooks.steps``).
 
-``evasion-response``: the inputs the detector flagged go to a review queue
-(``serving/review/<id>/``: the inputs, their digests, clients and scores; reviewers may fill
-in ``labels``); the perturbation size is estimated against the champion's verified training
-rows; with ``retrain``, a run with adversarial training at that budget (and the labelled
-review items added to the champion's verified data) goes through the normal gate.
+``evasion-response``: the inputs the detector flagged go to a signed review queue
+(``serving/review/<id>/``, ``stages.monitoring.review``) that reviewers label with their
+identity keys (``mlsec review label``); the perturbation size is estimated against the
+champion's verified training rows; with ``retrain``, a run with adversarial training at that
+budget goes through the normal gate. With ``queue``, an existing queue is used instead of a
+new one, and its labelled, non-discarded items (with the reviewers' labels) are added to the
+champion's verified data (``flows.playbooks.review``).
 
 ``degradation-response``: roll ``champion`` back to the previous champion through the
 pipeline (the server follows), then a signed report that tells drift from attack.
@@ -29,6 +31,7 @@ telemetry_off()  # before Prefect reads its settings at import
 from prefect import flow  # noqa: E402
 
 from flows.playbooks.data import (  # noqa: E402
+    DatasetVersion,
     champion_data,
     dataset_versions,
     find_suspects,
@@ -36,12 +39,15 @@ from flows.playbooks.data import (  # noqa: E402
     read_digests,
     write_source,
 )
+from flows.playbooks.review import check_joinable, check_run_data, labelled_rows, review_source  # noqa: E402
 from flows.playbooks.steps import Steps  # noqa: E402
 from stages.core.errors import InvalidInput, PipelineError  # noqa: E402
 from stages.core.params import load_params  # noqa: E402
-from stages.core.workspace import Workspace, write_json  # noqa: E402
+from stages.core.workspace import Workspace, new_run_id, write_json  # noqa: E402
 from stages.models.promotion import rollback  # noqa: E402
 from stages.monitoring.diagnosis import diagnose  # noqa: E402
+from stages.monitoring.review import queue_path, write_queue  # noqa: E402
+from stages.monitoring.review_labels import Review, training_rows  # noqa: E402
 from stages.monitoring.store import TelemetryStore, default_url  # noqa: E402
 from stages.data.prepared import row_digest as sample_digest  # noqa: E402
 from stages.trust.signing import sign_document  # noqa: E402
@@ -52,54 +58,71 @@ def _store(ws: Workspace) -> TelemetryStore:
     return TelemetryStore(t.url or default_url(ws.root), queue_max=1, retention_s=t.retention_days * 86_400)
 
 
-def _retrain(data: str | None, overrides: list[str], playbook: str) -> dict[str, Any]:
+def _retrain(data: str | None, overrides: list[str], playbook: str, run_id: str | None = None) -> dict[str, Any]:
     from flows.pipeline import secure_training  # the flow module imports every stage: only for a retrain
 
     try:
-        return secure_training(data=data, overrides=overrides, triggered_by=f"playbook:{playbook}")
+        return secure_training(run_id=run_id, data=data, overrides=overrides, triggered_by=f"playbook:{playbook}")
     except PipelineError as err:
-        return getattr(err, "summary", None) or {"status": "failed", "error": str(err)}
+        summary = getattr(err, "summary", None) or {"run_id": run_id, "status": "failed", "error": str(err)}
+        return {**summary, "exit_code": err.exit_code}
+
+
+def _new_queue(ws: Workspace, model: str, reason: str, since_hours: float,
+               data: DatasetVersion) -> tuple[Review, dict[str, Any]]:
+    """A new signed queue of the inputs flagged in the window, and its ledger step record."""
+    store = _store(ws)
+    rows = store.flagged_inputs(since=time.time() - since_hours * 3600)
+    store.engine.dispose()
+    queue, skipped = write_queue(ws, model=model, reason=reason, rows=rows, classes=data.classes, data_kind=data.kind)
+    clients: dict[str, int] = {}
+    for item in queue.items:
+        clients[item["client"]] = clients.get(item["client"], 0) + 1
+    return Review(queue, [], {}, []), {"path": queue_path(ws, queue), "queue": queue.name, "queue_sha256": queue.sha256,
+                                       "items": len(queue.items), "clients": clients, **skipped}
 
 
 @flow(name="evasion-response")
 def evasion_response(model: str, reason: str, since_hours: float = 24.0, retrain: bool = False,
-                     overrides: list[str] | None = None) -> dict[str, Any]:
-    """Review queue of flagged inputs; optional adversarial retraining through the gate."""
+                     overrides: list[str] | None = None, queue: str | None = None) -> dict[str, Any]:
+    """Review queue of flagged inputs (or an existing, labelled one); optional adversarial
+    retraining, with the reviewers' labelled items, through the gate."""
     ws = Workspace.from_env()
-    steps = Steps(ws, "evasion-response", model, reason=reason, since_hours=since_hours, retrain=retrain)
-    store = _store(ws)
-    rows = store.flagged_inputs(since=time.time() - since_hours * 3600)
-    store.engine.dispose()
-    queue_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder = ws.root / "serving" / "review" / queue_id
-    X = np.stack([np.frombuffer(r["data"], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "inputs.npz", X=X, predictions=np.array([r["prediction"] for r in rows], dtype=np.int64))
-    write_json(folder / "queue.json", {"queue": queue_id, "model": model, "reason": reason, "status": "awaiting review",
-                                       "items": [{"input_sha256": r["input_sha256"], "client": r["client"], "time": r["time"],
-                                                  "model_version": r["model_version"], "prediction": r["prediction"],
-                                                  "detector_score": r["detector_score"], "label": None} for r in rows]})
-    clients: dict[str, int] = {}
-    for r in rows:
-        clients[r["client"]] = clients.get(r["client"], 0) + 1
-    result: dict[str, Any] = {"playbook": "evasion-response", "model": model,
-                              "review_queue": steps.record("review-queue", {"path": str(folder.relative_to(ws.root)),
-                                                                            "items": len(rows), "clients": clients})}
+    steps = Steps(ws, "evasion-response", model, reason=reason, since_hours=since_hours, retrain=retrain, queue=queue)
     data = champion_data(ws, model)
+    if queue:
+        review, X_add, y_add, items = labelled_rows(ws, queue, model=model, data=data, where="evasion-response")
+        record = {"path": queue_path(ws, review.queue), "queue": queue, "queue_sha256": review.queue.sha256,
+                  "items": len(review.queue.items), "labelled": len(items), "existing": True}
+    else:
+        review, record = _new_queue(ws, model, reason, since_hours, data)
+        X_add, y_add, items = training_rows(review.queue, review.final)
+    result: dict[str, Any] = {"playbook": "evasion-response", "model": model,
+                              "review_queue": steps.record("review-queue", record)}
     params = load_params(ws.params_path, overrides or [])
     epsilon = params.train.adversarial.epsilon
+    X = X_add if len(X_add) else review.queue.X      # the confirmed attacks when reviewers labelled some
     if len(X):
         flat_train = data.X.reshape(len(data.X), -1)
-        dist = np.array([np.abs(flat_train - x).max(axis=1).min() for x in X[:, : flat_train.shape[1]]])
+        flat = X.reshape(len(X), -1)[:, : flat_train.shape[1]]
+        dist = np.array([np.abs(flat_train - x).max(axis=1).min() for x in flat])
         epsilon = float(np.clip(np.median(dist), params.train.adversarial.epsilon, 0.3))
         result["perturbation"] = steps.record("perturbation", {"linf_to_nearest_training_row_median": round(float(np.median(dist)), 4),
                                                                "linf_p90": round(float(np.quantile(dist, 0.9)), 4),
+                                                               "measured_on": "labelled items" if len(X_add) else "queued items",
                                                                "retrain_epsilon": round(epsilon, 4)})
     if retrain:
         extra = ["train.mode=adversarial", f"train.adversarial.epsilon={epsilon:.4f}"]
-        source = write_source(ws, f"evasion-{queue_id}", data.X, data.y)
-        result["retrain"] = _retrain(source, list(overrides or []) + extra, "evasion-response")
+        run_id = new_run_id()
+        if items:
+            check_joinable(review, data)
+        source, class_overrides, added = review_source(ws, review, data, X_add, y_add, items, run_id=run_id,
+                                                       declared=params.data.classes)
+        result["review_items"] = steps.record("review-items", added)
+        result["retrain"] = _retrain(source, list(overrides or []) + extra + class_overrides, "evasion-response", run_id)
         steps.record("retrain", {k: result["retrain"].get(k) for k in ("run_id", "status", "model", "error")})
+        if items:   # the run's verified data must hold the review rows as labelled (exit 4 otherwise)
+            result["review_items"]["run_data"] = steps.record("review-rows-in-run", check_run_data(ws, run_id, items))
     return steps.finish(result)
 
 

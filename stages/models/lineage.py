@@ -120,6 +120,7 @@ def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | Non
             "weights": {"sha256": verdict["weights_sha256"], "registered_sha256": tags.get("mlsec.weights_sha256"),
                         "signature": "model.sig (OpenSSF model-signing, ECDSA P-256)"},
             "alias_history": history,
+            "review": _review_items(ws, tags.get("mlsec.run_id")),
         }
         if verify:
             check("manifest signature", lambda: (verify_document(raw_manifest), "valid")[1])
@@ -155,6 +156,17 @@ def lineage(ws: Workspace, ref: str, *, verify: bool = False, restore: str | Non
     if restore:
         result["restored_to"] = str(Path(restore).resolve())
     return result
+
+
+def _review_items(ws: Workspace, run_id: str | None) -> dict[str, Any] | None:
+    """The reviewed inputs the run was given (the ``review.train`` ledger entry under its run
+    id, written by ``evasion-response`` before the run started), or None."""
+    hits = [e for e in Ledger(ws.ledger_path).entries() if e.get("event") == "review.train" and e.get("run_id") == run_id]
+    if not run_id or not hits:
+        return None
+    p = hits[-1]["payload"]
+    return {"queue": p["queue"], "queue_sha256": p["queue_sha256"], "source": p["source"], "ledger_seq": hits[-1]["seq"],
+            "items": [{k: it.get(k) for k in ("input_sha256", "label", "labelled_by", "sample_sha256")} for it in p["items"]]}
 
 
 def _policy_summary(verdict: dict[str, Any]) -> dict[str, Any]:
@@ -272,6 +284,11 @@ def render_lineage(result: dict[str, Any]) -> str:
         signed = ", ".join(f"{a['identity']} (key {a['key_id'][:16]})" for a in h.get("approvals") or [])
         lines.append(f"  {h['time']}  {h['alias']} -> v{h['version']} (was {h['previous']})  by {h['actor']}"
                      f"{'  approved by ' + (signed or h['approver']) if h.get('approver') else ''}  reason: {h['reason']}")
+    if ch.get("review"):
+        rv = ch["review"]
+        who = sorted({it["labelled_by"] for it in rv["items"]})
+        lines.append(f"review     queue {rv['queue']}: {len(rv['items'])} labelled inputs added (labelled by "
+                     f"{', '.join(who) or '-'}; ledger seq {rv['ledger_seq']})")
     if ch.get("revoked"):
         lines.append(f"REVOKED at {ch['revoked']['time']} by {ch['revoked']['actor']}: {ch['revoked']['reason']}")
     for c in result.get("checks", []):

@@ -1,0 +1,240 @@
+"""Review queues: the inputs the serving detector flagged, kept for people to label.
+
+A queue is a folder ``serving/review/<queue>/``::
+
+    inputs.npz   X: the flagged inputs, N x input shape, float32 on the model's input scale
+                 ([0, 1] for images), as the service received them; predictions: N int64
+    queue.json   signed with the pipeline's key: the queue's name, model, reason, the
+                 champion's class list, the input shape, the SHA-256 of inputs.npz and one
+                 item per row (input digest, client, time, model version, prediction,
+                 detector score)
+    labels/      the reviewers' signed label documents (``stages.monitoring.review_labels``)
+
+Each item's ``input_sha256`` is the digest the service logged
+(``stages.monitoring.inputs.row_digest``: SHA-256 of the row as float32, C order). A row
+whose bytes no longer hash to its digest in the telemetry store is left out of the queue
+(counted); once written, the queue is read only through :func:`load_queue`, which checks the
+signature, the file digest, every row's digest and the ``review.queue`` ledger entry that
+recorded it, and refuses (``IntegrityError``, exit 4, with an ``integrity.violation`` ledger
+entry) on any difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.core.canonical import canonical_json
+from stages.core.errors import IntegrityError, InvalidInput
+from stages.core.workspace import Workspace, write_json
+from stages.data.prepared import load_npz_bytes
+from stages.monitoring.inputs import row_digest
+from stages.trust.hashing import read_file
+from stages.trust.ledger import Ledger
+from stages.trust.signing import sign_document, verify_document
+
+QUEUE_SCHEMA = "mlsec.review-queue/v1"
+QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+QUEUE_FILE, INPUTS_FILE, LABELS_DIR = "queue.json", "inputs.npz", "labels"
+
+
+def review_dir(ws: Workspace) -> Path:
+    """Where the review queues live: ``serving/review/``."""
+    return ws.root / "serving" / "review"
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """A verified queue: its signed payload, the payload's digest and the verified rows."""
+
+    name: str
+    folder: Path
+    payload: dict[str, Any]
+    sha256: str           # SHA-256 of the payload's canonical JSON (what labels and the ledger name)
+    X: np.ndarray         # (N, *input_shape) float32, row i hashes to items[i]["input_sha256"]
+
+    @property
+    def model(self) -> str:
+        return self.payload["model"]
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        return self.payload["items"]
+
+    @property
+    def classes(self) -> list[Any]:
+        return self.payload["classes"]
+
+    def class_name(self, position: int) -> Any:
+        return self.classes[position] if 0 <= position < len(self.classes) else position
+
+
+def queue_folder(ws: Workspace, name: str, *, where: str, ledger_entries: list[dict[str, Any]] | None = None) -> Path:
+    """The folder of queue ``name``.
+
+    ``InvalidInput`` for a malformed name or a queue nobody made; ``IntegrityError`` when the
+    ledger records the queue (or its folder exists) but its ``queue.json`` is gone.
+    """
+    if not isinstance(name, str) or not QUEUE_RE.match(name):
+        raise InvalidInput(f"invalid review queue name {name!r}: letters, digits, '.', '_' and '-' only")
+    folder = review_dir(ws) / name
+    if (folder / QUEUE_FILE).is_file():
+        return folder
+    entries = Ledger(ws.ledger_path).entries() if ledger_entries is None else ledger_entries
+    if folder.exists() or _recorded(entries, name):
+        raise violation(ws, file=folder / QUEUE_FILE, reason="missing, but the ledger records the queue", where=where)
+    known = queue_names(ws)
+    raise InvalidInput(f"unknown review queue {name!r} (known: {', '.join(known[-5:]) or 'none'}; "
+                       "'mlsec review list' lists them)")
+
+
+def _recorded(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("event") == "review.queue" and e["payload"].get("queue") == name]
+
+
+def queue_names(ws: Workspace) -> list[str]:
+    """Every queue folder that holds a ``queue.json``, oldest first."""
+    root = review_dir(ws)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if QUEUE_RE.match(p.name) and (p / QUEUE_FILE).is_file())
+
+
+def violation(ws: Workspace, *, file: Path, reason: str, where: str) -> IntegrityError:
+    """Record an ``integrity.violation`` ledger entry and return the error to raise."""
+    rel = str(file.relative_to(ws.root)) if file.is_relative_to(ws.root) else str(file)
+    Ledger(ws.ledger_path).append("integrity.violation", {"file": rel, "reason": reason, "stage": where})
+    return IntegrityError(f"integrity violation in {where}: {rel}: {reason}")
+
+
+def _new_folder(ws: Workspace) -> tuple[str, Path]:
+    """A new, empty queue folder named by the UTC time (``-2``, ``-3`` ... when taken)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    review_dir(ws).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        name = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            (review_dir(ws) / name).mkdir()
+        except FileExistsError:
+            continue
+        return name, review_dir(ws) / name
+    raise InvalidInput(f"too many review queues named {stamp}")
+
+
+def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, Any]], classes: list[Any],
+                data_kind: str) -> tuple[ReviewQueue, dict[str, int]]:
+    """Write a signed queue of flagged telemetry rows; return it and what was left out.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``flagged_inputs`` rows of the telemetry store: ``data`` (float32 bytes),
+        ``shape`` (JSON list), ``input_sha256``, ``client``, ``time``, ``model_version``,
+        ``prediction``, ``detector_score``.
+    classes : list
+        The champion's class list (from its signed manifest): what reviewers label with.
+    data_kind : str
+        ``image`` or ``table`` (the champion's data; only image queues can be trained on).
+
+    Returns the queue and ``{"digest_mismatch": n, "other_shape": m}``: rows whose bytes do
+    not hash to their logged digest, and rows of another input shape than the first row's.
+    """
+    kept: list[tuple[dict[str, Any], np.ndarray]] = []
+    skipped = {"digest_mismatch": 0, "other_shape": 0}
+    shape: list[int] | None = None
+    for r in rows:
+        row_shape = [int(d) for d in json.loads(r["shape"])]
+        x = np.frombuffer(r["data"], dtype=np.float32)
+        if x.size != math.prod(row_shape) or row_digest(x) != r["input_sha256"]:
+            skipped["digest_mismatch"] += 1
+            continue
+        if shape is None:
+            shape = row_shape
+        if row_shape != shape:
+            skipped["other_shape"] += 1
+            continue
+        kept.append((r, x.reshape(row_shape)))
+    shape = shape or []
+    X = np.stack([x for _, x in kept]) if kept else np.zeros((0, *shape), dtype=np.float32)
+    name, folder = _new_folder(ws)
+    np.savez(folder / INPUTS_FILE, X=X, predictions=np.array([int(r["prediction"]) for r, _ in kept], dtype=np.int64))
+    _, inputs_sha256 = read_file(folder / INPUTS_FILE)
+    payload = {"schema": QUEUE_SCHEMA, "queue": name, "model": model, "reason": reason,
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "classes": list(classes),
+               "input_shape": shape, "data_kind": data_kind,
+               "inputs": {"file": INPUTS_FILE, "sha256": inputs_sha256, "rows": len(kept)},
+               "items": [{"input_sha256": r["input_sha256"], "client": r["client"], "time": float(r["time"]),
+                          "model_version": str(r["model_version"]), "prediction": int(r["prediction"]),
+                          "detector_score": float(r["detector_score"])} for r, _ in kept]}
+    write_json(folder / QUEUE_FILE, sign_document(payload))
+    digest = hashlib.sha256(canonical_json(payload)).hexdigest()
+    Ledger(ws.ledger_path).append("review.queue", {"queue": name, "model": model, "queue_sha256": digest,
+                                                   "inputs_sha256": inputs_sha256, "items": len(kept), **skipped})
+    return ReviewQueue(name, folder, payload, digest, X), skipped
+
+
+def load_queue(ws: Workspace, name: str, *, where: str, ledger_entries: list[dict[str, Any]] | None = None) -> ReviewQueue:
+    """Queue ``name`` read through its signature, its file digest, each row's digest and the
+    ledger entry that recorded it.
+
+    ``InvalidInput`` (exit 2) for an unknown queue; ``IntegrityError`` (exit 4, recorded as an
+    ``integrity.violation``) for anything that differs from what was signed and recorded.
+    ``ledger_entries``: the ledger's entries when the caller already read them.
+    """
+    entries = Ledger(ws.ledger_path).entries() if ledger_entries is None else ledger_entries
+    folder = queue_folder(ws, name, where=where, ledger_entries=entries)
+    qpath = folder / QUEUE_FILE
+    try:
+        raw, _ = read_file(qpath)
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise violation(ws, file=qpath, reason="not valid JSON", where=where) from None
+    try:
+        payload = verify_document(doc)
+    except IntegrityError as err:
+        raise violation(ws, file=qpath, reason=f"{err} (a queue is signed with the pipeline's key when written)",
+                        where=where) from None
+    if payload.get("schema") != QUEUE_SCHEMA or payload.get("queue") != name:
+        raise violation(ws, file=qpath, reason=f"a signed queue of schema {payload.get('schema')!r} named "
+                        f"{payload.get('queue')!r}, not queue {name!r}", where=where)
+    digest = hashlib.sha256(canonical_json(payload)).hexdigest()
+    recorded = _recorded(entries, name)
+    if not recorded or recorded[-1]["payload"].get("queue_sha256") != digest:
+        raise violation(ws, file=qpath, reason="the ledger records " + (
+            f"queue digest {str(recorded[-1]['payload'].get('queue_sha256'))[:16]}..., this file's is {digest[:16]}..."
+            if recorded else "no such queue"), where=where)
+    ipath = folder / payload["inputs"]["file"]
+    try:
+        data, inputs_sha256 = read_file(ipath)
+    except FileNotFoundError:
+        raise violation(ws, file=ipath, reason="missing", where=where) from None
+    if inputs_sha256 != payload["inputs"]["sha256"]:
+        raise violation(ws, file=ipath, reason=f"SHA-256 {inputs_sha256[:16]}..., the signed queue says "
+                        f"{payload['inputs']['sha256'][:16]}...", where=where)
+    try:
+        X = np.ascontiguousarray(load_npz_bytes(data)["X"], dtype=np.float32)
+    except (KeyError, ValueError, OSError) as err:
+        raise violation(ws, file=ipath, reason=f"unreadable ({err})", where=where) from None
+    items = payload["items"]
+    if len(X) != len(items) or list(X.shape[1:]) != list(payload["input_shape"]):
+        raise violation(ws, file=ipath, reason=f"holds {len(X)} rows of shape {list(X.shape[1:])}, the signed queue "
+                        f"{len(items)} of shape {payload['input_shape']}", where=where)
+    for i, item in enumerate(items):
+        if row_digest(X[i]) != item["input_sha256"]:
+            raise violation(ws, file=ipath, reason=f"row {i} does not hash to its input_sha256 "
+                            f"{item['input_sha256'][:16]}...", where=where)
+    return ReviewQueue(name, folder, payload, digest, X)
+
+
+def queue_path(ws: Workspace, queue: ReviewQueue) -> str:
+    """The queue's folder relative to the workspace (what results and the ledger show)."""
+    return str(queue.folder.relative_to(ws.root)) if queue.folder.is_relative_to(ws.root) else os.fspath(queue.folder)
