@@ -71,16 +71,43 @@ async def _read_body(request: Request, limit: int) -> Any:
         raise Refusal(400, "malformed_json", "the body nests arrays or objects too deeply") from None
 
 
-def _predict_schema(max_batch: int, features: int | None) -> dict[str, Any]:
-    number = {"type": "number", "minimum": 0, "maximum": 1}
-    row: dict[str, Any] = {"type": "array", "items": number}
-    if features:
-        row.update(minItems=features, maxItems=features)
+def _table_row_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """A raw table row: an object keyed by the declared columns, or a list in their order."""
+    nullable = spec.get("missing") == "impute"
+    cells: dict[str, Any] = {}
+    for column in spec["columns"]:
+        if column["type"] == "numeric":
+            cell: dict[str, Any] = {"type": ["number", "null"] if nullable else "number",
+                                    "description": f"in the column's own units (training range {column['low']:g} "
+                                                   f"to {column['high']:g}; values beyond it are clipped)"}
+        else:
+            cell = {"type": ["string", "null"] if nullable else "string", "examples": list(column["categories"])[:10],
+                    "description": "a category; one not seen in training counts as none of them"}
+        cells[column["name"]] = cell
+    names = list(cells)
+    return {"oneOf": [
+        {"type": "object", "required": names, "additionalProperties": False, "properties": cells},
+        {"type": "array", "minItems": len(names), "maxItems": len(names), "prefixItems": [cells[n] for n in names],
+         "items": False, "description": f"values in the column order {', '.join(names)}"}]}
+
+
+def _predict_schema(max_batch: int, features: int | None, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    if spec is not None:
+        row: dict[str, Any] = _table_row_schema(spec)
+        about = ("raw table rows in the user's units, each an object keyed by the declared column names or a list in "
+                 "their order; null marks a missing cell " + ("(imputed with the training median or most frequent "
+                 "category)" if spec.get("missing") == "impute" else "(refused: the model was trained with "
+                 "data.missing=refuse)"))
+    else:
+        number = {"type": "number", "minimum": 0, "maximum": 1}
+        row = {"type": "array", "items": number}
+        if features:
+            row.update(minItems=features, maxItems=features)
+        about = "rows on the [0, 1] scale, flat (N x F); rows in the model's input shape (N x C x H x W) are accepted too"
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["inputs"], "additionalProperties": False,
         "properties": {"inputs": {"type": "array", "minItems": 1, "maxItems": max_batch, "items": row,
-                                  "description": "rows on the [0, 1] scale, flat (N x F); rows in the model's input "
-                                                 "shape (N x C x H x W) are accepted too"}}}}}}}
+                                  "description": about}}}}}}}
 
 
 def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
@@ -100,6 +127,7 @@ def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
     sp = service.sp
     served = service.host.current
     features = int(np.prod(served.input_shape)) if served is not None else None
+    spec = served.preprocessing if served is not None else None
 
     @app.exception_handler(Refusal)
     async def _refusal(_req: Request, err: Refusal) -> JSONResponse:
@@ -127,8 +155,10 @@ def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
         return {"status": "ok" if served else "starting", "model": service.host.ref,
                 "version": served.version if served else None}
 
-    @app.post("/v1/predict", summary="Predict labels for rows on the [0, 1] scale", response_model=None,
-              responses={200: {"model": PredictResponse}, **ERRORS}, openapi_extra=_predict_schema(sp.max_batch, features))
+    @app.post("/v1/predict", summary=("Predict labels for raw table rows" if spec else
+                                      "Predict labels for rows on the [0, 1] scale"), response_model=None,
+              responses={200: {"model": PredictResponse}, **ERRORS},
+              openapi_extra=_predict_schema(sp.max_batch, features, spec))
     async def predict(request: Request) -> JSONResponse:
         client = service.authenticate(_token(request))
         body = await _read_body(request, sp.max_body_bytes)

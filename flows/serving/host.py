@@ -52,11 +52,14 @@ class Served:
     detector: AdversarialDetector | None
     drift: DriftMonitor
     reference: dict[str, Any]
+    preprocessing: dict[str, Any] | None = None   # a table model's signed spec: requests carry raw rows
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "version": self.version, "run_id": self.run_id, "weights_sha256": self.weights_sha256,
-                "input_shape": list(self.input_shape), "num_classes": self.num_classes, "loaded_at": self.loaded_at,
+                "input_shape": list(self.input_shape), "kind": "table" if self.preprocessing else "image",
+                "columns": [{"name": c["name"], "type": c["type"]} for c in self.preprocessing["columns"]]
+                if self.preprocessing else None, "num_classes": self.num_classes, "loaded_at": self.loaded_at,
                 "reference": self.reference, "detector": None if self.detector is None else self.detector.report}
 
 
@@ -101,12 +104,12 @@ class ModelHost:
         """Load, verify and calibrate one version (seconds; never on the request path)."""
         uri = f"models:/{self.name}/{version}"
         model = load_verified_model(uri)          # signature, verdict, registry digest, no pickle
-        if getattr(model, "kind", None) == "table":
-            raise InvalidInput(f"{uri} was trained on a table: the prediction service serves image models only "
-                               "(load tables with load_verified_model, which takes raw rows)")
-        if getattr(model, "kind", None) == "image":
-            # images arrive checked as float32 on [0, 1] in the model's shape (stages.monitoring.inputs),
-            # which is the network's own input: serve the network, so the detector reads its features
+        kind = getattr(model, "kind", None)
+        preprocessing = dict(model.spec) if kind == "table" else None
+        if kind in ("image", "table"):
+            # inputs are checked at the boundary and brought to the network's own input (images as float32 on
+            # [0, 1]; table rows through the signed spec, stages.monitoring.inputs): serve the network, so the
+            # detector, drift and telemetry read the scaled features the network sees
             model = model.net
         mv = resolve(self.ws, f"{self.name}/{version}")
         tags = dict(mv.tags or {})
@@ -119,7 +122,7 @@ class ModelHost:
             torch.set_num_threads(1)  # tiny models: intra-op threads only add spin-waits
         ref = served_reference(self.ws, model=self.name, run_id=tags.get("mlsec.run_id", ""),
                                weights_sha256=tags.get("mlsec.weights_sha256", ""), input_shape=input_shape,
-                               most_rows=self.params.detectors.calibration_rows)
+                               most_rows=self.params.detectors.calibration_rows, preprocessing=preprocessing)
         detector = None
         if self.params.detectors.enabled:
             detector = calibrate_detector(model, X_train=ref.X_train, y_train=ref.y_train, X_held=ref.X_held,
@@ -131,6 +134,7 @@ class ModelHost:
                              p_value=d.p_value, max_mean_z=d.max_mean_z, min_interval_s=d.min_interval_s)
         return Served(name=self.name, version=str(version), run_id=ref.run_id, weights_sha256=tags["mlsec.weights_sha256"],
                       model=model, input_shape=input_shape, num_classes=num_classes, detector=detector, drift=drift,
+                      preprocessing=preprocessing,
                       reference={"data_sha256": ref.data_sha256, "statistics_source": ref.statistics_source,
                                  "train_rows": len(ref.X_train), "held_out_rows": len(ref.X_held)})
 

@@ -27,7 +27,7 @@ from stages.core.workspace import Workspace
 from stages.monitoring.access import Budgets, Client, KeyStore, keys_path
 from stages.monitoring.alerts import Alert, RateRules
 from stages.monitoring.extraction import ExtractionDetector
-from stages.monitoring.inputs import check_inputs, row_digest, row_summary
+from stages.monitoring.inputs import check_inputs, check_table_rows, row_digest, row_summary
 from stages.monitoring.store import TelemetryStore, default_url
 
 from flows.serving.alerting import AlertSink
@@ -151,7 +151,10 @@ class PredictionService:
             keys = sorted(body) if isinstance(body, dict) else type(body).__name__
             raise Refusal(422, "invalid_input", f"the body must be a JSON object with one key 'inputs', got {keys}")
         try:
-            X = check_inputs(body["inputs"], input_shape=served.input_shape, max_batch=self.sp.max_batch)
+            if served.preprocessing is not None:  # a table: raw rows, checked and scaled by the signed spec
+                X = check_table_rows(body["inputs"], spec=served.preprocessing, max_batch=self.sp.max_batch)
+            else:
+                X = check_inputs(body["inputs"], input_shape=served.input_shape, max_batch=self.sp.max_batch)
         except InvalidInput as err:
             self.metrics.request("invalid")
             raise Refusal(422, "invalid_input", str(err)) from None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import InvalidInput
+from stages.data.preprocessing import CATEGORICAL, apply_table_preprocessing, check_spec
 
 
 def _shape_of(value: Any, *, depth: int, limit: int) -> tuple[int, ...]:
@@ -85,6 +86,84 @@ def check_inputs(value: Any, *, input_shape: tuple[int, ...], max_batch: int) ->
     if lo < 0 or hi > 1:
         raise InvalidInput(f"inputs must lie in [0, 1] (the model's input scale), got values in [{lo:g}, {hi:g}]")
     return out.astype(np.float32).reshape(len(value), *input_shape)
+
+
+def _cell(value: Any, *, kind: str, row: int, name: str) -> Any:
+    """One table cell as JSON gave it: a finite number for a numeric column, text (or a
+    number, compared as text) for a categorical one, ``None`` for missing."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidInput(f"row {row}, column {name!r}: expected a {kind} value, got {type(value).__name__}")
+    if kind == CATEGORICAL:
+        return str(value)
+    if isinstance(value, str):
+        raise InvalidInput(f"row {row}, column {name!r}: expected a number, got text {value[:40]!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidInput(f"row {row}, column {name!r}: the integer is too large for a float") from None
+    if not math.isfinite(number):
+        raise InvalidInput(f"row {row}, column {name!r}: NaN and infinity are not values (send null for a missing cell)")
+    return number
+
+
+def check_table_rows(value: Any, *, spec: dict[str, Any], max_batch: int) -> np.ndarray:
+    """Turn a request's ``inputs`` for a table model into the scaled features the network
+    sees (float32, ``N x D`` on [0, 1]), through the model's signed preprocessing ``spec``.
+
+    Parameters
+    ----------
+    value : list of objects or list of lists
+        Raw rows in the user's units: objects keyed by exactly the declared column names,
+        or lists in the declared column order; numbers for numeric columns, text for
+        categorical ones, ``null`` for a missing cell (refused or imputed as the model
+        was trained).
+    spec : dict
+        The table preprocessing spec from the verified model package.
+    max_batch : int
+        Most rows one request may carry.
+
+    Raises
+    ------
+    InvalidInput
+        Naming the row and column: an unknown or missing column, a row of the wrong
+        length, text or a boolean where a number was declared, NaN or infinity, a missing
+        cell the policy refuses; or an empty batch or too many rows.
+    """
+    check_spec(spec)
+    columns = spec["columns"]
+    names = [c["name"] for c in columns]
+    if not isinstance(value, list):
+        raise InvalidInput(f"'inputs' must be a list of rows, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput("'inputs' is empty: send at least one row")
+    if len(value) > max_batch:
+        raise InvalidInput(f"'inputs' has {len(value)} rows, more than the limit of {max_batch} per request")
+    known = set(names)
+    cells: list[list[Any]] = []
+    for i, row in enumerate(value):
+        if isinstance(row, dict):
+            unknown = [k for k in row if k not in known]
+            if unknown:
+                raise InvalidInput(f"row {i}: unknown column(s) {[str(k)[:40] for k in unknown[:5]]}; "
+                                   f"the model takes {len(names)} columns: {names[:5]}...")
+            absent = [n for n in names if n not in row]
+            if absent:
+                raise InvalidInput(f"row {i}: missing column(s) {absent[:5]} (send null for a missing cell)")
+            raw = [row[n] for n in names]
+        elif isinstance(row, list):
+            if len(row) != len(names):
+                raise InvalidInput(f"row {i} has {len(row)} values; the model takes {len(names)} columns in the order "
+                                   f"{names[:5]}...")
+            raw = row
+        else:
+            raise InvalidInput(f"row {i} must be an object keyed by column name or a list, got {type(row).__name__}")
+        cells.append([_cell(v, kind=c["type"], row=i, name=c["name"]) for v, c in zip(raw, columns)])
+    values = [np.array([r[j] if r[j] is not None else (None if c["type"] == CATEGORICAL else np.nan) for r in cells],
+                       dtype=object if c["type"] == CATEGORICAL else np.float64)
+              for j, c in enumerate(columns)]
+    return apply_table_preprocessing(values, spec)
 
 
 def row_digest(row: np.ndarray) -> str:

@@ -19,6 +19,7 @@ from stages.core.errors import IntegrityError
 from stages.core.workspace import Workspace
 from stages.data.expectations.statistics import dataset_statistics
 from stages.data.prepared import load_npz_bytes, parse_prepared
+from stages.data.preprocessing import model_inputs
 from stages.data.reference import reference_path
 from stages.trust.context import RunContext
 from stages.trust.signing import verify_document
@@ -30,7 +31,7 @@ WHERE = "serve"
 class ServedReference:
     run_id: str
     data_sha256: str
-    X_train: np.ndarray          # accepted training rows, float32 on [0, 1], the model's input shape
+    X_train: np.ndarray          # accepted training rows as the network sees them: float32 on [0, 1], its input shape
     y_train: np.ndarray
     X_held: np.ndarray           # held-out rows that screening accepted
     y_held: np.ndarray
@@ -46,8 +47,13 @@ def _subsample(idx: np.ndarray, labels: np.ndarray, most: int, seed: int) -> tup
 
 
 def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: str, input_shape: tuple[int, ...],
-                     most_rows: int, seed: int = 0) -> ServedReference:
+                     most_rows: int, preprocessing: dict[str, Any] | None = None, seed: int = 0) -> ServedReference:
     """Read and verify the reference data of the version whose weights are ``weights_sha256``.
+
+    ``preprocessing`` is the version's signed spec: for a table (``kind: table``) the rows
+    are returned as the scaled features the network sees, and the statistics are those
+    of the scaled training rows (the signed drift reference describes the prepared rows in
+    the user's units, another scale).
 
     Raises ``IntegrityError`` when the run did not produce these weights or any byte differs
     from its signed record.
@@ -58,12 +64,18 @@ def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: 
         raise IntegrityError(f"run {run_id} did not produce the served weights {weights_sha256[:16]}...: "
                              "its reference data cannot calibrate them")
     files, manifest = ctx.dataset_bytes(where=WHERE)          # parsed from the bytes that were checked
-    X, _, _, _ = parse_prepared(files)
+    X, _, _, meta = parse_prepared(files)
+    table = bool(preprocessing) and preprocessing.get("kind") == "table"
+    if table:
+        X = model_inputs(X, meta, preprocessing)
     split = load_npz_bytes(ctx.input_bytes("split", where=WHERE)["split"])
     train_idx, train_lab = split["accepted_idx"], split["accepted_labels"]
     held_idx, held_lab = split["eval_idx"], split["eval_labels"]
     shape = (-1, *input_shape)
-    statistics, source = _statistics(ws, model, manifest["merkle_root"], X[train_idx], train_lab)
+    if table:
+        statistics, source = dataset_statistics(X[train_idx], train_lab), "verified training rows (scaled features)"
+    else:
+        statistics, source = _statistics(ws, model, manifest["merkle_root"], X[train_idx], train_lab)
     t_idx, t_lab = _subsample(train_idx, train_lab, most_rows, seed)
     h_idx, h_lab = _subsample(held_idx, held_lab, most_rows, seed + 1)
     return ServedReference(run_id=run_id, data_sha256=manifest["merkle_root"],

@@ -1,0 +1,214 @@
+"""The prediction service on a champion trained on a table (breast cancer as CSV with a
+categorical column): raw rows in, the verified model's own predictions out, every bad row a
+4xx naming the row and column, and the same monitoring as images on the scaled features."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.serving_support import POLICY, QUICK, add_client, running_service
+from tests.support import make_workspace
+
+SETTINGS = ["serving.reload_poll_s=60", "serving.drift.window=120", "serving.drift.every=60",
+            "serving.drift.min_interval_s=0", "serving.access.rate_limit=1000/second", "serving.max_batch=200",
+            "serving.max_body_bytes=200000",
+            "serving.extraction.action=flag"]   # the shifted traffic below looks like a sweep; keep answering it
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, prefect_server):
+    """One pipeline run on the table, served by the real app on a loopback port."""
+    from sklearn.datasets import load_breast_cancer
+
+    from flows.pipeline import secure_training
+
+    root = tmp_path_factory.mktemp("serve-table")
+    d = load_breast_cancer(as_frame=True)
+    frame = d.data.copy()
+    frame.insert(3, "clinic", np.random.default_rng(0).choice(["north", "south", "east"], size=len(frame)))
+    frame["label"] = [str(d.target_names[t]) for t in d.target]
+    csv = root / "cancer.csv"
+    frame.to_csv(csv, index=False)
+    ws = make_workspace(root / "ws", policy=POLICY)
+    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
+    os.environ["MLSEC_ROOT"] = str(ws)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        summary = secure_training(data=str(csv), overrides=QUICK, triggered_by="alice")
+        assert summary["status"] == "promoted", summary
+        keys = {"admin": add_client(ws, "admin", admin=True), "alice": add_client(ws, "alice"),
+                "mallory": add_client(ws, "mallory")}
+        with running_service(ws, SETTINGS) as (url, service):
+            yield {"ws": ws, "url": url, "service": service, "keys": keys, "summary": summary,
+                   "rows": frame.drop(columns=["label"])}
+    finally:
+        os.chdir(cwd)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _post(served, inputs=None, who: str = "alice", *, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {served['keys'][who]}", "Content-Type": "application/json"}
+    body = raw if raw is not None else json.dumps({"inputs": inputs}).encode()
+    return httpx.post(f"{served['url']}/v1/predict", headers=headers, content=body, timeout=60)
+
+
+def _records(frame) -> list[dict]:
+    return json.loads(frame.to_json(orient="records"))
+
+
+def _verified(served, records: list[dict]) -> np.ndarray:
+    from stages.models.verify import load_verified_model
+
+    model = load_verified_model(served["summary"]["model"]["uri"])
+    with torch.no_grad():
+        return torch.softmax(model(records), dim=1).numpy()
+
+
+@pytest.mark.slow
+def test_raw_rows_get_the_verified_models_predictions(served):
+    rows = served["rows"].iloc[:60]
+    records = _records(rows)
+    expected = _verified(served, records)
+    by_name = _post(served, records)
+    assert by_name.status_code == 200, by_name.text
+    in_order = _post(served, [list(r.values()) for r in records])
+    assert in_order.status_code == 200, in_order.text
+    for answer in (by_name.json(), in_order.json()):
+        got = answer["predictions"]
+        assert [p["label"] for p in got] == expected.argmax(1).tolist()
+        assert np.allclose([p["probabilities"] for p in got], expected, atol=1e-4)   # output rounded to 4 decimals
+    # an attacker's huge value is clipped like the model clips it, not an error and not a new scale
+    huge = dict(records[0], **{"mean radius": 1e300, "clinic": "nowhere"})
+    answer = _post(served, [huge])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["label"] == int(_verified(served, [huge]).argmax(1)[0])
+
+
+def _bad_cases(records: list[dict]) -> list[tuple[str, object, str]]:
+    one = records[0]
+    columns = list(one)
+    return [
+        ("smuggled column", [dict(one, admin=True)], "row 0: unknown column(s) ['admin']"),
+        ("missing column", [{k: v for k, v in one.items() if k != "worst area"}], "row 0: missing column(s) ['worst area']"),
+        ("text in a number", [one, dict(one, **{"mean radius": "12; DROP TABLE"})], "row 1, column 'mean radius': expected a number"),
+        ("boolean", [dict(one, **{"mean texture": True})], "row 0, column 'mean texture'"),
+        ("nested value", [dict(one, **{"mean texture": [1, 2]})], "row 0, column 'mean texture'"),
+        ("number as a category list", [dict(one, clinic={"x": 1})], "row 0, column 'clinic'"),
+        ("missing cell, policy refuses", [dict(one, **{"mean area": None})], "column 'mean area' has missing values"),
+        ("integer too large", [dict(one, **{"mean area": 10 ** 400})], "row 0, column 'mean area': the integer is too large"),
+        ("short list", [list(one.values())[:-1]], f"row 0 has {len(columns) - 1} values"),
+        ("row not a row", [42], "row 0 must be an object keyed by column name or a list"),
+        ("empty", [], "'inputs' is empty"),
+        ("too many rows", [one] * 201, "more than the limit of 200"),
+        ("not a list", {"mean radius": 1}, "'inputs' must be a list of rows"),
+    ]
+
+
+@pytest.mark.slow
+def test_each_bad_row_is_a_4xx_naming_row_and_column(served):
+    records = _records(served["rows"].iloc[:2])
+    for what, inputs, detail in _bad_cases(records):
+        r = _post(served, inputs)
+        assert r.status_code == 422, (what, r.status_code, r.text)
+        assert r.json()["error"] == "invalid_input" and detail in r.json()["detail"], (what, r.json())
+    row = json.dumps(records[0])
+    written = '"mean radius": ' + json.dumps(records[0]["mean radius"])
+    assert written in row
+    for token in ("NaN", "Infinity", "-Infinity"):                # Python's JSON reads these as floats
+        r = _post(served, raw=('{"inputs": [' + row.replace(written, '"mean radius": ' + token) + "]}").encode())
+        assert r.status_code == 422, (token, r.text)
+        assert "row 0, column 'mean radius': NaN and infinity" in r.json()["detail"], r.json()
+    big = _post(served, raw=json.dumps({"inputs": [records[0]] * 400}).encode())
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+    rendered = served["service"].metrics.render()
+    assert b'mlsec_requests_total{outcome="invalid"}' in rendered                # counted as bad input ...
+    assert b'mlsec_requests_total{outcome="error"}' not in rendered              # ... and none as a 500
+
+
+@pytest.mark.slow
+def test_openapi_describes_the_table_request(served):
+    schema = httpx.get(f"{served['url']}/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    row = body["properties"]["inputs"]["items"]["oneOf"]
+    columns = list(served["rows"].columns)
+    assert row[0]["type"] == "object" and list(row[0]["properties"]) == columns and row[0]["required"] == columns
+    assert row[0]["additionalProperties"] is False and row[1]["minItems"] == row[1]["maxItems"] == len(columns)
+    assert row[0]["properties"]["mean radius"]["type"] == "number"
+    assert row[0]["properties"]["clinic"]["type"] == "string"
+    assert sorted(row[0]["properties"]["clinic"]["examples"]) == ["east", "north", "south"]
+
+
+@pytest.mark.slow
+def test_monitoring_reads_the_scaled_features(served):
+    service = served["service"]
+    current = service.host.current
+    features = int(np.prod(current.input_shape))
+    assert features == 30 + 3                                  # 30 numeric columns, 3 clinic categories
+    assert current.reference["statistics_source"] == "verified training rows (scaled features)"
+    assert current.detector is not None and current.detector.report
+    headers = {"Authorization": f"Bearer {served['keys']['admin']}"}
+    described = httpx.get(f"{served['url']}/v1/status", headers=headers).json()["champion"]
+    assert described["kind"] == "table" and described["columns"][3] == {"name": "clinic", "type": "categorical"}
+    # telemetry keeps the scaled features: every logged row lies on [0, 1], whatever the raw units
+    def logged(since: float) -> list[dict]:
+        return httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "mallory", "since": since,
+                                                                          "limit": 1000}, headers=headers).json()["predictions"]
+
+    since = time.time()
+    assert _post(served, _records(served["rows"].iloc[100:200]), who="mallory").status_code == 200
+    clean = logged(since)
+    assert len(clean) == 100 and all(0 <= p["input_min"] <= p["input_max"] <= 1 for p in clean)
+    # a shifted population (every tumour measured at twice its size) raises the drift alarm
+    shifted = served["rows"].iloc[200:340].copy()
+    numeric = [c for c in shifted.columns if c != "clinic"]
+    shifted[numeric] = shifted[numeric] * 2.0
+    for start in range(0, len(shifted), 35):
+        assert _post(served, _records(shifted.iloc[start:start + 35]), who="mallory").status_code == 200
+    shifted_log = [p for p in logged(since) if p["request_id"] != clean[0]["request_id"]]
+    assert len(shifted_log) == len(shifted)
+    # the input detector, calibrated on the network's features, flags the shifted rows far more often
+    flagged_clean = np.mean([p["flagged"] for p in clean])
+    flagged_shifted = np.mean([p["flagged"] for p in shifted_log])
+    assert flagged_shifted > max(0.5, 2 * flagged_clean), (flagged_clean, flagged_shifted)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(a["kind"] == "drift" for a in service.sink.recent):
+        time.sleep(0.5)
+    drift = [a for a in service.sink.recent if a["kind"] == "drift"]
+    assert drift and "drifted" in drift[0]["message"], service.sink.recent[:5]
+
+
+def test_boundary_check_gives_the_models_own_features():
+    """Without a pipeline: the service's row check and the model's preprocessing agree, imputed
+    cells included, and the check never lets a smuggled column or a text number through."""
+    from stages.data.preprocessing import apply_table_preprocessing, fit_table_preprocessing, table_values
+    from stages.core.errors import InvalidInput
+    from stages.monitoring.inputs import check_table_rows
+
+    columns = [{"name": "age", "type": "numeric"}, {"name": "city", "type": "categorical", "categories": ["a", "b"]}]
+    X = np.array([[20, 0], [40, 1], [60, 0], [np.nan, 1]], dtype=np.float32)
+    spec = fit_table_preprocessing(X, columns, missing="impute")
+    rows = [{"age": 30, "city": "b"}, {"age": None, "city": None}, {"age": 1e300, "city": "elsewhere"}]
+    expected = apply_table_preprocessing(table_values(rows, spec), spec)
+    assert np.array_equal(check_table_rows(rows, spec=spec, max_batch=3), expected)
+    assert np.array_equal(check_table_rows([[r["age"], r["city"]] for r in rows], spec=spec, max_batch=3), expected)
+    assert expected.min() >= 0 and expected.max() <= 1
+    for bad, detail in [([dict(rows[0], age="30")], "row 0, column 'age': expected a number"),
+                        ([rows[0], dict(rows[0], role="admin")], "row 1: unknown column(s) ['role']"),
+                        ([{"age": 30}], "row 0: missing column(s) ['city']"),
+                        (rows * 2, "more than the limit of 3")]:
+        with pytest.raises(InvalidInput) as err:
+            check_table_rows(bad, spec=spec, max_batch=3)
+        assert detail in str(err.value)
