@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.telemetry import TELEMETRY_OFF
+from tests.servers import stop
 from tests.support import briefly_trained_digits_model, make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def prefect_server(tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -72,7 +73,7 @@ def prefect_server(tmp_path_factory):
         except OSError:
             time.sleep(0.5)
     else:
-        proc.kill()
+        stop(proc)
         raise RuntimeError("prefect server did not start within 120 s")
     old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ["PREFECT_API_URL"] = url
@@ -83,11 +84,7 @@ def prefect_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)  # and whatever it started
     log.close()
 
 
