@@ -17,7 +17,9 @@ import torch
 
 from tests.support import make_workspace, run_cli
 
-pytestmark = pytest.mark.slow
+# the independent attacks run here, on 8x8 digits: one intra-op thread (two threads took ten
+# times as long on a busy machine, with the same figures)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 QUICK = ["screen.detectors=[label_issues]", "evaluate.epsilons=[0.1]", "evaluate.pgd_steps=10", "evaluate.restarts=1",
          "evaluate.membership_inference=false"]
