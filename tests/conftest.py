@@ -3,6 +3,7 @@ and a ready workspace (git + DVC + local remote, MLflow on SQLite) per test that
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from stages.core.telemetry import TELEMETRY_OFF
 from tests.servers import stop
-from tests.support import briefly_trained_digits_model, make_workspace
+from tests.support import CHAMPION_RUN, briefly_trained_digits_model, make_workspace, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
@@ -86,6 +87,19 @@ def prefect_server(tmp_path_factory):
             os.environ[k] = v
     stop(proc)  # and whatever it started
     log.close()
+
+
+@pytest.fixture(scope="session")
+def digits_champion(tmp_path_factory, prefect_server):
+    """(workspace, run summary): one ``mlsec run`` on digits to a promoted champion under the
+    project's own policy, shared by the modules that only read it (the end-to-end checks, the
+    honesty audit). A test that changes a workspace works on ``tests.support.copy_workspace``."""
+    ws = make_workspace(tmp_path_factory.mktemp("champion") / "ws")
+    proc = run_cli(["run", "--json", *[a for item in CHAMPION_RUN for a in ("--set", item)]], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "promoted", summary
+    return ws, summary
 
 
 @pytest.fixture

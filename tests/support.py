@@ -10,6 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The session's promoted digits run (``digits_champion`` in conftest.py), under the project's
+# own policy: a short adversarial training, and the full attack set at its default strength
+# on a seeded sample of 200 held-out rows (the honesty audit repeats those attacks).
+CHAMPION_RUN = ["train.epochs=12", "evaluate.pgd_steps=10", "evaluate.restarts=1", "evaluate.attack_rows=200"]
+
 
 def make_workspace(path: Path, params_text: str | None = None, *, policy: list[str] | tuple[str, ...] = ()) -> Path:
     """A pipeline workspace (git + DVC) with the project's params.yaml, or ``params_text``.
@@ -31,6 +36,39 @@ def make_workspace(path: Path, params_text: str | None = None, *, policy: list[s
 
     init_repo(path)
     return path
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of the workspace ``src`` at ``dst`` that shares no store with it, for a test that
+    changes what it finds (moves an alias, revokes, tampers) while others read ``src``.
+
+    Git, the ledger, the signed records and DVC's cache live inside the folder and copy as
+    they are. MLflow's SQLite store and DVC's remote name their folders by absolute path
+    (artifact locations, model version sources, the remote's URL): those are pointed into the
+    copy, so nothing done to the copy reaches ``src``'s artifacts."""
+    import sqlite3
+
+    src, dst = Path(src).resolve(), Path(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = str(src) + "/", str(dst.resolve()) + "/"
+    con = sqlite3.connect(dst / "mlflow.db")
+    try:
+        with con:
+            tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")') if "CHAR" in c[2].upper()
+                               or "TEXT" in c[2].upper()]:
+                    con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                                (old, new, old))
+        left = [(t, c[1]) for t in tables for c in con.execute(f'PRAGMA table_info("{t}")')
+                if con.execute(f'SELECT count(*) FROM "{t}" WHERE instr(CAST("{c[1]}" AS TEXT), ?) > 0', (old,)).fetchone()[0]]
+    finally:
+        con.close()
+    if left:
+        raise AssertionError(f"{dst / 'mlflow.db'} still names {src} in {left}")
+    config = dst / ".dvc" / "config"
+    config.write_text(config.read_text().replace(old, new))
+    return dst
 
 
 def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = None, timeout: int = 600):

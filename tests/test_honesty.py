@@ -75,8 +75,10 @@ def ws(tmp_path_factory, prefect_server):
     return make_workspace(tmp_path_factory.mktemp("honesty") / "ws", policy=POLICY)
 
 
-def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(ws, monkeypatch):
-    summary = _run(ws, ["train.epochs=10", "evaluate.attack_rows=200"])
+def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(digits_champion, monkeypatch):
+    """On the session's promoted digits run (tests/conftest.py), attacked as the pipeline
+    attacks by default (every attack, default strength) on a seeded sample of 200 rows."""
+    ws, summary = digits_champion
     logged = summary["metrics"]["robust_accuracy"]
     assert {"apgd_ce_accuracy_eps_0.1", "apgd_dlr_accuracy_eps_0.1"} <= set(summary["metrics"])
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
