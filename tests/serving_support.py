@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "screen.detectors=[label_issues]",
-         "evaluate.membership_inference=false"]
+# short runs: what the serving and playbook tests check is the service and the playbooks, not the
+# strength of the evaluation attacks
+QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "evaluate.apgd_steps=5",
+         "screen.detectors=[label_issues]", "evaluate.membership_inference=false"]
 # the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted)
 # bob may approve a manual promotion (his identity key is created with the workspace)
 POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null", "gate.max_mia_auc=null",
