@@ -16,7 +16,8 @@ import pytest
 
 from stages.core.telemetry import TELEMETRY_OFF
 from tests.servers import stop
-from tests.support import CHAMPION_RUN, briefly_trained_digits_model, make_workspace, run_cli
+from tests.support import (CHAMPION_RUN, briefly_trained_digits_model, build_quick_champion, copy_workspace, inside,
+                           make_workspace, run_cli)
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
@@ -130,25 +131,20 @@ def trained(one_thread):
 
 
 @pytest.fixture(scope="session")
-def two_versions(tmp_path_factory, prefect_server):
+def quick_champion(tmp_path_factory, prefect_server):
+    """(workspace, run summary): one short run (``tests.support.QUICK_RUN``) to a promoted
+    version 1 under ``QUICK_POLICY``, signed on first use. The promotion and serving tests each
+    start from a ``copy_workspace`` of it; nothing changes it."""
+    path = tmp_path_factory.mktemp("quick") / "ws"
+    return path, build_quick_champion(path)
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, quick_champion):
     """A workspace whose champion (version 2) replaced version 1, both through the pipeline;
     the serving and incident-playbook tests share it (each leaves it with a champion)."""
     from tests.serving_support import build_two_versions
 
-    path = tmp_path_factory.mktemp("serving") / "ws"
-    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
-    os.environ["MLSEC_ROOT"] = str(path)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    cwd = os.getcwd()
-    path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
-    try:
-        runs = build_two_versions(path)
-    finally:
-        os.chdir(cwd)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return path, runs
+    path = copy_workspace(quick_champion[0], tmp_path_factory.mktemp("serving") / "ws")
+    with inside(path):
+        return path, build_two_versions(path, first=quick_champion[1])
