@@ -3,6 +3,7 @@ and a ready workspace (git + DVC + local remote, MLflow on SQLite) per test that
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from stages.core.telemetry import TELEMETRY_OFF
-from tests.support import briefly_trained_digits_model, make_workspace
+from tests.servers import stop
+from tests.support import (CHAMPION_RUN, briefly_trained_digits_model, build_quick_champion, copy_workspace, inside,
+                           make_workspace, run_cli)
 
 ROOT = Path(__file__).resolve().parents[1]
 for _k, _v in TELEMETRY_OFF.items():
@@ -59,7 +62,7 @@ def prefect_server(tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -72,7 +75,7 @@ def prefect_server(tmp_path_factory):
         except OSError:
             time.sleep(0.5)
     else:
-        proc.kill()
+        stop(proc)
         raise RuntimeError("prefect server did not start within 120 s")
     old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ["PREFECT_API_URL"] = url
@@ -83,12 +86,21 @@ def prefect_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)  # and whatever it started
     log.close()
+
+
+@pytest.fixture(scope="session")
+def digits_champion(tmp_path_factory, prefect_server):
+    """(workspace, run summary): one ``mlsec run`` on digits to a promoted champion under the
+    project's own policy, shared by the modules that only read it (the end-to-end checks, the
+    honesty audit). A test that changes a workspace works on ``tests.support.copy_workspace``."""
+    ws = make_workspace(tmp_path_factory.mktemp("champion") / "ws")
+    proc = run_cli(["run", "--json", *[a for item in CHAMPION_RUN for a in ("--set", item)]], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "promoted", summary
+    return ws, summary
 
 
 @pytest.fixture
@@ -119,25 +131,20 @@ def trained(one_thread):
 
 
 @pytest.fixture(scope="session")
-def two_versions(tmp_path_factory, prefect_server):
+def quick_champion(tmp_path_factory, prefect_server):
+    """(workspace, run summary): one short run (``tests.support.QUICK_RUN``) to a promoted
+    version 1 under ``QUICK_POLICY``, signed on first use. The promotion and serving tests each
+    start from a ``copy_workspace`` of it; nothing changes it."""
+    path = tmp_path_factory.mktemp("quick") / "ws"
+    return path, build_quick_champion(path)
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, quick_champion):
     """A workspace whose champion (version 2) replaced version 1, both through the pipeline;
     the serving and incident-playbook tests share it (each leaves it with a champion)."""
     from tests.serving_support import build_two_versions
 
-    path = tmp_path_factory.mktemp("serving") / "ws"
-    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
-    os.environ["MLSEC_ROOT"] = str(path)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    cwd = os.getcwd()
-    path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
-    try:
-        runs = build_two_versions(path)
-    finally:
-        os.chdir(cwd)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return path, runs
+    path = copy_workspace(quick_champion[0], tmp_path_factory.mktemp("serving") / "ws")
+    with inside(path):
+        return path, build_two_versions(path, first=quick_champion[1])

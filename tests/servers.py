@@ -41,20 +41,59 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, *, timeout_s: float =
     raise RuntimeError(f"{url} did not answer within {timeout_s} s: {log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen, *, group: bool = True) -> None:
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, children before grandchildren (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop(proc: subprocess.Popen, *, group: bool = True, timeout_s: float = 20) -> None:
+    """Stop ``proc`` and everything it started: its process group (``group``: it was started
+    with ``start_new_session``) and any descendant that left the group (Prefect's runners
+    start each flow run in a session of its own; MLflow's server starts uvicorn and job
+    runners). SIGTERM first; SIGKILL for whatever still runs after ``timeout_s``."""
     if proc.poll() is not None:
         return
+    family = descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         if group:
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
+    for pid in family:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
-        proc.wait()
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
+    while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+        time.sleep(0.2)
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *family]:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -12,30 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "screen.detectors=[label_issues]",
-         "evaluate.membership_inference=false"]
-# the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted)
-# bob may approve a manual promotion (his identity key is created with the workspace)
-POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null", "gate.max_mia_auc=null",
-          "promotion.approvers=[bob]"]
+from tests.support import QUICK_RUN
+
+QUICK = QUICK_RUN  # the short runs' settings (tests.support), also those of the playbooks' retraining
 
 
-def build_two_versions(path: Path) -> dict:
-    """Version 1 on digits, version 2 on digits less 97 rows (a second dataset version); both
-    promoted through the pipeline, so version 2 is the champion and version 1 the previous one."""
+def build_two_versions(path: Path, *, first: dict) -> dict:
+    """Version 2 on digits less 97 rows (a second dataset version), promoted through the
+    pipeline in ``path``, a copy of the session's ``quick_champion`` whose version 1 is
+    ``first``: version 2 is the champion and version 1 the previous one."""
     from flows.pipeline import secure_training
     from stages.data.io import load_source
-    from tests.support import make_workspace
 
-    from stages.trust.identities import create_identity, identity_public
-
-    if identity_public("bob") is None:
-        create_identity("bob")
-    make_workspace(path, policy=POLICY)
-    first = secure_training(overrides=QUICK, triggered_by="alice")
     d = load_source("sklearn:digits")
     np.savez(path / "digits-1700.npz", X=d.X[:1700], y=d.y[:1700])
-    second = secure_training(data=str(path / "digits-1700.npz"), overrides=QUICK + ["train.seed=1"], triggered_by="alice")
+    second = secure_training(data=str(path / "digits-1700.npz"), overrides=QUICK + ["train.seed=2"], triggered_by="alice")
     assert first["status"] == second["status"] == "promoted", (first, second)
     return {"v1": first, "v2": second}
 

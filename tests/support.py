@@ -6,9 +6,28 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The session's promoted digits run (``digits_champion`` in conftest.py), under the project's
+# own policy: a short adversarial training, and the full attack set at its default strength
+# on a seeded sample of 200 held-out rows (the honesty audit repeats those attacks).
+CHAMPION_RUN = ["train.epochs=12", "evaluate.pgd_steps=10", "evaluate.restarts=1", "evaluate.attack_rows=200"]
+
+# The short runs of the promotion, serving and playbook tests (``quick_champion`` in
+# conftest.py is the first of them): what those tests check is the policy's decisions, the
+# service and the playbooks, not the model's quality or the strength of the evaluation attacks.
+QUICK_RUN = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "evaluate.apgd_steps=5",
+             "screen.detectors=[label_issues]"]
+# Their gate and approvers, in the signed policy (a --set would be a weakening, never promoted
+# automatically): a robustness floor these short runs reach, no regression check against the
+# champion, and the identities whose signed approvals count.
+APPROVERS = ("alice", "bob", "carol")
+QUICK_POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null",
+                f"promotion.approvers=[{', '.join(APPROVERS)}]"]
 
 
 def make_workspace(path: Path, params_text: str | None = None, *, policy: list[str] | tuple[str, ...] = ()) -> Path:
@@ -31,6 +50,76 @@ def make_workspace(path: Path, params_text: str | None = None, *, policy: list[s
 
     init_repo(path)
     return path
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of the workspace ``src`` at ``dst`` that shares no store with it, for a test that
+    changes what it finds (moves an alias, revokes, tampers) while others read ``src``.
+
+    Git, the ledger, the signed records and DVC's cache live inside the folder and copy as
+    they are. MLflow's SQLite store and DVC's remote name their folders by absolute path
+    (artifact locations, model version sources, the remote's URL): those are pointed into the
+    copy, so nothing done to the copy reaches ``src``'s artifacts."""
+    import sqlite3
+
+    src, dst = Path(src).resolve(), Path(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = str(src) + "/", str(dst.resolve()) + "/"
+    con = sqlite3.connect(dst / "mlflow.db")
+    try:
+        with con:
+            tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")') if "CHAR" in c[2].upper()
+                               or "TEXT" in c[2].upper()]:
+                    con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                                (old, new, old))
+        left = [(t, c[1]) for t in tables for c in con.execute(f'PRAGMA table_info("{t}")')
+                if con.execute(f'SELECT count(*) FROM "{t}" WHERE instr(CAST("{c[1]}" AS TEXT), ?) > 0', (old,)).fetchone()[0]]
+    finally:
+        con.close()
+    if left:
+        raise AssertionError(f"{dst / 'mlflow.db'} still names {src} in {left}")
+    config = dst / ".dvc" / "config"
+    config.write_text(config.read_text().replace(old, new))
+    return dst
+
+
+@contextmanager
+def inside(path: Path) -> Iterator[Path]:
+    """Work in the workspace ``path`` as the command line does (``MLSEC_ROOT``, the working
+    directory, MLflow in the workspace) for in-process flows and commands; restored after."""
+    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
+    os.environ["MLSEC_ROOT"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    cwd = os.getcwd()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(cwd)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def build_quick_champion(path: Path) -> dict:
+    """Version 1 on digits: a workspace under ``QUICK_POLICY`` (its approvers' identity keys
+    created) and one ``QUICK_RUN`` triggered by alice, promoted; returns the run summary."""
+    from flows.pipeline import secure_training
+    from stages.trust.identities import create_identity, identity_public
+
+    for name in APPROVERS:
+        if identity_public(name) is None:
+            create_identity(name)
+    make_workspace(path, policy=QUICK_POLICY)
+    with inside(path):
+        summary = secure_training(overrides=QUICK_RUN + ["train.seed=1"], triggered_by="alice")
+    assert summary["status"] == "promoted" and summary["model"]["version"] == "1", summary
+    return summary
 
 
 def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = None, timeout: int = 600):

@@ -4,27 +4,24 @@ Great Expectations, Cleanlab and Opacus; then tampering as an attacker would."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support import ROOT, make_workspace, run_cli
+from tests.support import CHAMPION_RUN, copy_workspace, make_workspace, run_cli
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--set", "train.epochs=12", "--set", "evaluate.pgd_steps=10", "--set", "evaluate.restarts=1"]
+# the attacked runs' settings: those of the session's champion (evaluate.attack_rows, fewer
+# APGD steps: what these tests check is the screening and the trained model, not the attacks)
+FAST = [a for item in CHAMPION_RUN + ["evaluate.apgd_steps=10"] for a in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
-def promoted(tmp_path_factory, prefect_server):
-    """One promoted run shared by the checks below (a fresh workspace)."""
-    ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws")
-    proc = run_cli(["run", "--json", *FAST], cwd=ws)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
-    return ws, summary
+def promoted(digits_champion):
+    """The session's promoted digits run (tests/conftest.py): read here; changed only in copies."""
+    return digits_champion
 
 
 def _held_out(ws: Path, summary: dict):
@@ -93,8 +90,7 @@ def test_restore_brings_back_the_exact_bytes(promoted, tmp_path):
 
 def test_moved_alias_is_noticed(promoted, tmp_path):
     ws, s = promoted
-    work = tmp_path / "copy"
-    shutil.copytree(ws, work, symlinks=True)
+    work = copy_workspace(ws, tmp_path / "copy")
     import mlflow
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -129,12 +125,13 @@ def test_the_pyfunc_serves_the_verified_model(promoted, monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["MLmodel", "pyfunc_model.py", "requirements.txt"])
-def test_every_file_mlflow_serves_is_signed(promoted, monkeypatch, target):
-    """Edit a file of the served folder in the artifact store (restored afterwards)."""
+def test_every_file_mlflow_serves_is_signed(promoted, monkeypatch, tmp_path, target):
+    """Edit a file of the served folder in the artifact store (of a copy; restored afterwards)."""
     from stages.core.errors import IntegrityError
     from stages.models.verify import load_verified_model
 
     ws, s = promoted
+    ws = copy_workspace(ws, tmp_path / "copy")
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
     served = [p for p in (ws / "mlartifacts").rglob(target) if p.parent.name == "model"]
     assert served
@@ -152,8 +149,7 @@ def test_every_file_mlflow_serves_is_signed(promoted, monkeypatch, target):
 
 def test_edited_ledger_is_caught_by_audit(promoted, tmp_path):
     ws, s = promoted
-    work = tmp_path / "copy"
-    shutil.copytree(ws, work, symlinks=True)
+    work = copy_workspace(ws, tmp_path / "copy")
     ledger = work / "audit" / "ledger.jsonl"
     lines = ledger.read_text().splitlines()
     entry = json.loads(lines[5])
@@ -165,9 +161,10 @@ def test_edited_ledger_is_caught_by_audit(promoted, tmp_path):
     assert json.loads(audit.stdout)["first_bad_line"] == 6
 
 
-def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatch):
-    """Runs last: it tampers with the shared workspace's artifact store in place."""
-    ws, s = promoted
+def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatch, tmp_path):
+    """Tampers with the artifact store of a copy; the shared workspace's champion still loads."""
+    shared, s = promoted
+    ws = copy_workspace(shared, tmp_path / "copy")
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
     weights = [p for p in (ws / "mlartifacts").rglob("model.safetensors") if p.parent.name == "weights"]
     assert weights
@@ -187,6 +184,8 @@ def test_replaced_weights_in_the_artifact_store_are_refused(promoted, monkeypatc
     assert lin.returncode == 4 and not json.loads(lin.stdout)["verified"]
     promote = run_cli(["promote", f"{s['model']['name']}/{s['model']['version']}", "--reason", "x"], cwd=ws)
     assert promote.returncode == 4, promote.stderr
+    monkeypatch.setenv("MLSEC_ROOT", str(shared))
+    assert load_verified_model(s["model"]["uri"]) is not None
 
 
 def _promoted_run_on(tmp_path: Path, X, y) -> tuple[Path, dict, dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import threading
 import time
 
@@ -18,48 +17,28 @@ from flows.cli import main
 from stages.core.errors import GateRejected, IntegrityError, ModelRevoked
 from stages.core.workspace import Workspace
 from stages.trust.ledger import Ledger
-from tests.support import ROOT, make_workspace
+from tests.support import APPROVERS, QUICK_RUN, copy_workspace, inside
 
 pytestmark = pytest.mark.slow
 
 NAME = "mlsec-digits"
-APPROVERS = ("alice", "bob", "carol")
-QUICK = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "screen.detectors=[label_issues]"]
-# The module's signed policy (trust on first use signs it): a robustness floor these short runs reach.
-POLICY = {"  min_robust_accuracy: {0.1: 0.5}": "  min_robust_accuracy: {0.1: 0.05}",
-          "  no_regression:\n    clean_accuracy: 0.02\n    robust_accuracy: 0.05": "  no_regression: null",
-          "  approvers: []": "  approvers: [alice, bob, carol]"}
-
-
-def _params_text(**extra: str) -> str:
-    text = (ROOT / "params.yaml").read_text()
-    for old, new in {**POLICY, **extra}.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
+QUICK = QUICK_RUN
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, prefect_server):
+def ws(tmp_path_factory, quick_champion):
+    """A copy of the session's ``quick_champion``: its version 1 promoted under the signed
+    policy (a robustness floor these short runs reach, approvers alice, bob and carol)."""
     from stages.trust.identities import create_identity, identity_public
 
-    for name in (*APPROVERS, "mallory"):
-        if identity_public(name) is None:
-            create_identity(name)
-    path = make_workspace(tmp_path_factory.mktemp("promo") / "ws", params_text=_params_text())
-    old = os.environ.get("MLSEC_ROOT")
-    os.environ["MLSEC_ROOT"] = str(path)
-    cwd = os.getcwd()
-    os.chdir(path)
-    yield path
-    os.chdir(cwd)
-    if old is None:
-        os.environ.pop("MLSEC_ROOT", None)
-    else:
-        os.environ["MLSEC_ROOT"] = old
+    if identity_public("mallory") is None:
+        create_identity("mallory")
+    path = copy_workspace(quick_champion[0], tmp_path_factory.mktemp("promo") / "ws")
+    with inside(path):
+        yield path
 
 
-_SEEDS = itertools.count(1)
+_SEEDS = itertools.count(2)  # seed 1 trained version 1
 
 
 def _run(extra: list[str], triggered_by: str = "alice") -> dict:
@@ -92,8 +71,8 @@ def _approval(ws, identity: str, version: str) -> dict:
                          weights_sha256=rec["weights_sha256"], reason=f"{identity} reviewed v{version}")
 
 
-def test_auto_promotion_then_rejected_candidate_cannot_be_promoted(ws, capsys):
-    first = _run([])
+def test_auto_promotion_then_rejected_candidate_cannot_be_promoted(ws, quick_champion, capsys):
+    first = quick_champion[1]  # the first run in this workspace, _run([]) by alice
     assert first["status"] == "promoted" and first["model"]["version"] == "1" and not first["policy"]["overridden"]
     signed = [e for e in _events(ws) if e["event"] == "policy.sign"]
     assert len(signed) == 1 and signed[0]["payload"]["trust"] == "first-use"

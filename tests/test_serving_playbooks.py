@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stages.trust.ledger import Ledger
+from tests.servers import stop
 from tests.serving_support import QUICK
 from tests.support import run_cli
 
@@ -127,13 +128,14 @@ def test_bad_playbook_input_is_one_line_and_exit_2(ws, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_an_alert_event_starts_its_playbook_through_an_automation(ws):
+def test_an_alert_event_starts_its_playbook_through_an_automation(ws, tmp_path):
     from stages.core import events
 
     seq = _head(ws)
     env = {**os.environ, "MLSEC_ROOT": str(ws)}
+    log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "playbook", "serve", "--model", "mlsec-digits"], cwd=ws,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         from prefect.client.orchestration import get_client
 
@@ -156,8 +158,5 @@ def test_an_alert_event_starts_its_playbook_through_an_automation(ws):
         assert started and started[0]["payload"]["reason"].startswith("alert mlsec.monitor.degraded"), started
         assert done
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout_s=30)  # and the flow runs it started, each in a session of its own
+        log.close()

@@ -27,7 +27,7 @@ from stages.core.errors import InvalidInput, PipelineError
 from stages.core.params import ServingParams
 from stages.core.workspace import Workspace
 from stages.ml.runtime import SMALL_INPUT
-from stages.models.aliases import alias_drift
+from stages.models.aliases import alias_drift, ledger_aliases
 from stages.models.records import revocation
 from stages.models.store import mlflow_aliases, parse_ref, resolve
 from stages.models.verify import load_verified_model
@@ -142,19 +142,20 @@ class ModelHost:
         """One watcher tick: follow a pipeline move, refuse anything else. Returns what it did."""
         with self._check_lock:
             served = self.current
-            drift = [d for d in alias_drift(self.ws, self.name) if d["alias"] == self.alias]
-            if drift:
-                target = str(drift[0]["mlflow"])
-                why = (f"alias {self.ref} points to version {target} in MLflow but the ledger records {drift[0]['ledger']}: "
+            recorded = ledger_aliases(self.ws, self.name)[0].get(self.alias)
+            # one read of the alias: the version checked against the ledger is the version loaded (a second
+            # read could see a move made outside the pipeline just after the check)
+            target = mlflow_aliases(self.ws, self.name).get(self.alias)
+            if target != recorded:
+                why = (f"alias {self.ref} points to version {target} in MLflow but the ledger records {recorded}: "
                        "moved outside the pipeline")
-                return self._refuse(target, why, kind="alias_drift")
+                return self._refuse(str(target), why, kind="alias_drift")
             if served is not None:
                 hit = revocation(self.ws, name=self.name, version=served.version, weights_sha256=served.weights_sha256)
                 if hit:  # fail closed: a revoked version stops answering at once, whatever the alias says
                     self.current = None
                     return self._refuse(served.version, f"version {served.version} was revoked by {hit['actor']} "
                                         f"(ledger seq {hit['seq']}): {hit['reason']}", kind="revoked")
-            target = mlflow_aliases(self.ws, self.name).get(self.alias)
             if target is None or (served is not None and target == served.version):
                 return {"action": "none", "version": served.version if served else None}
             if target in self.refused:

@@ -263,12 +263,14 @@ class PredictionService:
 
     def _response(self, served: Served, probs: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> dict[str, Any]:
         out = self.sp.output
+        # rounded as the float64 the JSON carries: float32 0.9 prints as 0.8999999761581421
+        probs, conf = probs.astype(np.float64), conf.astype(np.float64)
         if out.round_decimals is not None:
             probs, conf = np.round(probs, out.round_decimals), np.round(conf, out.round_decimals)
-        labels, confidences = pred.tolist(), conf.astype(float).tolist()
+        labels, confidences = pred.tolist(), conf.tolist()
         if out.top1_only:
             rows = [{"label": lab, "confidence": c} for lab, c in zip(labels, confidences)]
         else:
             rows = [{"label": lab, "confidence": c, "probabilities": p}
-                    for lab, c, p in zip(labels, confidences, probs.astype(float).tolist())]
+                    for lab, c, p in zip(labels, confidences, probs.tolist())]
         return {"model": served.name, "version": served.version, "predictions": rows}
