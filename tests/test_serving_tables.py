@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving_support import POLICY, QUICK, add_client, running_service
-from tests.support import make_workspace
+from tests.serving_support import add_client, running_service
+from tests.support import QUICK_POLICY, QUICK_RUN, make_workspace
+
+# the service is under test, not the model: no membership-inference audit on this short run
+QUICK = [*QUICK_RUN, "evaluate.membership_inference=false"]
+POLICY = [*QUICK_POLICY, "gate.max_mia_auc=null"]
 
 SETTINGS = ["serving.reload_poll_s=60", "serving.drift.window=120", "serving.drift.every=60",
             "serving.drift.min_interval_s=0", "serving.access.rate_limit=1000/second", "serving.max_batch=200",
