@@ -331,6 +331,31 @@ def test_alias_moved_outside_the_pipeline_is_refused_while_serving(served):
         c.set_registered_model_alias("mlsec-digits", "champion", "1")  # back to what the ledger records
 
 
+def test_a_pipeline_move_seen_between_its_two_writes_is_not_refused(served):
+    """The pipeline sets the alias in MLflow, then appends its ledger entry. A check between
+    the two must neither serve the unrecorded version nor refuse it for good: once the entry
+    lands, the version is followed (here played step by step, the ledger write delayed)."""
+    ws, service = served["ws"], served["service"]
+    from stages.core.workspace import Workspace
+    from stages.models.aliases import move_alias
+    from stages.models.store import client
+
+    w = Workspace(ws)
+    assert service.host.check()["action"] in ("none", "refused")         # aligned: no stale first sighting
+    client(w).set_registered_model_alias("mlsec-digits", "champion", "2")  # the move's first write
+    try:
+        between = service.host.check()
+        assert between["action"] == "pending", between
+        assert service.host.current.version == "1"                        # not served before it is recorded
+        move_alias(w, "mlsec-digits", "champion", "2", reason="serving test: the move's ledger write lands")
+        service.host.check()
+        assert service.host.current.version == "2" and "2" not in service.host.refused
+    finally:
+        move_alias(w, "mlsec-digits", "champion", "1", reason="serving test: back to version 1")
+        service.host.check()
+    assert service.host.current.version == "1"
+
+
 def test_a_version_that_fails_verification_at_reload_is_refused(served):
     ws, service = served["ws"], served["service"]
     from stages.models.store import client

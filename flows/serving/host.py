@@ -10,6 +10,12 @@ the service does not start. A watcher then checks the alias every ``reload_poll_
   requests in flight finish on the version they started with and none is dropped;
 * moved outside the pipeline (alias drift), or the new version fails verification: it is
   refused, the verified version keeps serving, and an alert is raised once per version.
+
+The pipeline moves an alias in MLflow and then records the move in the ledger
+(``stages.models.aliases.move_alias``), so a tick can fall between the two. A mismatch is
+therefore judged only when it has lasted ``ALIAS_SETTLE_S`` and been seen by two ticks; until
+then the recorded version keeps serving and the new one is not loaded. A refusal for drift
+is lifted when the ledger later records a move to that version (it then verifies as usual).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from stages.monitoring.drift import DriftMonitor
 from stages.monitoring.reference import served_reference
 from stages.trust.ledger import Ledger
 
+# seconds an alias may disagree with the ledger before it counts as moved outside the pipeline: the
+# pipeline's own move sets MLflow first and appends its ledger entry milliseconds later
+ALIAS_SETTLE_S = 2.0
 
 @dataclass
 class Served:
@@ -73,6 +82,8 @@ class ModelHost:
         self.on_alert = on_alert
         self.current: Served | None = None
         self.refused: dict[str, str] = {}       # version -> why it was not served
+        self._drift_refused: set[str] = set()   # versions refused only because the ledger did not explain them
+        self._unexplained: dict[str, float] = {}  # version -> when a tick first saw the alias there, unrecorded
         self.switches = 0
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
@@ -147,9 +158,17 @@ class ModelHost:
             # read could see a move made outside the pipeline just after the check)
             target = mlflow_aliases(self.ws, self.name).get(self.alias)
             if target != recorded:
+                first_seen = self._unexplained.setdefault(str(target), time.monotonic())
+                if time.monotonic() - first_seen < ALIAS_SETTLE_S:   # perhaps a pipeline move between its two writes
+                    return {"action": "pending", "version": str(target), "recorded": recorded}
                 why = (f"alias {self.ref} points to version {target} in MLflow but the ledger records {recorded}: "
                        "moved outside the pipeline")
+                self._drift_refused.add(str(target))
                 return self._refuse(str(target), why, kind="alias_drift")
+            self._unexplained.clear()
+            if target in self._drift_refused:         # the ledger now records a move to it: judge it afresh
+                self._drift_refused.discard(target)
+                self.refused.pop(target, None)
             if served is not None:
                 hit = revocation(self.ws, name=self.name, version=served.version, weights_sha256=served.weights_sha256)
                 if hit:  # fail closed: a revoked version stops answering at once, whatever the alias says
