@@ -243,22 +243,26 @@ class GateParams(_KindSection):
 
 
 class PromotionParams(_Section):
-    """Who may make a model the champion. Governed like ``gate:``; ``approvers`` names the
-    identities (``mlsec keys create --identity NAME``) whose signed approvals count; the
-    signed policy pins each one's public key."""
+    """Who decides about the models. Governed like ``gate:``: ``approvers`` names the
+    identities (``mlsec keys create --identity NAME``) whose signed approvals may make a model
+    the champion, ``reviewers`` those whose signed labels of a review queue count (``mlsec
+    review label``, and the retraining that learns from them); the signed policy pins each
+    one's public key."""
 
     mode: Literal["auto", "manual"] = "auto"
     four_eyes: bool = False
     approval_timeout_s: int = Field(default=3600, ge=1)
     approvers: list[str] = Field(default_factory=list)
+    reviewers: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "PromotionParams":
-        bad = [a for a in self.approvers if not IDENTITY_RE.match(a)]
-        if bad:
-            raise ValueError(f"promotion.approvers holds invalid identity names {bad}")
-        if len(set(self.approvers)) != len(self.approvers):
-            raise ValueError(f"promotion.approvers lists a name twice: {self.approvers}")
+        for role, names in (("approvers", self.approvers), ("reviewers", self.reviewers)):
+            bad = [a for a in names if not IDENTITY_RE.match(a)]
+            if bad:
+                raise ValueError(f"promotion.{role} holds invalid identity names {bad}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"promotion.{role} lists a name twice: {names}")
         if self.four_eyes and self.mode == "auto":
             raise ValueError("promotion.four_eyes: true contradicts promotion.mode: auto (nobody would approve); "
                              "set promotion.mode: manual")
