@@ -22,6 +22,7 @@ from stages.data.prepared import parse_prepared
 from stages.data.prepared import row_digest as sample_digest
 from stages.monitoring.review import queue_path
 from stages.monitoring.review_labels import Review, open_review, record_training, training_rows
+from stages.monitoring.reviewers import check_labellers
 from stages.trust.context import RunContext
 from stages.trust.hashing import sha256_file
 
@@ -32,7 +33,8 @@ def labelled_rows(ws: Workspace, name: str, *, model: str, data: DatasetVersion,
 
     ``InvalidInput`` when the queue is another model's, holds no labelled item, or its rows
     cannot join the champion's data (table data, another input shape or class list);
-    ``IntegrityError`` when the queue or a label changed since it was signed.
+    ``IntegrityError`` when the queue or a label changed since it was signed; ``GateRejected``
+    when an item's final decision is not by a pinned reviewer of the signed policy in force.
     """
     review = open_review(ws, name, where=where)
     q = review.queue
@@ -43,6 +45,7 @@ def labelled_rows(ws: Workspace, name: str, *, model: str, data: DatasetVersion,
         raise InvalidInput(f"review queue {name} has no labelled items to train on "
                            f"({len(q.items)} items, {sum(d.decision == 'discard' for d in review.final.values())} "
                            "discarded): label them with 'mlsec review label'")
+    check_labellers(ws, queue=name, decisions=review.final.values())   # by the signed policy's reviewers only
     check_joinable(review, data)
     return review, X, y, items
 
@@ -84,7 +87,10 @@ def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.nda
     source = write_source(ws, f"review-{review.queue.name}-{run_id}", X_all, names)
     for item, row in zip(items, X):
         item["sample_sha256"] = sample_digest(row[None], int(item["position"]), 0)   # as the run's data will name it
-    record = record_training(ws, review.queue, items, run_id=run_id, source=source, source_sha256=sha256_file(source))
+    # checked again where the items are committed to the run: the policy in force now
+    policy = check_labellers(ws, queue=review.queue.name, decisions=review.final.values()) if items else None
+    record = record_training(ws, review.queue, items, run_id=run_id, source=source, source_sha256=sha256_file(source),
+                             policy_sha256=policy.sha256 if policy else None)
     return source, overrides, {"queue": review.queue.name, "path": queue_path(ws, review.queue), "run_id": run_id,
                                "items": len(items), "champion_rows": int(len(data.y)), "source": source,
                                "source_sha256": record["source_sha256"]}
