@@ -91,6 +91,11 @@ class DataParams(_Section):
     classes: list[int | str] | None = None
     columns: dict[str, Literal["numeric", "categorical"]] | None = None
     missing: Literal["refuse", "impute"] = "refuse"
+    # A category the training rows did not hold, in a row sent to the trained model
+    # (load_verified_model, the pyfunc, mlsec serve): refuse (an error naming the row, column
+    # and value) or ignore (the column's indicators all zero). Refuse by default: the model was
+    # never trained or evaluated on such a row. Train records it in the signed preprocessing.
+    unknown_category: Literal["refuse", "ignore"] = "refuse"
     max_categories: int = Field(default=50, ge=2)
 
     @field_validator("classes", mode="before")
