@@ -6,7 +6,8 @@
   verifies the data, writes this run's split and quarantine list and takes the
   poisoning decision from the reused findings.
 * ``train``: the weights, model config and training report, keyed by the accepted rows and
-  labels (the content of this run's verified split) and the ``train`` settings.
+  labels (the content of this run's verified split), the ``train`` settings and
+  ``data.unknown_category`` (recorded in the preprocessing it saves).
 * ``evaluate``: the evaluation, per-sample results and curve, keyed by the weights, model
   config and training report digests (this run's signed index), the split and the
   ``evaluate`` settings.
@@ -55,7 +56,8 @@ def key_parts(ctx: RunContext, params: Params, stage: str) -> tuple[dict[str, An
         return ({"screen": params.screen.model_dump(mode="json"), "kind": kind,
                  "split": {"test_fraction": ev.test_fraction, "seed": ev.seed}}, {})
     if stage == "train":
-        return ({"train": params.train.for_kind(kind).model_dump(mode="json"), "kind": kind},
+        return ({"train": params.train.for_kind(kind).model_dump(mode="json"), "kind": kind,
+                 "unknown_category": params.data.unknown_category},   # written into the preprocessing train saves
                 {"split": split_digest(ctx, where=where)})
     if stage == "evaluate":
         verified = ctx.inputs("weights", "model_config", "preprocessing", "train_report", where=where)  # re-hashed against the signed index

@@ -9,7 +9,11 @@ Every command reads a queue and its labels through their signatures and the ledg
 (``stages.monitoring.review``, ``stages.monitoring.review_labels``): a changed file is an
 integrity violation (exit 4). Bad input (an unknown queue or digest, a label outside the
 class list, an empty label file, a reviewer without an identity key) is one line and exit 2,
-with nothing stored changed.
+with nothing stored changed. Only the reviewers the signed policy names (``promotion.reviewers``),
+each with the key it pinned, may label, and a retraining uses only their decisions
+(``stages.monitoring.reviewers``): anyone else is refused with exit 3, as an approver the
+policy does not list is, with a ``review.label.refused`` or ``review.retrain.refused`` ledger
+entry and nothing else stored.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ def add_commands(sub, common: argparse.ArgumentParser, parser_class) -> None:
     c.set_defaults(fn=cmd_review_show)
     c = rsub.add_parser("label", parents=[common], help="label items with your identity key (signed, in the ledger)")
     c.add_argument("queue")
-    c.add_argument("--identity", required=True, help="your identity (its private key must be on this machine)")
+    c.add_argument("--identity", required=True, help="your identity: a reviewer the signed policy names "
+                   "(promotion.reviewers), with its private key on this machine")
     c.add_argument("--labels", metavar="FILE", help="CSV (input_sha256,label) or JSON ({digest: label}); "
                    "label 'discard' (JSON null) marks an item as not an attack")
     c.add_argument("--item", metavar="DIGEST", help="one item's input digest (or a unique prefix of 8+ hex digits)")

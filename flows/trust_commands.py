@@ -23,7 +23,7 @@ from stages.core.policy import describe_differences, policy_differences
 from stages.core.workspace import Workspace
 from stages.trust.identities import create_identity, key_dir
 from stages.trust.ledger import Ledger
-from stages.trust.policy import check_policy, committed_policy, load_signed_policy, policy_path, sign_policy
+from stages.trust.policy import ROLES, check_policy, committed_policy, load_signed_policy, policy_path, sign_policy
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -32,7 +32,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     public = key_dir() / "identities" / f"{args.identity}.pub.pem"
     _print({"identity": args.identity, "key_id": key_id, "public_key": str(public)}, args.json,
            lambda r: f"created identity {r['identity']} (key {r['key_id'][:16]}); public key {r['public_key']}: list the "
-                     "name in promotion.approvers and have the policy owner run 'mlsec policy sign'")
+                     "name in promotion.approvers (who may approve) or promotion.reviewers (who may label review "
+                     "queues) and have the policy owner run 'mlsec policy sign'")
     return 0
 
 
@@ -54,22 +55,26 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     entry = next((e for e in reversed(Ledger(ws.ledger_path).entries())
                   if e.get("event") == "policy.sign" and e["payload"].get("sha256") == signed.sha256), None)
     diffs = policy_differences(signed.policy, current)
-    out = {"signed": {**signed.summary(), "gate": signed.payload["gate"], "promotion": signed.payload["promotion"],
-                      "approvers": {n: r["key_id"] for n, r in (signed.payload.get("approver_keys") or {}).items()},
-                      "unpinned_approvers": signed.payload.get("unpinned_approvers", [])},
+    people = {}
+    for role in ROLES:
+        people[role] = {n: kid for n, (kid, _) in signed.pinned_keys(role).items()}
+        people[f"unpinned_{role}"] = [n for n in signed.members(role) if n not in people[role]]
+    out = {"signed": {**signed.summary(), **signed.policy, **people},
            "ledger_seq": entry["seq"] if entry else None, "path": str(policy_path(ws)), "params_differences": diffs}
 
     def text(r: dict[str, Any]) -> str:
         s = r["signed"]
         how = "trusted on first use" if s["trust"] == "first-use" else "signed by the policy owner"
-        approvers = ", ".join(f"{n} (key {k[:16]})" for n, k in s["approvers"].items()) or "none"
         lines = [f"policy {s['sha256'][:16]}  {how} at {s['signed_at']} (ledger seq {r['ledger_seq']}), "
-                 f"key {s['key_id'][:16]}, from {s['source']}",
-                 f"approvers: {approvers}" + (f"; unpinned: {', '.join(s['unpinned_approvers'])}" if s["unpinned_approvers"] else ""),
-                 "gate: " + ", ".join(f"{k}={v}" for k, v in s["gate"].items()),
-                 "promotion: " + ", ".join(f"{k}={v}" for k, v in s["promotion"].items()),
-                 "params.yaml: " + (f"differs: {describe_differences(r['params_differences'])}" if r["params_differences"]
-                                    else "as signed")]
+                 f"key {s['key_id'][:16]}, from {s['source']}"]
+        for role in ROLES:
+            named = ", ".join(f"{n} (key {k[:16]})" for n, k in s[role].items()) or "none"
+            lines.append(f"{role}: {named}" + (f"; unpinned: {', '.join(s['unpinned_' + role])}"
+                                               if s["unpinned_" + role] else ""))
+        lines += ["gate: " + ", ".join(f"{k}={v}" for k, v in s["gate"].items()),
+                  "promotion: " + ", ".join(f"{k}={v}" for k, v in s["promotion"].items()),
+                  "params.yaml: " + (f"differs: {describe_differences(r['params_differences'])}" if r["params_differences"]
+                                     else "as signed")]
         return "\n".join(lines)
 
     _print(out, args.json, text)

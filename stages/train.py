@@ -40,8 +40,9 @@ def run(ctx: RunContext, params: Params, *, progress: Progress | None = None) ->
     split = load_npz_bytes(inputs["split"])
     accepted_idx, accepted_labels = split["accepted_idx"], split["accepted_labels"]
     _check_accepted(ctx, json.loads(inputs["screen_report"]), manifest, accepted_rows_digest(X, accepted_idx, accepted_labels))
-    # fitted on the accepted training rows only; saved with the weights and bound to them by model.json
-    spec, X_model = fit_model_preprocessing(X[accepted_idx], meta)
+    # fitted on the accepted training rows only; saved with the weights and bound to them by model.json,
+    # with the unseen-category policy the served model applies (a later params.yaml edit cannot change it)
+    spec, X_model = fit_model_preprocessing(X[accepted_idx], meta, unknown_category=params.data.unknown_category)
     tp = params.train.for_kind(manifest.get("kind"))  # the defaults for this kind of data
     store = CheckpointStore(ctx.run_dir / "checkpoints", run_id=ctx.run_id, key=derive_secret(CHECKPOINT_KEY_LABEL))
     try:

@@ -71,3 +71,36 @@ def add_client(ws: Path, name: str, *, admin: bool = False, budget: int | None =
 
     return KeyStore(ws / "serving" / "api-keys.json").add(name, role="admin" if admin else "client", budget=budget,
                                                           rate=rate)
+
+
+def cancer_frame():
+    """Breast cancer with a categorical column (clinic) and text labels, as a user's CSV holds it."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer(as_frame=True)
+    frame = d.data.copy()
+    frame.insert(3, "clinic", np.random.default_rng(0).choice(["north", "south", "east"], size=len(frame)))
+    frame["label"] = [str(d.target_names[t]) for t in d.target]
+    return frame
+
+
+@contextmanager
+def table_service(root: Path, *, overrides: list[str], policy: list[str], settings: list[str]) -> Iterator[dict]:
+    """One pipeline run on the cancer table (``overrides``; ``policy`` in the workspace's
+    params.yaml), served by the real app on a loopback port with the serving ``settings``:
+    ``{ws, url, service, keys (admin, alice, mallory), summary, rows (the raw feature columns)}``."""
+    from flows.pipeline import secure_training
+    from tests.support import inside, make_workspace
+
+    frame = cancer_frame()
+    csv = root / "cancer.csv"
+    frame.to_csv(csv, index=False)
+    ws = make_workspace(root / "ws", policy=policy)
+    with inside(ws):
+        summary = secure_training(data=str(csv), overrides=overrides, triggered_by="alice")
+        assert summary["status"] == "promoted", summary
+        keys = {"admin": add_client(ws, "admin", admin=True), "alice": add_client(ws, "alice"),
+                "mallory": add_client(ws, "mallory")}
+        with running_service(ws, settings) as (url, service):
+            yield {"ws": ws, "url": url, "service": service, "keys": keys, "summary": summary,
+                   "rows": frame.drop(columns=["label"])}

@@ -22,12 +22,40 @@ CHAMPION_RUN = ["train.epochs=12", "evaluate.pgd_steps=10", "evaluate.restarts=1
 # service and the playbooks, not the model's quality or the strength of the evaluation attacks.
 QUICK_RUN = ["train.epochs=4", "evaluate.pgd_steps=5", "evaluate.restarts=1", "evaluate.apgd_steps=5",
              "screen.detectors=[label_issues]"]
-# Their gate and approvers, in the signed policy (a --set would be a weakening, never promoted
-# automatically): a robustness floor these short runs reach, no regression check against the
-# champion, and the identities whose signed approvals count.
+# Their gate, approvers and reviewers, in the signed policy (a --set would be a weakening, never
+# promoted automatically): a robustness floor these short runs reach, no regression check
+# against the champion, the identities whose signed approvals count and those whose signed
+# labels of a review queue count.
 APPROVERS = ("alice", "bob", "carol")
+REVIEWERS = ("rita", "sam")
 QUICK_POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null",
-                f"promotion.approvers=[{', '.join(APPROVERS)}]"]
+                f"promotion.approvers=[{', '.join(APPROVERS)}]", f"promotion.reviewers=[{', '.join(REVIEWERS)}]"]
+
+
+def identity(name: str) -> str:
+    """``name``, with an identity key in the session's key folder (created once)."""
+    from stages.trust.identities import create_identity, identity_public
+
+    if identity_public(name) is None:
+        create_identity(name)
+    return name
+
+
+def sign_reviewers(root: Path, reviewers: list[str] | tuple[str, ...] = REVIEWERS):
+    """Sign, as the policy owner, the workspace ``root``'s policy with ``reviewers`` as its
+    reviewers (their keys created and pinned), the rest as it is signed (the project's
+    params.yaml where nothing is signed yet); returns the ``SignedPolicy``."""
+    import yaml
+
+    from stages.core.workspace import Workspace
+    from stages.trust.policy import load_signed_policy, sign_policy
+
+    ws = Workspace(root)
+    signed = load_signed_policy(ws)
+    policy = signed.policy if signed else {k: v for k, v in yaml.safe_load((ROOT / "params.yaml").read_text()).items()
+                                           if k in ("gate", "promotion")}
+    policy["promotion"]["reviewers"] = [identity(n) for n in reviewers]
+    return sign_policy(ws, policy, source="test")
 
 
 def make_workspace(path: Path, params_text: str | None = None, *, policy: list[str] | tuple[str, ...] = ()) -> Path:
@@ -107,14 +135,13 @@ def inside(path: Path) -> Iterator[Path]:
 
 
 def build_quick_champion(path: Path) -> dict:
-    """Version 1 on digits: a workspace under ``QUICK_POLICY`` (its approvers' identity keys
-    created) and one ``QUICK_RUN`` triggered by alice, promoted; returns the run summary."""
+    """Version 1 on digits: a workspace under ``QUICK_POLICY`` (its approvers' and reviewers'
+    identity keys created, so that first use pins them) and one ``QUICK_RUN`` triggered by
+    alice, promoted; returns the run summary."""
     from flows.pipeline import secure_training
-    from stages.trust.identities import create_identity, identity_public
 
-    for name in APPROVERS:
-        if identity_public(name) is None:
-            create_identity(name)
+    for name in APPROVERS + REVIEWERS:
+        identity(name)
     make_workspace(path, policy=QUICK_POLICY)
     with inside(path):
         summary = secure_training(overrides=QUICK_RUN + ["train.seed=1"], triggered_by="alice")

@@ -62,6 +62,7 @@ def test_weaker_and_stronger_settings_are_told_apart():
     assert diff("promotion.approval_timeout_s=5") == {"promotion.approval_timeout_s": False}
     assert diff("promotion.mode=manual") == {"promotion.mode": False}
     assert diff("promotion.approvers=[mallory]") == {"promotion.approvers": True}
+    assert diff("promotion.reviewers=[mallory]") == {"promotion.reviewers": True}
     manual = effective_policy(load_params(ROOT / "params.yaml", ["promotion.mode=manual"]))
     assert policy_differences(manual, signed) == [{"setting": "promotion.mode", "signed": "manual", "effective": "auto",
                                                   "weaker": True}]
@@ -85,6 +86,8 @@ def test_table_thresholds_are_compared_as_they_apply_to_tables():
     (["promotion.mode=manual", "promotion.four_eyes=true", "promotion.approvers=[alice]"], "at least two"),
     (["promotion.approvers=[alice, alice]"], "twice"),
     (["promotion.approvers=['not a name']"], "invalid identity"),
+    (["promotion.reviewers=[rita, rita]"], "promotion.reviewers lists a name twice"),
+    (["promotion.reviewers=['../x']"], "promotion.reviewers holds invalid identity"),
 ])
 def test_contradictory_promotion_settings_are_refused_at_load(overrides, message):
     with pytest.raises(InvalidInput, match=message):
@@ -157,6 +160,46 @@ def test_policy_sign_refuses_an_approver_without_a_key_and_a_malformed_policy(wo
     proc = run_cli(["policy", "sign"], cwd=workspace)
     assert proc.returncode == 2 and "min_clean_accuracy" in proc.stderr
     assert policy_path(ws).read_bytes() == before
+
+
+def test_policy_sign_pins_each_reviewers_key_and_refuses_a_reviewer_without_one(workspace, keys):
+    """Reviewers are pinned as approvers are: a key that is not here cannot be signed in, and
+    the pinned key is the one the reviewer had when the owner signed."""
+    ws = Workspace(workspace)
+    policy_for_run(ws)
+    rita_key, _ = create_identity("rita")
+    (workspace / "params.yaml").write_text(_params_text(**{"  reviewers: []": "  reviewers: [rita, ursula]"}))
+    before = policy_path(ws).read_bytes()
+    proc = run_cli(["policy", "sign"], cwd=workspace)
+    assert proc.returncode == 2 and "reviewer 'ursula' has no public key here" in proc.stderr
+    assert policy_path(ws).read_bytes() == before
+    (workspace / "params.yaml").write_text(_params_text(**{"  reviewers: []": "  reviewers: [rita]"}))
+    assert run_cli(["policy", "sign"], cwd=workspace).returncode == 0
+    signed = load_signed_policy(ws)
+    assert signed.reviewers == ["rita"] and {n: k for n, (k, _) in signed.pinned_keys("reviewers").items()} == {"rita": rita_key}
+    assert signed.pinned_keys("approvers") == {}
+    entry = [e for e in Ledger(ws.ledger_path).entries() if e["event"] == "policy.sign"][-1]["payload"]
+    assert entry["reviewers"] == {"rita": rita_key} and entry["unpinned_reviewers"] == []
+    shown = json.loads(run_cli(["policy", "show", "--json"], cwd=workspace).stdout)
+    assert shown["signed"]["reviewers"] == {"rita": rita_key} and shown["params_differences"] == []
+
+
+def test_a_policy_signed_before_reviewers_existed_names_none_and_reads_as_unchanged(workspace, keys):
+    """A document without ``promotion.reviewers`` (signed by an earlier release) still verifies,
+    lets nobody label, and shows no difference from a params.yaml that names none."""
+    from stages.trust.identities import policy_owner_signer
+    from stages.trust.policy import SignedPolicy
+
+    ws = Workspace(workspace)
+    signed = policy_for_run(ws)
+    payload = json.loads(json.dumps(signed.payload))
+    for field in ("reviewer_keys", "unpinned_reviewers"):
+        payload.pop(field)
+    del payload["promotion"]["reviewers"]
+    policy_path(ws).write_text(json.dumps(sign_document(payload, signer=policy_owner_signer(create=False))))
+    old = load_signed_policy(ws)
+    assert isinstance(old, SignedPolicy) and old.reviewers == [] and old.pinned_keys("reviewers") == {}
+    assert policy_differences(old.policy, effective_policy(load_params(workspace / "params.yaml"))) == []
 
 
 def test_identities_are_created_once(workspace, keys):

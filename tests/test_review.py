@@ -1,7 +1,8 @@
 """Review queues and reviewers' labels on their own (no pipeline run): a queue is signed and
-recorded when written, labels are signed by identity keys, and every file changed, added or
-removed afterwards is refused; labels that name no item or no class are refused and change
-nothing. The end-to-end labelling and retraining is in test_serving_review.py."""
+recorded when written, labels are signed by identity keys of the reviewers the signed policy
+names, and every file changed, added or removed afterwards is refused; labels that name no
+item or no class, or come from anyone the signed policy does not let label, are refused and
+change nothing. The end-to-end labelling and retraining is in test_serving_review.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from stages.core.errors import IntegrityError, InvalidInput
+from stages.core.errors import GateRejected, IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
 from stages.monitoring.inputs import row_digest
 from stages.monitoring.review import write_queue
@@ -24,16 +25,12 @@ from stages.monitoring.review_labels import (
     resolve_labels,
     training_rows,
 )
-from stages.trust.identities import create_identity, identity_public
+from stages.trust.identities import identity_public
 from stages.trust.ledger import Ledger
+from tests.support import identity as _identity
+from tests.support import sign_reviewers
 
 SHAPE = [1, 8, 8]
-
-
-def _identity(name: str) -> str:
-    if identity_public(name) is None:
-        create_identity(name)
-    return name
 
 
 def _rows(n: int, *, seed: int = 0) -> list[dict]:
@@ -50,6 +47,7 @@ def _rows(n: int, *, seed: int = 0) -> list[dict]:
 def review_ws(tmp_path):
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
+    sign_reviewers(ws.root)                     # rita and sam may label
     rows = _rows(6)
     rows[5]["input_sha256"] = "0" * 64          # the telemetry database says another digest than the bytes have
     queue, skipped = write_queue(ws, model="mlsec-digits", reason="PGD seen", rows=rows, classes=list(range(10)),
@@ -151,6 +149,112 @@ def test_a_reviewer_without_an_identity_key_stores_nothing(review_ws):
     assert _state(ws, queue) == before
 
 
+def _cli_label(ws: Workspace, queue, who: str):
+    from tests.support import run_cli
+
+    return run_cli(["review", "label", queue.name, "--identity", who, "--item", queue.items[0]["input_sha256"],
+                    "--label", "1"], cwd=ws.root)
+
+
+def _recreate(name: str) -> str:
+    """``name``'s identity deleted from this key folder and created again: a new key."""
+    from stages.trust.identities import create_identity, key_dir
+
+    for suffix in (".pem", ".pub.pem"):
+        (key_dir() / "identities" / f"{name}{suffix}").unlink()
+    create_identity(name)
+    return name
+
+
+def _minted(ws: Workspace) -> str:
+    return _identity("mallory")                 # anyone with a shell can mint an identity
+
+
+def _added_to_params_yaml(ws: Workspace) -> str:
+    """The attacker lists themself in params.yaml; nobody signs it."""
+    from tests.support import ROOT
+
+    text = (ROOT / "params.yaml").read_text().replace("  reviewers: []", "  reviewers: [rita, sam, mallory]")
+    assert "mallory" in text
+    (ws.root / "params.yaml").write_text(text)
+    return _identity("mallory")
+
+
+def _recreated_under_a_pinned_name(ws: Workspace) -> str:
+    sign_reviewers(ws.root, ["rita", "sam", "vera"])     # vera is a reviewer, with her key pinned
+    return _recreate("vera")                             # then someone makes a new key under her name
+
+
+@pytest.mark.parametrize("attacker, match", [
+    (_minted, r"identity 'mallory' may not label under the signed policy \(reviewers: rita, sam\)"),
+    (_added_to_params_yaml, r"identity 'mallory' may not label under the signed policy \(reviewers: rita, sam\)"),
+    (_recreated_under_a_pinned_name, r"'vera' signed with key \w+, not the key the signed policy pinned for them"),
+])
+def test_only_the_signed_policys_reviewers_with_their_pinned_keys_may_label(review_ws, attacker, match):
+    """An insider with a shell on the machine labels the flagged inputs: refused with exit 3,
+    one line; no label stored, and the ledger gains only the refusal."""
+    import re
+
+    ws, queue, _, _ = review_ws
+    who = attacker(ws)
+    before = _state(ws, queue)
+    proc = _cli_label(ws, queue, who)
+    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1 and re.search(match, proc.stderr), \
+        (proc.returncode, proc.stderr)
+    labels, entries = _state(ws, queue)
+    assert labels == before[0] and entries == before[1] + 1
+    refusal = Ledger(ws.ledger_path).entries()[-1]
+    assert refusal["event"] == "review.label.refused" and refusal["payload"]["identity"] == who
+    assert refusal["payload"]["queue"] == queue.name and refusal["payload"]["refused"] == "GateRejected"
+    assert _cli_label(ws, queue, "rita").returncode == 0                 # a listed reviewer still labels
+
+
+def test_without_reviewers_in_the_signed_policy_nobody_labels_and_the_refusal_says_how_to_name_them(review_ws):
+    from stages.trust.policy import policy_path
+
+    ws, queue, _, _ = review_ws
+    labels = resolve_labels(queue, [(queue.items[0]["input_sha256"], 1)])
+    sign_reviewers(ws.root, [])                        # the project's default: promotion.reviewers: []
+    with pytest.raises(GateRejected, match=r"names no reviewers; list the reviewers in promotion.reviewers of "
+                                           r"params.yaml and have the policy owner run 'mlsec policy sign'"):
+        record_labels(ws, queue, labels, identity=_identity("rita"), reason="")
+    policy_path(ws).rename(ws.root / "policy.json.away")   # no policy: refused too, and a missing one is a violation
+    with pytest.raises(IntegrityError, match="signed policy .* is missing, but the ledger records policy"):
+        record_labels(ws, queue, labels, identity="rita", reason="")
+    assert _state(ws, queue)[0] == []
+
+
+def test_labels_by_a_reviewer_removed_from_the_policy_no_longer_reach_a_retraining(review_ws):
+    """Rita labels, then the policy owner removes her: the retraining is refused (exit 3),
+    naming her items, until a listed reviewer labels them again."""
+    from flows.playbooks.data import DatasetVersion
+    from flows.playbooks.review import labelled_rows
+    from stages.monitoring.reviewers import check_labellers
+
+    ws, queue, _, _ = review_ws
+    d = [item["input_sha256"] for item in queue.items]
+    record_labels(ws, queue, resolve_labels(queue, [(d[0], 7), (d[1], None)]), identity=_identity("rita"), reason="")
+    record_labels(ws, queue, resolve_labels(queue, [(d[2], 3)]), identity=_identity("sam"), reason="")
+    data = DatasetVersion("r0", "d" * 64, "s", np.zeros((4, *SHAPE), np.float32), np.arange(4),
+                          {"classes": list(range(10)), "kind": "image"})
+    assert len(labelled_rows(ws, queue.name, model="mlsec-digits", data=data, where="test")[3]) == 2
+    sign_reviewers(ws.root, ["sam"])                   # the policy owner removes rita
+    with pytest.raises(GateRejected, match=r"2 item\(s\) were last labelled by rita, whom the signed policy in force "
+                                           r"does not let label .*'rita' may not label"):
+        labelled_rows(ws, queue.name, model="mlsec-digits", data=data, where="test")
+    refusal = Ledger(ws.ledger_path).entries()[-1]
+    assert refusal["event"] == "review.retrain.refused" and refusal["payload"]["items"] == [d[0], d[1]]
+    assert refusal["payload"]["labelled_by"] == ["rita"]
+    review = open_review(ws, queue.name, where="test")     # the check itself, as evasion-response makes it
+    with pytest.raises(GateRejected, match="last labelled by rita"):
+        check_labellers(ws, queue=queue.name, decisions=review.final.values())
+    # sam labels rita's items again: his later decisions replace hers, and the retraining may use them
+    record_labels(ws, queue, resolve_labels(queue, [(d[0], 7), (d[1], None)]), identity="sam", reason="rechecked")
+    _, _, y, items = labelled_rows(ws, queue.name, model="mlsec-digits", data=data, where="test")
+    assert [(it["input_sha256"], it["labelled_by"]) for it in items] == [(d[0], "sam"), (d[2], "sam")]
+    assert y.tolist() == [7, 3]
+
+
 def _tamper_npz(folder):
     with np.load(folder / "inputs.npz") as f:
         X, p = f["X"].copy(), f["predictions"]
@@ -233,6 +337,7 @@ def test_labelled_rows_join_the_champions_data_with_the_reviewers_labels_and_its
 
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
+    sign_reviewers(ws.root)
     classes = ["zebra", "ant", "cat"]                     # declared order, not sorted
     rng = np.random.default_rng(1)
     data = DatasetVersion("r0", "d" * 64, "s", rng.random((6, *SHAPE), dtype=np.float32),
@@ -252,6 +357,10 @@ def test_labelled_rows_join_the_champions_data_with_the_reviewers_labels_and_its
     assert [sample_digest(ingested.X, int(ingested.y[i]), i) for i in (6, 7)] == [it["sample_sha256"] for it in items]
     entry = [e for e in Ledger(ws.ledger_path).entries() if e["event"] == "review.train"][-1]
     assert entry["run_id"] == run_id and [it["input_sha256"] for it in entry["payload"]["items"]] == [d[0], d[2]]
+    from stages.trust.policy import load_signed_policy     # who was allowed to label, and under which policy
+
+    assert entry["payload"]["reviewers_policy_sha256"] == load_signed_policy(ws).sha256
+    assert {it["labelled_key_id"] for it in entry["payload"]["items"]} == {identity_public("rita")[0]}
     assert queue_status(review.queue, review.final, Ledger(ws.ledger_path).entries())["trained_in"] == \
         [{"run_id": run_id, "items": 2}]
     # nothing labelled: the champion's rows alone, and the ledger says so

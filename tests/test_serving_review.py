@@ -2,7 +2,10 @@
 rows with their labels, through the normal pipeline, on the serving tests' workspace (its
 champion came through the pipeline). PGD inputs crafted on the champion are logged as the
 service logs a flagged input; ``evasion-response`` queues them; the rest is the command line
-as a reviewer uses it, including the attacker's edits of the queue's and the labels' files."""
+as a reviewer uses it, including the attacker's edits of the queue's and the labels' files and
+a retraining on labels by a reviewer the policy owner has since removed. The reviewers, rita
+and sam, are those of ``tests.support.QUICK_POLICY``, pinned when the workspace's policy was
+signed on first use."""
 
 from __future__ import annotations
 
@@ -16,21 +19,14 @@ import pytest
 
 from stages.trust.ledger import Ledger
 from tests.serving_support import QUICK
-from tests.support import run_cli
+from tests.support import identity as _identity
+from tests.support import run_cli, sign_reviewers
 
 pytestmark = pytest.mark.slow
 
 SET = [arg for o in QUICK for arg in ("--set", o)]
 MODEL = "mlsec-digits"
 N = 24   # flagged inputs
-
-
-def _identity(name: str) -> str:
-    from stages.trust.identities import create_identity, identity_public
-
-    if identity_public(name) is None:
-        create_identity(name)
-    return name
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +155,9 @@ def test_reviewers_label_items_and_the_retrain_trains_on_exactly_those_rows_with
     entries = Ledger(ws / "audit" / "ledger.jsonl").entries()
     trained = [e for e in entries if e["event"] == "review.train" and e["run_id"] == run]
     assert len(trained) == 1 and trained[0]["payload"]["queue"] == queue
+    from stages.trust.policy import load_signed_policy     # the reviewers were those of the policy in force
+
+    assert trained[0]["payload"]["reviewers_policy_sha256"] == load_signed_policy(Workspace(ws)).sha256
     assert {it["input_sha256"]: (it["label"], it["labelled_by"]) for it in trained[0]["payload"]["items"]} == \
         {d: (truth[d][0], "sam" if d == labelled[0] else "rita") for d in labelled}
     started = [e for e in entries if e["event"] == "run.start" and e["run_id"] == run]
@@ -224,3 +223,30 @@ def test_a_queue_or_label_edited_afterwards_is_refused_at_label_and_retrain_time
             shutil.copytree(backup, folder)
             shutil.rmtree(backup)
     assert _cli(ws, "show", queue).returncode == 0                      # restored: intact again
+
+
+def test_labels_by_a_reviewer_removed_from_the_policy_stop_the_retraining(flagged):
+    """The policy owner removes rita after she labelled: both ways to retrain from the queue
+    are refused with exit 3 and one line before any run starts, and the ledger records why."""
+    ws, queue, truth = flagged
+    rita = _identity("rita")
+    shown = json.loads(_cli(ws, "show", queue, "--json").stdout)
+    if not any(it["labelled_by"] == rita and it["decision"] == "label" for it in shown["items_detail"]):
+        assert _cli(ws, "label", queue, "--identity", rita, "--item", list(truth)[8], "--label", "3").returncode == 0
+    ledger = Ledger(ws / "audit" / "ledger.jsonl")
+    sign_reviewers(ws, ["sam"])
+    try:
+        for args in (["review", "retrain", queue, "--reason", "x", *SET],
+                     ["playbook", "evasion-response", "--model", MODEL, "--reason", "x", "--retrain", "--queue", queue, *SET]):
+            seq = ledger.head()["seq"]
+            proc = run_cli(args, cwd=ws)
+            assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.returncode, proc.stderr)
+            assert "last labelled by rita" in proc.stderr and "'rita' may not label" in proc.stderr
+            new = [e for e in ledger.entries() if e["seq"] > seq]
+            assert [e["event"] for e in new] == ["review.retrain.refused"], (args, [e["event"] for e in new])
+            assert new[0]["payload"]["labelled_by"] == ["rita"]
+        proc = _cli(ws, "label", queue, "--identity", rita, "--item", list(truth)[9], "--label", "3")
+        assert proc.returncode == 3 and "'rita' may not label" in proc.stderr     # nor may she label now
+    finally:
+        sign_reviewers(ws, ["rita", "sam"])
+    assert _cli(ws, "show", queue).returncode == 0

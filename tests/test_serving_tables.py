@@ -5,7 +5,7 @@ categorical column): raw rows in, the verified model's own predictions out, ever
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
 
 import httpx
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving_support import add_client, running_service
-from tests.support import QUICK_POLICY, QUICK_RUN, make_workspace
+from tests.serving_support import table_service
+from tests.support import QUICK_POLICY, QUICK_RUN
 
 # the service is under test, not the model: no membership-inference audit on this short run
 QUICK = [*QUICK_RUN, "evaluate.membership_inference=false"]
@@ -28,39 +28,9 @@ SETTINGS = ["serving.reload_poll_s=60", "serving.drift.window=120", "serving.dri
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, prefect_server):
-    """One pipeline run on the table, served by the real app on a loopback port."""
-    from sklearn.datasets import load_breast_cancer
-
-    from flows.pipeline import secure_training
-
-    root = tmp_path_factory.mktemp("serve-table")
-    d = load_breast_cancer(as_frame=True)
-    frame = d.data.copy()
-    frame.insert(3, "clinic", np.random.default_rng(0).choice(["north", "south", "east"], size=len(frame)))
-    frame["label"] = [str(d.target_names[t]) for t in d.target]
-    csv = root / "cancer.csv"
-    frame.to_csv(csv, index=False)
-    ws = make_workspace(root / "ws", policy=POLICY)
-    old = {k: os.environ.get(k) for k in ("MLSEC_ROOT", "MLFLOW_TRACKING_URI")}
-    os.environ["MLSEC_ROOT"] = str(ws)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        summary = secure_training(data=str(csv), overrides=QUICK, triggered_by="alice")
-        assert summary["status"] == "promoted", summary
-        keys = {"admin": add_client(ws, "admin", admin=True), "alice": add_client(ws, "alice"),
-                "mallory": add_client(ws, "mallory")}
-        with running_service(ws, SETTINGS) as (url, service):
-            yield {"ws": ws, "url": url, "service": service, "keys": keys, "summary": summary,
-                   "rows": frame.drop(columns=["label"])}
-    finally:
-        os.chdir(cwd)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """The table model under the default unseen-category policy (refuse), served."""
+    with table_service(tmp_path_factory.mktemp("serve-table"), overrides=QUICK, policy=POLICY, settings=SETTINGS) as service:
+        yield service
 
 
 def _post(served, inputs=None, who: str = "alice", *, raw: bytes | None = None) -> httpx.Response:
@@ -95,7 +65,7 @@ def test_raw_rows_get_the_verified_models_predictions(served):
         assert [p["label"] for p in got] == expected.argmax(1).tolist()
         assert np.allclose([p["probabilities"] for p in got], expected, atol=1e-4)   # output rounded to 4 decimals
     # an attacker's huge value is clipped like the model clips it, not an error and not a new scale
-    huge = dict(records[0], **{"mean radius": 1e300, "clinic": "nowhere"})
+    huge = dict(records[0], **{"mean radius": 1e300})
     answer = _post(served, [huge])
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"][0]["label"] == int(_verified(served, [huge]).argmax(1)[0])
@@ -140,6 +110,69 @@ def test_each_bad_row_is_a_4xx_naming_row_and_column(served):
     rendered = served["service"].metrics.render()
     assert b'mlsec_requests_total{outcome="invalid"}' in rendered                # counted as bad input ...
     assert b'mlsec_requests_total{outcome="error"}' not in rendered              # ... and none as a 500
+
+
+UNSEEN = "west"   # no training row comes from this clinic
+
+
+@pytest.mark.slow
+def test_unseen_category_is_refused_by_the_model_the_pyfunc_and_the_service(served):
+    """The default policy (refuse): one line naming the row, the column and the value, from
+    every path that takes raw rows; a serving-time edit of params.yaml does not change it."""
+    import mlflow
+    import pandas as pd
+
+    from stages.core.errors import InvalidInput
+    from stages.models.verify import load_verified_model
+
+    uri = served["summary"]["model"]["uri"]
+    records = _records(served["rows"].iloc[:3])
+    sent = [records[0], dict(records[1], clinic=UNSEEN), records[2]]
+    expected = "row 1, column 'clinic': category 'west' was not seen in training; the model refuses unseen categories"
+    model = load_verified_model(uri)
+    assert model.spec["unknown_category"] == "refuse"
+    with pytest.raises(InvalidInput) as refused:
+        model(sent)
+    assert str(refused.value).startswith(expected) and "\n" not in str(refused.value)
+    with pytest.raises(InvalidInput, match="row 1, column 'clinic': category 'west'"):
+        mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(sent))
+    r = _post(served, sent)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_input" and r.json()["detail"].startswith(expected), r.text
+    # cells are compared as ingest read them: stripped, case kept ("North" is not a training clinic)
+    assert _post(served, [dict(records[0], clinic=" north ")]).status_code == 200
+    r = _post(served, [dict(records[0], clinic="North")])
+    assert r.status_code == 422 and "row 0, column 'clinic': category 'North'" in r.json()["detail"], r.text
+    # the policy is the one signed into the package: editing params.yaml afterwards changes nothing
+    params = served["ws"] / "params.yaml"
+    text = params.read_text()
+    assert "unknown_category: refuse" in text
+    try:
+        params.write_text(text.replace("unknown_category: refuse", "unknown_category: ignore"))
+        with pytest.raises(InvalidInput, match="category 'west' was not seen in training"):
+            load_verified_model(uri)(sent)
+    finally:
+        params.write_text(text)
+
+
+@pytest.mark.slow
+def test_editing_the_packaged_policy_is_caught_by_the_signature(served, tmp_path):
+    """An attacker who switches the package's policy to ignore (to get unseen rows scored) is
+    refused at load: the preprocessing is covered by the model's signature."""
+    from stages.core.errors import IntegrityError, InvalidInput
+    from stages.models.verify import load_verified_model
+
+    specs = [p for p in (served["ws"] / "mlartifacts").rglob("preprocessing.json") if p.parent.name == "weights"]
+    assert specs
+    package = tmp_path / "package"
+    shutil.copytree(specs[0].parent.parent.parent, package)
+    sent = [dict(_records(served["rows"].iloc[:1])[0], clinic=UNSEEN)]
+    with pytest.raises(InvalidInput, match="category 'west' was not seen in training"):   # the copy as signed: loads
+        load_verified_model(str(package))(sent)
+    copied = package / specs[0].relative_to(specs[0].parent.parent.parent)
+    spec = json.loads(copied.read_text())
+    copied.write_text(json.dumps(dict(spec, unknown_category="ignore"), indent=2, sort_keys=True) + "\n")
+    with pytest.raises(IntegrityError, match="signature"):
+        load_verified_model(str(package))
 
 
 @pytest.mark.slow
@@ -203,12 +236,17 @@ def test_boundary_check_gives_the_models_own_features():
 
     columns = [{"name": "age", "type": "numeric"}, {"name": "city", "type": "categorical", "categories": ["a", "b"]}]
     X = np.array([[20, 0], [40, 1], [60, 0], [np.nan, 1]], dtype=np.float32)
-    spec = fit_table_preprocessing(X, columns, missing="impute")
+    spec = fit_table_preprocessing(X, columns, missing="impute", unknown_category="ignore")
     rows = [{"age": 30, "city": "b"}, {"age": None, "city": None}, {"age": 1e300, "city": "elsewhere"}]
     expected = apply_table_preprocessing(table_values(rows, spec), spec)
     assert np.array_equal(check_table_rows(rows, spec=spec, max_batch=3), expected)
     assert np.array_equal(check_table_rows([[r["age"], r["city"]] for r in rows], spec=spec, max_batch=3), expected)
     assert expected.min() >= 0 and expected.max() <= 1
+    assert (expected[2, 1:] == 0).all()                                      # ignore: an unseen city is all zeros
+    refusing = fit_table_preprocessing(X, columns, missing="impute")          # the default: refuse
+    with pytest.raises(InvalidInput, match="row 2, column 'city': category 'elsewhere' was not seen in training"):
+        check_table_rows(rows, spec=refusing, max_batch=3)
+    assert np.array_equal(check_table_rows(rows[:2], spec=refusing, max_batch=3), expected[:2])
     for bad, detail in [([dict(rows[0], age="30")], "row 0, column 'age': expected a number"),
                         ([rows[0], dict(rows[0], role="admin")], "row 1: unknown column(s) ['role']"),
                         ([{"age": 30}], "row 0: missing column(s) ['city']"),

@@ -171,9 +171,20 @@ def test_raw_rows_in_any_form_give_the_same_features(tmp_path, people):
     raw = people.drop(columns=["label"])
     assert np.allclose(apply_table_preprocessing(table_values(raw, spec), spec), from_prepared, atol=1e-6)
     assert np.allclose(apply_table_preprocessing(table_values(raw.to_dict("records"), spec), spec), from_prepared, atol=1e-6)
-    unknown = raw.head(2).assign(city="Paris")
-    out = apply_table_preprocessing(table_values(unknown, spec), spec)
-    assert (out[:, 2:5] == 0).all()  # a category not seen in training: all zeros
+    unknown = raw.head(3).assign(city=["Paris", "Oslo", "oslo"])
+    with pytest.raises(InvalidInput) as refused:    # a category not seen in training: refused by default
+        apply_table_preprocessing(table_values(unknown, spec), spec)
+    assert str(refused.value).startswith("row 0, column 'city': category 'Paris' was not seen in training (2 rows")
+    assert "\n" not in str(refused.value)
+    ignoring = fit_table_preprocessing(d.X, d.columns, missing="refuse", unknown_category="ignore")
+    out = apply_table_preprocessing(table_values(unknown, ignoring), ignoring)
+    assert (out[[0, 2], 2:5] == 0).all() and out[1, 2:5].tolist() == [0, 1, 0]   # ignore: all zeros
+    legacy = {k: v for k, v in spec.items() if k != "unknown_category"}         # written before the setting
+    assert np.array_equal(apply_table_preprocessing(table_values(unknown, legacy), legacy), out)
+    with pytest.raises(InvalidInput, match="unknown_category 'allow', not refuse or ignore"):
+        apply_table_preprocessing(table_values(unknown, spec), dict(spec, unknown_category="allow"))
+    with pytest.raises(InvalidInput, match="data.unknown_category must be refuse or ignore"):
+        fit_table_preprocessing(d.X, d.columns, missing="refuse", unknown_category="allow")
     with pytest.raises(InvalidInput, match="lack the column"):
         table_values(raw.drop(columns=["income"]), spec)
     with pytest.raises(InvalidInput, match="missing values in rows 0"):

@@ -19,7 +19,8 @@ from stages.core.workspace import Workspace
 def check_queue_retrain(ws: Workspace, *, queue: str, model: str, retrain: bool) -> None:
     """Refuse a retraining from a review queue before any flow run starts: ``InvalidInput``
     for a queue that is unknown, of another model or without labelled items, or without
-    ``--retrain``; ``IntegrityError`` for a queue or label changed since it was signed."""
+    ``--retrain``; ``IntegrityError`` for a queue or label changed since it was signed;
+    ``GateRejected`` when an item's final label is not by a reviewer of the signed policy."""
     if not retrain:
         raise InvalidInput("--queue retrains on a labelled review queue: add --retrain")
     labelled_rows(ws, queue, model=model, data=champion_data(ws, model), where="evasion-response")

@@ -3,6 +3,7 @@ champion's, each read through its signed manifest; suspect rows by digest or tri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import numpy as np
 
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
+from stages.data.labels import encode_labels
 from stages.data.prepared import parse_prepared
+from stages.data.preprocessing import column_values, table_columns
 from stages.models.store import resolve
 from stages.data.prepared import row_digest as sample_digest  # a quarantine entry's sha256
 from stages.trust.context import RunContext
@@ -114,9 +117,38 @@ def find_suspects(X: np.ndarray, y: np.ndarray, *, digests: set[str],
     return sorted(hits.items())
 
 
-def write_source(ws: Workspace, name: str, X: np.ndarray, y: np.ndarray) -> str:
-    """Write rows as a new ``.npz`` source under ``data/purged/`` (ingest versions it like any other)."""
-    out = ws.root / "data" / "purged" / f"{name}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, X=X, y=y)
-    return str(out)
+def write_source(ws: Workspace, name: str, data: DatasetVersion, X: np.ndarray, positions: np.ndarray, *,
+                 label_column: str, declared: list[Any] | None) -> tuple[str, list[str]]:
+    """Write rows in ``data``'s prepared form (``X``, class positions ``positions`` into
+    ``data.classes``) as a new source under ``data/purged/`` that ingest versions like any
+    other, and reads back as the same data: labels as the class names (never positions, so
+    the run's class list is ``data``'s), a table as a CSV with its named columns (categories
+    as text, missing cells empty, the labels in ``label_column``), images as an ``.npz``.
+
+    Returns ``(source, overrides)``: ``overrides`` holds ``data.classes`` when ingest would
+    otherwise find or order the classes differently (``declared``: the run's
+    ``data.classes`` setting), e.g. when every row of a class was removed.
+    """
+    classes = data.classes
+    names = np.asarray([classes[int(p)] for p in positions])
+    overrides: list[str] = []
+    try:
+        _, ordered = encode_labels(names, declared=declared, where="playbook source")
+    except InvalidInput:
+        ordered = None
+    if ordered is None or [str(c) for c in ordered] != [str(c) for c in classes]:
+        overrides.append(f"data.classes={json.dumps(list(classes))}")
+    folder = ws.root / "data" / "purged"
+    folder.mkdir(parents=True, exist_ok=True)
+    if data.kind == "table":
+        import pandas as pd  # slow to import; only a table's playbook pays
+
+        columns = table_columns(data.meta, X.shape[1])
+        frame = pd.DataFrame({c["name"]: v for c, v in zip(columns, column_values(X, columns))})
+        frame[label_column] = names
+        out = folder / f"{name}.csv"
+        frame.to_csv(out, index=False)
+    else:
+        out = folder / f"{name}.npz"
+        np.savez(out, X=X, y=names)
+    return str(out), overrides

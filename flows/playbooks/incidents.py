@@ -49,6 +49,7 @@ from stages.monitoring.diagnosis import diagnose  # noqa: E402
 from stages.monitoring.review import queue_path, write_queue  # noqa: E402
 from stages.monitoring.review_labels import Review, training_rows  # noqa: E402
 from stages.monitoring.store import TelemetryStore, default_url  # noqa: E402
+from stages.data.prepared import class_name  # noqa: E402
 from stages.data.prepared import row_digest as sample_digest  # noqa: E402
 from stages.trust.signing import sign_document  # noqa: E402
 
@@ -117,7 +118,7 @@ def evasion_response(model: str, reason: str, since_hours: float = 24.0, retrain
         if items:
             check_joinable(review, data)
         source, class_overrides, added = review_source(ws, review, data, X_add, y_add, items, run_id=run_id,
-                                                       declared=params.data.classes)
+                                                       declared=params.data.classes, label_column=params.data.label_column)
         result["review_items"] = steps.record("review-items", added)
         result["retrain"] = _retrain(source, list(overrides or []) + extra + class_overrides, "evasion-response", run_id)
         steps.record("retrain", {k: result["retrain"].get(k) for k in ("run_id", "status", "model", "error")})
@@ -166,7 +167,8 @@ def poisoning_response(model: str, reason: str, digests_file: str | None = None,
         record = {"incident": incident, "reason": reason, "data_sha256": version.data_sha256, "run_id": version.run_id,
                   "source": version.source, "count": len(hits), "indices_refer_to": "rows of the input as given",
                   "samples": [{"index": int(i), "sha256": sample_digest(version.X, int(version.y[i]), int(i)),
-                               "label": int(version.y[i]), "reason": why} for i, why in hits]}
+                               "label": class_name(version.meta, int(version.y[i])), "label_index": int(version.y[i]),
+                               "reason": why} for i, why in hits]}
         write_json(qdir / f"{version.data_sha256[:16]}.json", sign_document(record))
         versions.append({"data_sha256": version.data_sha256, "run_id": version.run_id, "quarantined": len(hits)})
     result: dict[str, Any] = {"playbook": "poisoning-response", "model": model,
@@ -175,9 +177,12 @@ def poisoning_response(model: str, reason: str, digests_file: str | None = None,
     data = champion_data(ws, model)
     hits = find_suspects(data.X, data.y, digests=digests, trigger=trigger)
     keep = np.setdiff1d(np.arange(len(data.y)), np.array([i for i, _ in hits], dtype=np.int64))
-    source = write_source(ws, f"incident-{incident}", data.X[keep], data.y[keep])
+    dp = load_params(ws.params_path, overrides or []).data
+    source, class_overrides = write_source(ws, f"incident-{incident}", data, data.X[keep], data.y[keep],
+                                           label_column=dp.label_column, declared=dp.classes)
     result["clean_data"] = steps.record("clean-data", {"source": source, "from_data_sha256": data.data_sha256,
-                                                       "removed": len(hits), "kept": int(len(keep))})
-    result["retrain"] = _retrain(source, list(overrides or []), "poisoning-response")
+                                                       "removed": len(hits), "kept": int(len(keep)),
+                                                       "classes": list(data.classes)})
+    result["retrain"] = _retrain(source, list(overrides or []) + class_overrides, "poisoning-response")
     steps.record("retrain", {k: result["retrain"].get(k) for k in ("run_id", "status", "model", "error")})
     return steps.finish(result)

@@ -9,7 +9,6 @@ ingested the source, its verified data must hold exactly those rows with those l
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -17,11 +16,11 @@ import numpy as np
 from flows.playbooks.data import DatasetVersion, write_source
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
-from stages.data.labels import encode_labels
 from stages.data.prepared import parse_prepared
 from stages.data.prepared import row_digest as sample_digest
 from stages.monitoring.review import queue_path
 from stages.monitoring.review_labels import Review, open_review, record_training, training_rows
+from stages.monitoring.reviewers import check_labellers
 from stages.trust.context import RunContext
 from stages.trust.hashing import sha256_file
 
@@ -32,7 +31,8 @@ def labelled_rows(ws: Workspace, name: str, *, model: str, data: DatasetVersion,
 
     ``InvalidInput`` when the queue is another model's, holds no labelled item, or its rows
     cannot join the champion's data (table data, another input shape or class list);
-    ``IntegrityError`` when the queue or a label changed since it was signed.
+    ``IntegrityError`` when the queue or a label changed since it was signed; ``GateRejected``
+    when an item's final decision is not by a pinned reviewer of the signed policy in force.
     """
     review = open_review(ws, name, where=where)
     q = review.queue
@@ -43,6 +43,7 @@ def labelled_rows(ws: Workspace, name: str, *, model: str, data: DatasetVersion,
         raise InvalidInput(f"review queue {name} has no labelled items to train on "
                            f"({len(q.items)} items, {sum(d.decision == 'discard' for d in review.final.values())} "
                            "discarded): label them with 'mlsec review label'")
+    check_labellers(ws, queue=name, decisions=review.final.values())   # by the signed policy's reviewers only
     check_joinable(review, data)
     return review, X, y, items
 
@@ -62,29 +63,25 @@ def check_joinable(review: Review, data: DatasetVersion) -> None:
 
 
 def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.ndarray, y: np.ndarray,
-                  items: list[dict[str, Any]], *, run_id: str, declared: list[Any] | None) -> tuple[str, list[str], dict]:
+                  items: list[dict[str, Any]], *, run_id: str, declared: list[Any] | None,
+                  label_column: str) -> tuple[str, list[str], dict]:
     """Write the champion's data plus the labelled rows as a new source and record which
     items enter run ``run_id``; return ``(source, overrides, record)``.
 
-    Labels are written as class names, so the run's class list is the champion's;
-    ``overrides`` holds ``data.classes`` when ingest would otherwise order the classes
-    differently (``declared``: the run's ``data.classes`` setting).
+    Labels are written as class names, so the run's class list is the champion's
+    (``flows.playbooks.data.write_source``; ``declared`` and ``label_column``: the run's
+    ``data.classes`` and ``data.label_column`` settings).
     """
-    classes = data.classes
     X_all = np.concatenate([data.X, X.reshape(len(X), *data.X.shape[1:]).astype(data.X.dtype)]) if len(X) else data.X
     positions = np.concatenate([data.y, y]) if len(y) else data.y
-    names = np.asarray([classes[int(p)] for p in positions])
-    overrides: list[str] = []
-    try:
-        _, ordered = encode_labels(names, declared=declared, where="review source")
-    except InvalidInput:
-        ordered = None
-    if ordered is None or [str(c) for c in ordered] != [str(c) for c in classes]:
-        overrides.append(f"data.classes={json.dumps(list(classes))}")
-    source = write_source(ws, f"review-{review.queue.name}-{run_id}", X_all, names)
+    source, overrides = write_source(ws, f"review-{review.queue.name}-{run_id}", data, X_all, positions,
+                                     label_column=label_column, declared=declared)
     for item, row in zip(items, X):
         item["sample_sha256"] = sample_digest(row[None], int(item["position"]), 0)   # as the run's data will name it
-    record = record_training(ws, review.queue, items, run_id=run_id, source=source, source_sha256=sha256_file(source))
+    # checked again where the items are committed to the run: the policy in force now
+    policy = check_labellers(ws, queue=review.queue.name, decisions=review.final.values()) if items else None
+    record = record_training(ws, review.queue, items, run_id=run_id, source=source, source_sha256=sha256_file(source),
+                             policy_sha256=policy.sha256 if policy else None)
     return source, overrides, {"queue": review.queue.name, "path": queue_path(ws, review.queue), "run_id": run_id,
                                "items": len(items), "champion_rows": int(len(data.y)), "source": source,
                                "source_sha256": record["source_sha256"]}

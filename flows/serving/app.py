@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.serving.page import STATUS_PAGE
 from flows.serving.service import PredictionService, Refusal
+from stages.data.preprocessing import unknown_category_policy
 
 
 class Prediction(BaseModel):
@@ -74,6 +75,8 @@ async def _read_body(request: Request, limit: int) -> Any:
 def _table_row_schema(spec: dict[str, Any]) -> dict[str, Any]:
     """A raw table row: an object keyed by the declared columns, or a list in their order."""
     nullable = spec.get("missing") == "impute"
+    unseen = ("a category; one not seen in training is refused (422)" if unknown_category_policy(spec) == "refuse"
+              else "a category; one not seen in training counts as none of them")
     cells: dict[str, Any] = {}
     for column in spec["columns"]:
         if column["type"] == "numeric":
@@ -82,7 +85,7 @@ def _table_row_schema(spec: dict[str, Any]) -> dict[str, Any]:
                                                    f"to {column['high']:g}; values beyond it are clipped)"}
         else:
             cell = {"type": ["string", "null"] if nullable else "string", "examples": list(column["categories"])[:10],
-                    "description": "a category; one not seen in training counts as none of them"}
+                    "description": unseen}
         cells[column["name"]] = cell
     names = list(cells)
     return {"oneOf": [

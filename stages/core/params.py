@@ -91,6 +91,11 @@ class DataParams(_Section):
     classes: list[int | str] | None = None
     columns: dict[str, Literal["numeric", "categorical"]] | None = None
     missing: Literal["refuse", "impute"] = "refuse"
+    # A category the training rows did not hold, in a row sent to the trained model
+    # (load_verified_model, the pyfunc, mlsec serve): refuse (an error naming the row, column
+    # and value) or ignore (the column's indicators all zero). Refuse by default: the model was
+    # never trained or evaluated on such a row. Train records it in the signed preprocessing.
+    unknown_category: Literal["refuse", "ignore"] = "refuse"
     max_categories: int = Field(default=50, ge=2)
 
     @field_validator("classes", mode="before")
@@ -243,22 +248,26 @@ class GateParams(_KindSection):
 
 
 class PromotionParams(_Section):
-    """Who may make a model the champion. Governed like ``gate:``; ``approvers`` names the
-    identities (``mlsec keys create --identity NAME``) whose signed approvals count; the
-    signed policy pins each one's public key."""
+    """Who decides about the models. Governed like ``gate:``: ``approvers`` names the
+    identities (``mlsec keys create --identity NAME``) whose signed approvals may make a model
+    the champion, ``reviewers`` those whose signed labels of a review queue count (``mlsec
+    review label``, and the retraining that learns from them); the signed policy pins each
+    one's public key."""
 
     mode: Literal["auto", "manual"] = "auto"
     four_eyes: bool = False
     approval_timeout_s: int = Field(default=3600, ge=1)
     approvers: list[str] = Field(default_factory=list)
+    reviewers: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "PromotionParams":
-        bad = [a for a in self.approvers if not IDENTITY_RE.match(a)]
-        if bad:
-            raise ValueError(f"promotion.approvers holds invalid identity names {bad}")
-        if len(set(self.approvers)) != len(self.approvers):
-            raise ValueError(f"promotion.approvers lists a name twice: {self.approvers}")
+        for role, names in (("approvers", self.approvers), ("reviewers", self.reviewers)):
+            bad = [a for a in names if not IDENTITY_RE.match(a)]
+            if bad:
+                raise ValueError(f"promotion.{role} holds invalid identity names {bad}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"promotion.{role} lists a name twice: {names}")
         if self.four_eyes and self.mode == "auto":
             raise ValueError("promotion.four_eyes: true contradicts promotion.mode: auto (nobody would approve); "
                              "set promotion.mode: manual")

@@ -11,7 +11,8 @@ and whether the run's value is weaker, setting by setting:
 * ``require_*``: false where the signed policy says true;
 * ``no_regression``: off, or a larger tolerance;
 * ``promotion.mode``: auto where the signed policy says manual; ``four_eyes``: off where on;
-* ``promotion.approvers``: a name the signed policy does not list;
+* ``promotion.approvers``, ``promotion.reviewers``: a name the signed policy does not list
+  (labels and approvals count only from the signed list, whatever a run's settings say);
 * ``promotion.approval_timeout_s``: a difference, never weaker;
 * ``gate.table`` (the thresholds for tables): weaker when any setting of the gate as it
   applies to tables is weaker by the rules above;
@@ -41,7 +42,7 @@ def _weaker(key: str, signed: Any, effective: Any) -> bool:
         return False
     if key == "promotion.mode":
         return signed == "manual" and effective != "manual"
-    if key == "promotion.approvers":
+    if key in ("promotion.approvers", "promotion.reviewers"):
         return bool(set(effective or []) - set(signed or []))
     if name.startswith("require_") or key == "promotion.four_eyes":
         return bool(signed) and not bool(effective)

@@ -11,10 +11,21 @@ Tables (``kind: table``), fitted on the accepted training rows only:
 ``numeric``      ``(x - low) / (high - low)`` clipped to [0, 1], where ``low`` and ``high``
                  are the column's smallest and largest training values: 0 is the smallest
                  training value, 1 the largest; later values beyond them are clipped.
-``categorical``  one 0/1 feature per category seen in the training rows (``name=value``);
-                 a category not seen in training gives all zeros.
+``categorical``  one 0/1 feature per category seen in the training rows (``name=value``).
+unseen category  ``data.unknown_category``, recorded in the spec as ``unknown_category``:
+                 ``refuse`` (the default): an error naming the row, the column and the
+                 value, since the model was never trained or evaluated on such a row;
+                 ``ignore``: the row is scored with all of the column's indicators at zero.
+                 A spec written before the field existed has no ``unknown_category`` and
+                 keeps the behaviour it was signed with (its ``scale`` text says so): ignore.
 missing cells    ``refuse``: an error naming the column and rows; ``impute``: the training
                  median (numeric) or most frequent category (categorical), before scaling.
+
+The policy is part of the signed spec inside the model package, so a later edit of
+``params.yaml`` cannot change how a served model treats an unseen category; editing the
+package's ``preprocessing.json`` breaks its signature. The pipeline's own held-out rows
+(evaluation, screening, monitoring reference) are scaled with unseen categories at zero
+whatever the policy: they are measured, not refused (``model_inputs``).
 
 So an adversarial epsilon on a table is on these scaled features: ``epsilon = 0.02`` lets
 an attacker move every numeric column by 2% of its training range (and every category
@@ -35,6 +46,8 @@ from stages.data.labels import shown
 
 SPEC_FORMAT = "mlsec.preprocessing/v1"
 NUMERIC, CATEGORICAL = "numeric", "categorical"
+UNKNOWN_POLICIES = ("refuse", "ignore")
+LEGACY_UNKNOWN = "ignore"   # specs written before ``unknown_category`` existed were signed with all-zeros
 _SHOWN = 5
 
 
@@ -66,14 +79,18 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- fitting
-def fit_table_preprocessing(X: np.ndarray, columns: Sequence[Mapping[str, Any]], *, missing: str) -> dict[str, Any]:
+def fit_table_preprocessing(X: np.ndarray, columns: Sequence[Mapping[str, Any]], *, missing: str,
+                            unknown_category: str = "refuse") -> dict[str, Any]:
     """Fit the table spec on the accepted training rows ``X`` (prepared form, N x F).
 
     Returns the spec (JSON-able): per column its type and fitted parameters, the names of
-    the scaled features the model sees, and the missing-value policy.
+    the scaled features the model sees, the missing-value policy and the unseen-category
+    policy (``unknown_category``: ``refuse`` or ``ignore``; ``data.unknown_category``).
     """
     if missing not in ("refuse", "impute"):
         raise InvalidInput(f"data.missing must be refuse or impute, got {missing!r}")
+    if unknown_category not in UNKNOWN_POLICIES:
+        raise InvalidInput(f"data.unknown_category must be refuse or ignore, got {unknown_category!r}")
     values = column_values(X, columns)
     if len(X) == 0:
         raise InvalidInput("cannot fit the preprocessing on zero training rows")
@@ -92,10 +109,11 @@ def fit_table_preprocessing(X: np.ndarray, columns: Sequence[Mapping[str, Any]],
             if missing == "impute":
                 entry["fill"] = str(cats[int(np.argmax(counts))])
         fitted.append(entry)
-    return {"format": SPEC_FORMAT, "kind": "table", "missing": missing, "columns": fitted,
-            "features": feature_names(fitted),
+    unseen = "refused" if unknown_category == "refuse" else "all zeros"
+    return {"format": SPEC_FORMAT, "kind": "table", "missing": missing, "unknown_category": unknown_category,
+            "columns": fitted, "features": feature_names(fitted),
             "scale": "numeric: (x - low) / (high - low) clipped to [0, 1], low/high = training min/max; "
-                     "categorical: one-hot over the training categories (unknown = all zeros)"}
+                     f"categorical: one-hot over the training categories (unknown = {unseen})"}
 
 
 def image_preprocessing(*, input_shape: Sequence[int], layout: str, scaled_from: str) -> dict[str, Any]:
@@ -118,10 +136,25 @@ def feature_names(fitted: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------- applying
-def apply_table_preprocessing(values: Sequence[np.ndarray], spec: Mapping[str, Any]) -> np.ndarray:
+def unknown_category_policy(spec: Mapping[str, Any]) -> str:
+    """The spec's unseen-category policy: ``refuse`` or ``ignore`` (``ignore`` for a spec
+    written before the field existed, the behaviour it was signed with)."""
+    return str(spec.get("unknown_category", LEGACY_UNKNOWN))
+
+
+def apply_table_preprocessing(values: Sequence[np.ndarray], spec: Mapping[str, Any], *,
+                              unknown_category: str | None = None) -> np.ndarray:
     """Scaled features (N x D float32 on [0, 1]) from one array per spec column, as the user
-    has them (numbers, category text, NaN/None for missing)."""
+    has them (numbers, category text, NaN/None for missing).
+
+    ``unknown_category``: ``None`` applies the spec's own policy (what every path that takes
+    a caller's rows does); ``"ignore"`` scores unseen categories as all zeros (the pipeline's
+    own held-out rows, ``model_inputs``). Under ``refuse`` an unseen category raises
+    ``InvalidInput`` naming the first such row, the column and the value."""
     check_spec(spec)
+    policy = unknown_category_policy(spec) if unknown_category is None else unknown_category
+    if policy not in UNKNOWN_POLICIES:
+        raise InvalidInput(f"unknown_category must be refuse or ignore, got {policy!r}")
     columns = spec["columns"]
     if len(values) != len(columns):
         raise InvalidInput(f"expected {len(columns)} columns ({', '.join(c['name'] for c in columns[:_SHOWN])}...), "
@@ -153,9 +186,23 @@ def apply_table_preprocessing(values: Sequence[np.ndarray], spec: Mapping[str, A
                                        f"was trained with data.missing=refuse")
                 text[gaps] = column["fill"]
             cats = np.asarray(column["categories"], dtype=object)
-            parts.append((text[:, None] == cats[None, :]).astype(np.float64))
+            onehot = text[:, None] == cats[None, :]
+            if policy == "refuse":
+                _refuse_unseen(text, onehot, name)
+            parts.append(onehot.astype(np.float64))
     out = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _refuse_unseen(text: np.ndarray, onehot: np.ndarray, name: str) -> None:
+    """``InvalidInput`` when a row's category (text, never missing here) matches none of the
+    training categories: the first such row, the column and the value, and how many rows."""
+    unseen = np.flatnonzero(~onehot.any(axis=1))
+    if len(unseen):
+        i = int(unseen[0])
+        more = f" ({len(unseen)} rows hold unseen categories: {shown(unseen)})" if len(unseen) > 1 else ""
+        raise InvalidInput(f"row {i}, column {name!r}: category {str(text[i])[:40]!r} was not seen in training{more}; "
+                           f"the model refuses unseen categories (data.unknown_category=refuse)")
 
 
 def _numbers(raw: np.ndarray, name: str) -> np.ndarray:
@@ -182,24 +229,29 @@ def table_columns(meta: Mapping[str, Any], n_features: int) -> list[dict[str, An
     return [{"name": f"f{j}", "type": NUMERIC} for j in range(n_features)]
 
 
-def fit_model_preprocessing(X: np.ndarray, meta: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+def fit_model_preprocessing(X: np.ndarray, meta: Mapping[str, Any], *,
+                            unknown_category: str = "refuse") -> tuple[dict[str, Any], np.ndarray]:
     """(spec, what the network trains on) for the accepted training rows ``X`` (prepared form).
 
-    Tables: the spec is fitted on exactly these rows. Images: the spec records how raw
+    Tables: the spec is fitted on exactly these rows, with the unseen-category policy
+    ``unknown_category`` (``data.unknown_category``). Images: the spec records how raw
     pixels reach [0, 1]; ``X`` is returned unchanged."""
     if X.ndim != 2:
         return image_preprocessing(input_shape=X.shape[1:], layout=meta.get("layout", "NCHW"),
                                    scaled_from=meta.get("scaled_from", "none")), X
-    spec = fit_table_preprocessing(X, table_columns(meta, X.shape[1]), missing=meta.get("missing", "refuse"))
+    spec = fit_table_preprocessing(X, table_columns(meta, X.shape[1]), missing=meta.get("missing", "refuse"),
+                                   unknown_category=unknown_category)
     return spec, model_inputs(X, meta, spec)
 
 
 def model_inputs(X: np.ndarray, meta: Mapping[str, Any], spec: Mapping[str, Any]) -> np.ndarray:
-    """What the network sees for prepared rows ``X``: images unchanged (already on [0, 1]),
-    table rows through the spec."""
+    """What the network sees for prepared rows ``X`` of the pipeline's own versioned data:
+    images unchanged (already on [0, 1]), table rows through the spec. A held-out row whose
+    category the training rows lack is scored with that column at all zeros, whatever the
+    spec's policy: evaluation measures it rather than dropping it."""
     if spec.get("kind") == "image":
         return X
-    return apply_table_preprocessing(column_values(X, table_columns(meta, X.shape[1])), spec)
+    return apply_table_preprocessing(column_values(X, table_columns(meta, X.shape[1])), spec, unknown_category="ignore")
 
 
 def check_spec(spec: Mapping[str, Any]) -> None:
@@ -208,6 +260,8 @@ def check_spec(spec: Mapping[str, Any]) -> None:
         raise InvalidInput(f"not a preprocessing spec of format {SPEC_FORMAT}")
     if spec.get("kind") != "table" or not isinstance(spec.get("columns"), list):
         raise InvalidInput("not a table preprocessing spec")
+    if unknown_category_policy(spec) not in UNKNOWN_POLICIES:
+        raise InvalidInput(f"preprocessing has unknown_category {spec.get('unknown_category')!r}, not refuse or ignore")
     for column in spec["columns"]:
         if column.get("type") == NUMERIC:
             if not all(isinstance(column.get(k), (int, float)) and math.isfinite(column[k]) for k in ("low", "high")):

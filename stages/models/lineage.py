@@ -166,7 +166,9 @@ def _review_items(ws: Workspace, run_id: str | None) -> dict[str, Any] | None:
         return None
     p = hits[-1]["payload"]
     return {"queue": p["queue"], "queue_sha256": p["queue_sha256"], "source": p["source"], "ledger_seq": hits[-1]["seq"],
-            "items": [{k: it.get(k) for k in ("input_sha256", "label", "labelled_by", "sample_sha256")} for it in p["items"]]}
+            "reviewers_policy_sha256": p.get("reviewers_policy_sha256"),
+            "items": [{k: it.get(k) for k in ("input_sha256", "label", "labelled_by", "labelled_key_id", "sample_sha256")}
+                      for it in p["items"]]}
 
 
 def _policy_summary(verdict: dict[str, Any]) -> dict[str, Any]:
@@ -287,8 +289,9 @@ def render_lineage(result: dict[str, Any]) -> str:
     if ch.get("review"):
         rv = ch["review"]
         who = sorted({it["labelled_by"] for it in rv["items"]})
+        under = f" under signed policy {rv['reviewers_policy_sha256'][:16]}" if rv.get("reviewers_policy_sha256") else ""
         lines.append(f"review     queue {rv['queue']}: {len(rv['items'])} labelled inputs added (labelled by "
-                     f"{', '.join(who) or '-'}; ledger seq {rv['ledger_seq']})")
+                     f"{', '.join(who) or '-'}{under}; ledger seq {rv['ledger_seq']})")
     if ch.get("revoked"):
         lines.append(f"REVOKED at {ch['revoked']['time']} by {ch['revoked']['actor']}: {ch['revoked']['reason']}")
     for c in result.get("checks", []):

@@ -64,11 +64,6 @@ def promotion_lock(ws: Workspace, name: str) -> Iterator[None]:
         lock.release()
 
 
-def refuse(ws: Workspace, event: str, err: PipelineError, **payload: Any) -> PipelineError:
-    Ledger(ws.ledger_path).append(event, {**payload, "refused": type(err).__name__, "message": str(err)})
-    return err
-
-
 def _signed_policy(ws: Workspace) -> SignedPolicy:
     policy = load_signed_policy(ws)
     if policy is None:
@@ -171,7 +166,7 @@ def promote(ws: Workspace, ref: str, *, reason: str, approvals: Sequence[dict[st
             return {"model": name, "version": version, "alias": CHAMPION, "previous": current,
                     "approvers": [a["identity"] for a in counted] or ["policy:auto"], "ledger_seq": entry["seq"]}
     except PipelineError as err:
-        raise refuse(ws, "promotion.refused", err, model=name, ref=ref, reason=reason, auto=auto) from None
+        raise Ledger(ws.ledger_path).refusal("promotion.refused", err, model=name, ref=ref, reason=reason, auto=auto) from None
 
 
 def approve(ws: Workspace, ref: str, *, identity: str, reason: str) -> dict[str, Any]:
@@ -197,7 +192,7 @@ def approve(ws: Workspace, ref: str, *, identity: str, reason: str) -> dict[str,
         return {"model": name, "version": version, "identity": identity, "needed": needed, "ledger_seq": entry["seq"],
                 "approval": doc}
     except PipelineError as err:
-        raise refuse(ws, "approval.refused", err, model=name, ref=ref, identity=identity, reason=reason) from None
+        raise Ledger(ws.ledger_path).refusal("approval.refused", err, model=name, ref=ref, identity=identity, reason=reason) from None
 
 
 def _reference_statistics(ws: Workspace, mv, verdict: dict[str, Any]) -> dict[str, Any]:
@@ -240,4 +235,4 @@ def rollback(ws: Workspace, name: str, *, reason: str) -> dict[str, Any]:
                                run_id=(mv.tags or {}).get("mlsec.run_id"))
             return {"model": name, "alias": CHAMPION, "version": previous, "previous": current, "ledger_seq": entry["seq"]}
     except PipelineError as err:
-        raise refuse(ws, "rollback.refused", err, model=name, reason=reason) from None
+        raise Ledger(ws.ledger_path).refusal("rollback.refused", err, model=name, reason=reason) from None

@@ -35,6 +35,16 @@ def _shape_of(value: Any, *, depth: int, limit: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _check_batch(value: Any, *, max_batch: int) -> None:
+    """A request's ``inputs``: a non-empty list of at most ``max_batch`` rows (images and tables alike)."""
+    if not isinstance(value, list):
+        raise InvalidInput(f"'inputs' must be a list of rows, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput("'inputs' is empty: send at least one row")
+    if len(value) > max_batch:
+        raise InvalidInput(f"'inputs' has {len(value)} rows, more than the limit of {max_batch} per request")
+
+
 def check_inputs(value: Any, *, input_shape: tuple[int, ...], max_batch: int) -> np.ndarray:
     """Turn a request's ``inputs`` into a float32 array of shape ``(N, *input_shape)``.
 
@@ -53,12 +63,7 @@ def check_inputs(value: Any, *, input_shape: tuple[int, ...], max_batch: int) ->
         Not a list of rows, ragged rows, wrong shape, non-numbers (booleans and strings
         included), NaN or infinity, values outside [0, 1], an empty batch or too many rows.
     """
-    if not isinstance(value, list):
-        raise InvalidInput(f"'inputs' must be a list of rows, got {type(value).__name__}")
-    if not value:
-        raise InvalidInput("'inputs' is empty: send at least one row")
-    if len(value) > max_batch:
-        raise InvalidInput(f"'inputs' has {len(value)} rows, more than the limit of {max_batch} per request")
+    _check_batch(value, max_batch=max_batch)
     features = math.prod(input_shape)
     shape = _shape_of(value, depth=len(input_shape) + 1, limit=max_batch * features)
     flat_ok = shape == (len(value), features)
@@ -134,12 +139,7 @@ def check_table_rows(value: Any, *, spec: dict[str, Any], max_batch: int) -> np.
     check_spec(spec)
     columns = spec["columns"]
     names = [c["name"] for c in columns]
-    if not isinstance(value, list):
-        raise InvalidInput(f"'inputs' must be a list of rows, got {type(value).__name__}")
-    if not value:
-        raise InvalidInput("'inputs' is empty: send at least one row")
-    if len(value) > max_batch:
-        raise InvalidInput(f"'inputs' has {len(value)} rows, more than the limit of {max_batch} per request")
+    _check_batch(value, max_batch=max_batch)
     known = set(names)
     cells: list[list[Any]] = []
     for i, row in enumerate(value):

@@ -2,7 +2,8 @@
 
 A labelling is one signed document (``stages.trust.signing``) in the queue's ``labels/``,
 signed with the reviewer's identity key (``mlsec keys create --identity NAME``; the same
-keys that sign approvals, ``stages.trust.identities``)::
+keys that sign approvals, ``stages.trust.identities``) of a reviewer the signed policy names
+with that key (``promotion.reviewers``, ``stages.monitoring.reviewers``)::
 
     {"schema": "mlsec.review-labels/v1", "queue": "20240501T120000Z",
      "queue_sha256": "...", "identity": "alice", "reason": "checked by eye",
@@ -38,6 +39,7 @@ from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace
 from stages.data.labels import canonical_class, shown
 from stages.monitoring.review import LABELS_DIR, ReviewQueue, load_queue, violation
+from stages.monitoring.reviewers import authorise_labelling
 from stages.trust.hashing import read_file
 from stages.trust.identities import check_identity_name, identity_signer, public_key_from_pem
 from stages.trust.ledger import Ledger
@@ -60,6 +62,7 @@ class Decision:
     identity: str
     labelled_at: str
     document_sha256: str
+    key_id: str            # the key that signed the document (the ledger's record)
 
 
 @dataclass(frozen=True)
@@ -200,12 +203,15 @@ def record_labels(ws: Workspace, queue: ReviewQueue, labels: list[dict[str, Any]
     document in the queue's ``labels/`` and record it in the ledger (``review.label``).
 
     ``InvalidInput`` (nothing written) when this machine holds no key for ``identity`` or
-    there is nothing to record.
+    there is nothing to record; ``GateRejected`` (nothing written but a
+    ``review.label.refused`` ledger entry) when the signed policy does not let ``identity``
+    label with that key (``stages.monitoring.reviewers``).
     """
     check_identity_name(identity)
     if not labels:
         raise InvalidInput(f"no labels given for queue {queue.name}")
     signer = identity_signer(identity)          # InvalidInput: no identity key on this machine
+    authorise_labelling(ws, queue=queue.name, identity=identity, key_id=signer.key_id)
     payload = {"schema": LABELS_SCHEMA, "queue": queue.name, "queue_sha256": queue.sha256, "identity": identity,
                "reason": (reason or "").strip(), "labelled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "labels": labels}
@@ -264,7 +270,8 @@ def label_history(ws: Workspace, queue: ReviewQueue, entries: list[dict[str, Any
         problem = _label_problem(payload, rec, queue, digests)
         if problem:
             raise violation(ws, file=path, reason=problem, where=where)
-        history.append({**payload, "document_sha256": rec["document_sha256"], "ledger_seq": entry["seq"]})
+        history.append({**payload, "document_sha256": rec["document_sha256"], "ledger_seq": entry["seq"],
+                        "key_id": str(rec.get("key_id"))})
     return history
 
 
@@ -302,7 +309,7 @@ def decisions(history: list[dict[str, Any]]) -> dict[str, Decision]:
     for doc in history:
         for lab in doc["labels"]:
             out[lab["input_sha256"]] = Decision(lab["input_sha256"], lab["decision"], lab["label"], lab["position"],
-                                                doc["identity"], doc["labelled_at"], doc["document_sha256"])
+                                                doc["identity"], doc["labelled_at"], doc["document_sha256"], doc["key_id"])
     return out
 
 
@@ -321,7 +328,7 @@ def training_rows(queue: ReviewQueue, final: dict[str, Decision]) -> tuple[np.nd
         rows.append(i)
         y.append(d.position)
         items.append({"input_sha256": d.input_sha256, "label": d.label, "position": d.position,
-                      "labelled_by": d.identity, "label_document_sha256": d.document_sha256,
+                      "labelled_by": d.identity, "labelled_key_id": d.key_id, "label_document_sha256": d.document_sha256,
                       "prediction": item["prediction"]})
     X = queue.X[rows] if rows else np.zeros((0, *queue.X.shape[1:]), dtype=np.float32)
     return X, np.asarray(y, dtype=np.int64), items
@@ -343,10 +350,11 @@ def queue_status(queue: ReviewQueue, final: dict[str, Decision], entries: list[d
 
 
 def record_training(ws: Workspace, queue: ReviewQueue, items: list[dict[str, Any]], *, run_id: str, source: str,
-                    source_sha256: str) -> dict[str, Any]:
+                    source_sha256: str, policy_sha256: str | None) -> dict[str, Any]:
     """Record which labelled items enter run ``run_id`` (a ``review.train`` ledger entry
-    under that run id, which ``mlsec lineage`` shows); return its payload."""
+    under that run id, which ``mlsec lineage`` shows), and the signed policy under which
+    their reviewers were allowed to label (``policy_sha256``); return its payload."""
     payload = {"queue": queue.name, "queue_sha256": queue.sha256, "source": source, "source_sha256": source_sha256,
-               "items": items}
+               "reviewers_policy_sha256": policy_sha256, "items": items}
     Ledger(ws.ledger_path).append("review.train", payload, run_id=run_id)
     return payload

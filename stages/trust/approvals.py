@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from stages.core.canonical import canonical_json
-from stages.core.errors import GateRejected, IntegrityError, InvalidInput
+from stages.core.errors import IntegrityError, InvalidInput
 from stages.trust.identities import check_identity_name, identity_signer, local_identities
-from stages.trust.policy import SignedPolicy
+from stages.trust.policy import SignedPolicy, authorised_key
 from stages.trust.signing import sign_document, verify_document
 
 APPROVAL_SCHEMA = "mlsec.approval/v1"
@@ -50,7 +50,8 @@ def verify_approval(doc: Any, *, policy: SignedPolicy, model: str, version: str,
 
     ``IntegrityError`` (exit 4): malformed, signed by a key neither the policy nor this key
     folder knows, signed with another identity's key, or about another version or verdict.
-    ``GateRejected`` (exit 3): a known identity that the signed policy does not let approve.
+    ``GateRejected`` (exit 3): a known identity that the signed policy does not let approve
+    (not listed, or with another key than the pinned one): ``stages.trust.policy.authorised_key``.
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("payload"), dict) or not isinstance(doc.get("signature"), dict):
         raise IntegrityError("malformed approval: expected a signed document with 'payload' and 'signature'")
@@ -58,22 +59,13 @@ def verify_approval(doc: Any, *, policy: SignedPolicy, model: str, version: str,
     claimed = payload.get("identity")
     if payload.get("schema") != APPROVAL_SCHEMA:
         raise IntegrityError(f"malformed approval: unknown schema {payload.get('schema')!r}")
-    pinned = policy.approver_keys()
-    owner = next((name for name, (kid, _) in pinned.items() if kid == key_id), None)
-    if owner is None:
-        known = {kid: name for name, kid in local_identities().items()}
-        if key_id in known and known[key_id] == claimed:
-            raise GateRejected(f"identity {claimed!r} may not approve under the signed policy "
-                               f"(approvers: {', '.join(policy.approvers) or 'none'})")
-        raise IntegrityError(f"approval for {claimed!r} is signed by unknown key {key_id[:16]}: neither the signed "
-                             "policy nor this key folder holds it")
-    if owner != claimed:
-        raise IntegrityError(f"approval claims identity {claimed!r} but is signed with the key of {owner!r}")
-    verify_document(doc, keys={pinned[owner][0]: pinned[owner][1]})
+    vouched = local_identities().get(str(claimed)) == key_id     # this key folder ties the key to the name
+    key = authorised_key(policy, "approvers", claimed=str(claimed), key_id=key_id, vouched=vouched, what="approval")
+    verify_document(doc, keys={key_id: key})
     if payload.get("model") != model or str(payload.get("version")) != str(version):
-        raise IntegrityError(f"approval by {owner!r} is for {payload.get('model')}/{payload.get('version')}, "
+        raise IntegrityError(f"approval by {claimed!r} is for {payload.get('model')}/{payload.get('version')}, "
                              f"not for {model}/{version}")
     if payload.get("verdict_sha256") != verdict_sha256:
-        raise IntegrityError(f"approval by {owner!r} is for another gate verdict of {model}/{version} "
+        raise IntegrityError(f"approval by {claimed!r} is for another gate verdict of {model}/{version} "
                              f"({str(payload.get('verdict_sha256'))[:16]}..., registered {verdict_sha256[:16]}...)")
     return payload

@@ -206,6 +206,12 @@ class Ledger:
             write_json(self.head_path, sign_document({"ledger": self.path.name, "seq": seq, "hash": entry["hash"]}))
             return entry
 
+    def refusal(self, event: str, err: Exception, **payload: Any) -> Exception:
+        """Record a refused request (``<what>.refused``: what was asked, by whom, why) and
+        return ``err`` for the caller to raise: a refusal leaves a trace, nothing else."""
+        self.append(event, {**payload, "refused": type(err).__name__, "message": str(err)})
+        return err
+
     def head(self) -> dict[str, Any] | None:
         """The last entry's seq and hash, or None for an empty ledger."""
         if not self.path.exists():
