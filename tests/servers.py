@@ -41,15 +41,24 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, *, timeout_s: float =
     raise RuntimeError(f"{url} did not answer within {timeout_s} s: {log.read_text()[-3000:]}")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, children before grandchildren (read from /proc)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[int, int]]:
+    """Process id -> (parent id, process group) of every live process (read from /proc)."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
             continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+        if state != "Z":
+            table[int(stat.parent.name)] = (int(ppid), int(pgrp))
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(0), []):
@@ -58,42 +67,34 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def _running(pids: list[int], pgid: int | None) -> list[int]:
+    """Which of ``pids``, and which members of the process group ``pgid``, still run."""
+    return [pid for pid, (_, pgrp) in _processes().items() if pid in pids or pgrp == pgid]
 
 
 def stop(proc: subprocess.Popen, *, group: bool = True, timeout_s: float = 20) -> None:
     """Stop ``proc`` and everything it started: its process group (``group``: it was started
-    with ``start_new_session``) and any descendant that left the group (Prefect's runners
-    start each flow run in a session of its own; MLflow's server starts uvicorn and job
-    runners). SIGTERM first; SIGKILL for whatever still runs after ``timeout_s``."""
-    if proc.poll() is not None:
-        return
-    family = descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        if group:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
-    for pid in family:
+    with ``start_new_session``; members stay in it after the leader exits) and the descendants
+    that left the group (Prefect's runners start each flow run in a session of its own; MLflow's
+    server starts uvicorn and job runners). SIGTERM first, SIGKILL for whatever still runs
+    after ``timeout_s``."""
+    pgid = proc.pid if group else None
+    family = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []
+    for pid in _running(family, pgid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout_s)
-    while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+    while time.monotonic() < deadline and _running(family, pgid):
         time.sleep(0.2)
-    if group:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    for pid in [proc.pid, *family]:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in _running(family, pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _running(family, pgid):  # SIGKILL is delivered, not waited for
+        time.sleep(0.1)
 
 
 def base_env(**extra: str) -> dict[str, str]:
