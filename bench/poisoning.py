@@ -1,8 +1,8 @@
 """Benchmark the data defences against label flips and backdoors, over seeds and datasets.
 
 Each (section, dataset, seed, case) is one JSON line in ``--out`` (default
-``bench/out/poisoning.jsonl``; cases already there are skipped, so an interrupted run
-resumes); the Markdown tables (mean, worst and spread over seeds) are printed from that
+``bench/out/poisoning.jsonl``; cases already there for the same recipe, settings and code, are skipped, so an
+interrupted run resumes); the Markdown tables (mean, worst and spread over seeds) are printed from that
 file at the end, or alone with ``--report``. Runs are long on a small CPU: run pieces in
 the background under ``nice`` and combine them through the one file.
 
@@ -37,8 +37,10 @@ stage's fit), and on MNIST the ``clean`` and ``flips`` sections only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,21 @@ from stages.core.params import load_params
 
 SECTIONS = ("clean", "flips", "targeted", "backdoors", "scan", "features", "calibrate-labels", "calibrate-shortcuts")
 OUT = Path(__file__).resolve().parent / "out" / "poisoning.jsonl"
+
+
+def recipe_digest(args: argparse.Namespace) -> str:
+    """A digest (16 hex digits of SHA-256) naming what a record measured: the settings (params file, overrides, the
+    options that shape a case) and the code (git's tree of ``stages`` and ``bench``, plus any
+    uncommitted change there). An interrupted run resumes only its own recipe's cases; after a
+    change to the detectors or the bench every case is measured again."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout  # noqa: E731
+    settings = {"params": load_params(args.params, args.overrides).model_dump(mode="json"), "final": args.final,
+                "quick": args.quick, "rates": args.rates, "flip_rates": args.flip_rates, "scan_rates": args.scan_rates}
+    code = git("rev-parse", "HEAD:stages", "HEAD:bench") + git("diff", "HEAD", "--", "stages", "bench")
+    if not code.strip():
+        code = "no git"   # outside a git checkout: settings only
+    return hashlib.sha256((json.dumps(settings, sort_keys=True) + code).encode()).hexdigest()[:16]
 
 
 def _write(out: Path, rec: dict[str, Any]) -> None:
@@ -91,7 +108,7 @@ def run_dataset(name: str, seed: int, args: argparse.Namespace, done: set[tuple]
     key = lambda section, case, rate=None: (section, name, seed, case, rate)  # noqa: E731
     scan = (lambda m: cases.scan_summary(m, split, params)) if "scan" in args.sections else None
     threshold = params.gate.max_backdoor_anomaly
-    base = {"dataset": name, "seed": seed}
+    base = {"dataset": name, "seed": seed, "recipe": args.recipe}
 
     clean_model = None
     if "clean" in args.sections and key("clean", "clean") not in done:
@@ -170,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.report:
         torch.set_num_threads(1)  # small nets: one thread beats several on a small shared CPU
-        done = {(r["section"], r["dataset"], r["seed"], r["case"], r.get("rate")) for r in read_records(args.out)}
+        args.recipe = recipe_digest(args)
+        done = {(r["section"], r["dataset"], r["seed"], r["case"], r.get("rate")) for r in read_records(args.out)
+                if r.get("recipe") == args.recipe}
         for name in args.datasets:
             if name == "mnist" and not mnist_available():
                 print("MNIST not found: skipped (set MLSEC_MNIST_DIR)", file=sys.stderr)
@@ -179,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
                 run_dataset(name, seed, args, done, args.out)
     print(f"# Data defences benchmark ({args.out.name})\n")
     records = read_records(args.out)
+    if not args.report:
+        records = [r for r in records if r.get("recipe") == args.recipe]   # this run's recipe only
+    elif len({r.get("recipe") for r in records}) > 1:
+        print(f"Note: {args.out.name} holds records of {len({r.get('recipe') for r in records})} recipes (the code or "
+              "settings changed between runs); these tables mix them. Use a fresh --out for one recipe's tables.\n")
     print(render([r for r in records if r["section"] not in ("calibrate", "features")]))
     if any(r["section"] == "features" for r in records):
         print("## Spectral signatures on learned features, alone\n")

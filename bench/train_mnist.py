@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import signal
@@ -115,6 +116,11 @@ LABELS = {"standard": "standard (cnn_mnist)", "fgsm_rs": f"adversarial FGSM-RS, 
           "dp_eps1.2": "DP-SGD eps 1.2 (cnn_dp)", "pgd40": f"adversarial PGD-40, eps {EPSILON}",
           "trades": f"adversarial TRADES (beta 6, PGD-10), eps {EPSILON}", "n_fgsm": f"adversarial N-FGSM, eps {EPSILON}"}
 BASELINE = {"dp_eps3": "standard_dp_net", "dp_eps1.2": "standard_dp_net", "standard_dp_net": "standard_dp_net"}
+
+
+def _recipe_digest(recipe: dict[str, Any]) -> str:
+    """SHA-256 of a row's training settings: a results folder never mixes two recipes in a row."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -312,13 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         _save(state_path, state)
         (out / "results.md").write_text(render(state) + "\n")
 
+    recipes = dict(bench_modes(quick=args.quick, epochs=args.epochs))
+    changed = [m for m in modes if state["rows"].get(m, {}).get("recipe_sha256") not in (None, _recipe_digest(recipes[m]))]
+    if changed:
+        print(f"train_mnist: {out} holds {', '.join(changed)} measured with another recipe (its training settings "
+              "changed since); use a fresh --out, or remove those rows and their checkpoints", file=sys.stderr)
+        return 2
     print(f"MNIST bench ({size_name}): {n_train} training images, device {state['config']['device']}, "
           f"results in {out}", file=sys.stderr)
-    recipes = dict(bench_modes(quick=args.quick, epochs=args.epochs))
     code = 0
     try:
         for name in modes:
             row = state["rows"].setdefault(name, {})
+            row["recipe_sha256"] = _recipe_digest(recipes[name])   # resumed and skipped rows are this recipe's only
             if "evaluation" in row and row.get("done"):
                 continue
             started = time.perf_counter()

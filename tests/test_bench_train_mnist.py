@@ -77,3 +77,11 @@ def test_a_run_writes_results_and_the_same_command_resumes(tiny_mnist, tmp_path)
     state = json.loads((out / "results.json").read_text())
     assert state["config"]["modes"] == ["standard", "dp_eps3", "standard_dp_net"] and state["status"] == "complete"
     assert "| DP-SGD eps 3 (cnn_dp) | 1 |" in (out / "results.md").read_text()
+
+    # the recipe of a row changed since it was measured (here: its recorded digest edited, as a
+    # code change to bench_modes would leave it): refused, not skipped as done nor mixed in
+    state["rows"]["standard"]["recipe_sha256"] = "0" * 64
+    (out / "results.json").write_text(json.dumps(state))
+    changed = _bench(*args)
+    assert changed.returncode == 2 and "measured with another recipe" in changed.stderr
+    assert changed.stderr.strip().splitlines() == [changed.stderr.strip()]
