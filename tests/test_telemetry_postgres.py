@@ -3,51 +3,21 @@ installs Debian's postgresql), when ``serving.telemetry.url`` names one."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from stages.monitoring.store import TelemetryStore
+from tests.servers import postgres_bin, postgres_cluster
 from tests.test_monitoring import _row
 
 
-def _bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
 @pytest.fixture(scope="module")
-def postgres():
-    initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
-    if not (initdb and pg_ctl):
+def postgres(tmp_path_factory):
+    if postgres_bin() is None:
         pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
-    base = Path(tempfile.mkdtemp(prefix="mlsec-pg-"))   # outside pytest's root-only folder
-    data = base / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:                       # PostgreSQL refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
-        os.chmod(base, 0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                   capture_output=True, timeout=120)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(data.parent / "log"), "-o",
-                    f"-h 127.0.0.1 -p {port} -k {data.parent}", "start"], check=True, capture_output=True, timeout=120)
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-        yield url
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+    with postgres_cluster(tmp_path_factory.mktemp("pg")) as (user, port):
+        yield f"postgresql+psycopg://{user}@127.0.0.1:{port}/postgres"
 
 
 def test_store_writes_reads_and_prunes_in_postgresql(postgres):
