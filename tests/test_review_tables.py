@@ -133,3 +133,27 @@ def test_a_queue_that_cannot_join_the_champions_table_is_refused(table_queue, tm
     old_review = replace(review, queue=replace(old, payload={k: v for k, v in old.payload.items() if k != "columns"}))
     with pytest.raises(InvalidInput, match="keeps only the scaled features"):
         check_joinable(old_review, champion)
+
+
+def test_a_telemetry_store_created_before_raw_rows_gains_the_column_and_keeps_its_rows(tmp_path):
+    """A store written by an earlier version (no raw_row column): opened, it gains the column;
+    its old flagged rows read back with none, and new ones keep theirs."""
+    import sqlite3
+
+    from stages.monitoring.store import TelemetryStore
+
+    db = tmp_path / "telemetry.db"
+    old = _flagged(SENT[:1])[0]
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE flagged_inputs (input_sha256 VARCHAR(64) PRIMARY KEY, time FLOAT NOT NULL, client "
+                     "VARCHAR(64) NOT NULL, model_version VARCHAR(32) NOT NULL, prediction INTEGER NOT NULL, detector_score "
+                     "FLOAT NOT NULL, shape VARCHAR(64) NOT NULL, data BLOB NOT NULL)")
+        conn.execute("INSERT INTO flagged_inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     [old[k] for k in ("input_sha256", "time", "client", "model_version", "prediction", "detector_score",
+                                       "shape", "data")])
+    store = TelemetryStore(f"sqlite:///{db}", queue_max=10, retention_s=86_400).start()
+    new = _flagged(SENT[1:2])[0]
+    assert store.submit("flagged_inputs", [new]) and store.flush()
+    rows = {r["input_sha256"]: r["raw_row"] for r in store.flagged_inputs()}
+    store.close()
+    assert rows == {old["input_sha256"]: None, new["input_sha256"]: new["raw_row"]}
