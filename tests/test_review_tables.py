@@ -157,3 +157,26 @@ def test_a_telemetry_store_created_before_raw_rows_gains_the_column_and_keeps_it
     rows = {r["input_sha256"]: r["raw_row"] for r in store.flagged_inputs()}
     store.close()
     assert rows == {old["input_sha256"]: None, new["input_sha256"]: new["raw_row"]}
+
+
+def test_a_labelled_row_beyond_the_float32_range_is_refused_and_still_measured(tmp_path):
+    """The model clips an attacker's 1e300; the queue keeps it as sent, the epsilon measure
+    copes with it, and a retraining that would train on it is bad input naming the item."""
+    from flows.playbooks.review import check_table_items, perturbation_inputs
+
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    sign_reviewers(ws.root)
+    queue, _ = write_queue(ws, model="m", reason="r", rows=_flagged([{"age": 1e300, "city": "a"}, SENT[0]]),
+                           classes=CLASSES, data_kind="table", columns=COLUMNS)
+    assert queue.items[0]["row"] == {"age": 1e300, "city": "a"}
+    d = [item["input_sha256"] for item in queue.items]
+    record_labels(ws, queue, resolve_labels(queue, [(d[0], "benign"), (d[1], "malignant")]), identity=_identity("rita"),
+                  reason="")
+    review = open_review(ws, queue.name, where="test")
+    X, _, items = training_rows(review.queue, review.final)
+    train, flagged = perturbation_inputs(_champion(), review.queue, X, items)
+    assert np.isfinite(flagged).all() and flagged.shape[1] == train.shape[1] and flagged[0, 0] == 1.0   # clipped
+    with pytest.raises(InvalidInput, match=rf"item {d[0][:16]}\.\.\., column 'age' holds 1e\+300, beyond the float32"):
+        check_table_items(queue.name, items)
+    check_table_items(queue.name, items[1:])

@@ -60,6 +60,8 @@ def labelled_rows(ws: Workspace, name: str, *, model: str, data: DatasetVersion,
                            "discarded): label them with 'mlsec review label'")
     check_labellers(ws, queue=name, decisions=review.final.values())   # by the signed policy's reviewers only
     check_joinable(review, data)
+    if data.kind == "table":
+        check_table_items(q.name, items)
     return review, X, y, items
 
 
@@ -86,6 +88,18 @@ def check_joinable(review: Review, data: DatasetVersion) -> None:
                            f"{data.classes}")
 
 
+def check_table_items(queue: str, items: list[dict[str, Any]]) -> None:
+    """``InvalidInput`` naming the first labelled raw row with a number beyond the float32 range
+    of prepared tables (the model clips it when serving; ingest refuses it): discard it."""
+    limit = float(np.finfo(np.float32).max)
+    for item in items:
+        for name, v in item["row"].items():
+            if isinstance(v, (int, float)) and abs(v) > limit:
+                raise InvalidInput(f"review queue {queue}: item {item['input_sha256'][:16]}..., column {name!r} holds "
+                                   f"{v:g}, beyond the float32 range of the champion's table; it cannot be trained on: "
+                                   "mark it with 'mlsec review label ... --discard'")
+
+
 def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.ndarray, y: np.ndarray,
                   items: list[dict[str, Any]], *, run_id: str, declared: list[Any] | None,
                   label_column: str) -> tuple[str, list[str], dict]:
@@ -101,6 +115,7 @@ def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.nda
     if data.kind == "table" and items:
         columns = table_columns(data.meta, data.X.shape[1])
         X, grown = prepared_rows([it["row"] for it in items], columns)
+        X = X.astype(np.float32)               # within its range: check_table_items
         renumbered = grown != columns          # a category the champion's rows lack: ingest sorts the codes anew
         data = replace(data, meta={**data.meta, "columns": grown})
     X_all = np.concatenate([data.X, X.reshape(len(X), *data.X.shape[1:]).astype(data.X.dtype)]) if len(X) else data.X

@@ -74,10 +74,12 @@ def column_values(X: np.ndarray, columns: Sequence[Mapping[str, Any]]) -> list[n
 def prepared_rows(rows: Sequence[Mapping[str, Any]],
                   columns: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Raw rows by column name (numbers, category text, None = missing) in the prepared form
-    of a table with schema ``columns``: ``(X, columns)``, ``X`` N x F float32 (categories as
-    codes, NaN = missing), and the schema with each category the rows hold that it lacks
-    appended to its column's list (so codes into the given lists keep their meaning).
-    Category text is stripped, as ingest reads it. The inverse of :func:`column_values`."""
+    of a table with schema ``columns``: ``(X, columns)``, ``X`` N x F float64 (categories as
+    codes, NaN = missing; float64, so that a number beyond the float32 range of prepared data
+    stays a number for the caller to refuse or clip), and the schema with each category the
+    rows hold that it lacks appended to its column's list (so codes into the given lists keep
+    their meaning). Category text is stripped, as ingest reads it. The inverse of
+    :func:`column_values`."""
     out = [dict(c, categories=list(c["categories"])) if c["type"] == CATEGORICAL else dict(c) for c in columns]
     X = np.full((len(rows), len(out)), np.nan, dtype=np.float64)
     for i, row in enumerate(rows):
@@ -92,7 +94,7 @@ def prepared_rows(rows: Sequence[Mapping[str, Any]],
                 X[i, j] = column["categories"].index(text)
             else:
                 X[i, j] = float(v)
-    return X.astype(np.float32), out
+    return X, out
 
 
 def _is_missing(values: np.ndarray) -> np.ndarray:
