@@ -33,6 +33,14 @@ OUTPUTS = {
     "train": ["weights", "model_config", "preprocessing", "train_report"],
     "evaluate": ["evaluation", "per_sample", "robustness_curve"],
 }
+OPTIONAL_OUTPUTS = {"train": ["feature_statistics"]}   # written for some kinds of data only (tables)
+
+
+def stage_outputs(ctx: RunContext, stage: str) -> list[str]:
+    """The outputs a cache entry of ``stage`` in this run carries: ``OUTPUTS`` and those of
+    ``OPTIONAL_OUTPUTS`` this run's signed index records (a reuse replays them too)."""
+    recorded = ctx.recorded(where=f"{stage} cache")
+    return OUTPUTS[stage] + [name for name in OPTIONAL_OUTPUTS.get(stage, []) if name in recorded]
 
 
 def split_digest(ctx: RunContext, *, where: str) -> str:

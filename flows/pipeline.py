@@ -24,7 +24,7 @@ from prefect.states import State  # noqa: E402
 from prefect.flow_runs import pause_flow_run  # noqa: E402
 from prefect.input import RunInput  # noqa: E402
 
-from flows.caching import CACHED_STAGES, OUTPUTS, key_parts, replay_ledger  # noqa: E402
+from flows.caching import CACHED_STAGES, key_parts, replay_ledger, stage_outputs  # noqa: E402
 from flows.concurrency import model_lock  # noqa: E402
 from flows.fanout import FANNED_OUT, PROGRESSED, Progress, make_runner, mapper_for_run, run_mapper, running  # noqa: E402
 from flows.server import TEMPORARY_ENV  # noqa: E402
@@ -85,7 +85,7 @@ def _cached_stage(name: str, core, ctx: RunContext, params: Params, **kwargs: An
     if hit is None:
         result = run_stage(name, core, ctx, params, **kwargs)
         stagecache.store(ctx, name, key, material, result={k: v for k, v in result.items() if k != "seconds"},
-                         outputs=OUTPUTS[name])
+                         outputs=stage_outputs(ctx, name))
         logger.info("stage %s finished in %.2f s", name, result["seconds"])
         return result
     if name == "screen":  # the findings are reused; the stage still verifies, writes and decides
@@ -101,7 +101,7 @@ def _cached_stage(name: str, core, ctx: RunContext, params: Params, **kwargs: An
             return dict(hit["result"])
         result = run_stage(name, reuse, ctx, params)
     stagecache.store(ctx, name, key, material, result={k: v for k, v in result.items() if k != "seconds"},
-                     outputs=OUTPUTS[name])
+                     outputs=stage_outputs(ctx, name))
     result = {**result, "cached_from": hit["run_id"]}
     logger.info("stage %s reused from run %s (same verified inputs and settings) in %.2f s", name, hit["run_id"],
                 result["seconds"])

@@ -71,7 +71,7 @@ def cmd_review_show(args: argparse.Namespace) -> int:
                       "decision": d.decision if d else None, "label": d.label if d else None,
                       "labelled_by": d.identity if d else None, "labelled_at": d.labelled_at if d else None})
     out = {**queue_status(q, review.final, review.entries), "classes": q.classes, "input_shape": q.payload["input_shape"],
-           "queue_sha256": q.sha256, "items_detail": items}
+           "columns": q.columns, "queue_sha256": q.sha256, "items_detail": items}
 
     def text(r: dict[str, Any]) -> str:
         lines = [f"queue {r['queue']}  model {r['model']}  {r['status']}  created {r['created_at']}  reason: {r['reason']}",
@@ -83,6 +83,8 @@ def cmd_review_show(args: argparse.Namespace) -> int:
                 it["decision"] or "", "-")
             lines.append(f"{it['input_sha256'][:16]}  {it['client'][:16]:<16}  {when}  {it['model_version']:>7}  "
                          f"{str(it['prediction_class']):>10}  {it['detector_score']:7.3f}  {label}")
+            if it.get("row") is not None:    # a table's row as the client sent it, by column name
+                lines.append("    " + ", ".join(f"{name}={'null' if v is None else v}" for name, v in it["row"].items()))
         return "\n".join(lines)
 
     _print(out, args.json, text)
@@ -146,7 +148,8 @@ def add_commands(sub, common: argparse.ArgumentParser, parser_class) -> None:
     rsub = p.add_subparsers(dest="review_command", required=True, parser_class=parser_class)
     c = rsub.add_parser("list", parents=[common], help="review queues: items, labelled, discarded, status")
     c.set_defaults(fn=cmd_review_list)
-    c = rsub.add_parser("show", parents=[common], help="a queue's items: digest, client, prediction, score, label")
+    c = rsub.add_parser("show", parents=[common], help="a queue's items: digest, client, prediction, score, label "
+                        "(and a table's rows by column name)")
     c.add_argument("queue")
     c.set_defaults(fn=cmd_review_show)
     c = rsub.add_parser("label", parents=[common], help="label items with your identity key (signed, in the ledger)")

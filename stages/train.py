@@ -3,7 +3,10 @@
 Outputs ``model/model.safetensors`` (weights, never pickle), ``model/preprocessing.json``
 (the input preprocessing, fitted on the accepted training rows only: JSON parameters, never a
 pickled object) and ``model/model.json`` (the architecture, shapes, class list and the SHA-256
-of the preprocessing), plus ``train.json`` (history, privacy).
+of the preprocessing), plus ``train.json`` (history, privacy) and, for a table,
+``feature_statistics.json``: the statistics of the scaled training features the network sees
+(``dataset_statistics``, the structure of the image drift reference), recorded in the run's
+signed artifact index; serving reads them as its drift reference for this version.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from stages.core.fanout import Progress
 from stages.core.params import Params
 from stages.core.workspace import write_json
+from stages.data.expectations.statistics import dataset_statistics
 from stages.data.prepared import accepted_rows_digest, load_npz_bytes, parse_prepared
 from stages.data.preprocessing import fit_model_preprocessing
 from stages.models.weights import save_model
@@ -68,7 +72,13 @@ def run(ctx: RunContext, params: Params, *, progress: Progress | None = None) ->
               "collapse_guard": result.guard}
     report_path = ctx.path("train.json")
     write_json(report_path, report)
-    records = ctx.record_outputs(STAGE, {**files, "train_report": report_path})
+    files["train_report"] = report_path
+    if spec["kind"] == "table":   # the served version's drift reference, on the scale the network sees
+        files["feature_statistics"] = ctx.path("feature_statistics.json")
+        write_json(files["feature_statistics"], {
+            "run_id": ctx.run_id, "data_sha256": manifest["merkle_root"], "scale": "scaled features (preprocessing.json)",
+            "statistics": dataset_statistics(X_model, accepted_labels)})
+    records = ctx.record_outputs(STAGE, files)
     ctx.log("train.model", {"weights_sha256": records["weights"]["sha256"], "architecture": result.model_name,
                             "mode": tp.mode, "privacy": result.privacy,
                             "collapse_guard": _guard_summary(result.guard)})

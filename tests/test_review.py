@@ -349,7 +349,8 @@ def test_labelled_rows_join_the_champions_data_with_the_reviewers_labels_and_its
     review = open_review(ws, queue.name, where="test")
     X, y, items = training_rows(review.queue, review.final)
     run_id = "20260101T000000Z-abcdef"
-    source, overrides, record = review_source(ws, review, data, X, y, items, run_id=run_id, declared=None)
+    source, overrides, record = review_source(ws, review, data, X, y, items, run_id=run_id, declared=None,
+                                              label_column="label")
     assert overrides == ['data.classes=["zebra", "ant", "cat"]'] and record["items"] == 2
     ingested = load_source(source, classes=classes)        # as the run's ingest reads it with that setting
     assert list(ingested.classes) == classes and len(ingested.y) == 8
@@ -366,5 +367,5 @@ def test_labelled_rows_join_the_champions_data_with_the_reviewers_labels_and_its
     # nothing labelled: the champion's rows alone, and the ledger says so
     empty = np.zeros((0, *SHAPE), dtype=np.float32)
     source, _, record = review_source(ws, review, data, empty, np.zeros(0, np.int64), [], run_id=run_id + "0",
-                                      declared=classes)
+                                      declared=classes, label_column="label")
     assert record["items"] == 0 and len(load_source(source, classes=classes).y) == 6

@@ -194,7 +194,7 @@ def test_monitoring_reads_the_scaled_features(served):
     current = service.host.current
     features = int(np.prod(current.input_shape))
     assert features == 30 + 3                                  # 30 numeric columns, 3 clinic categories
-    assert current.reference["statistics_source"] == "verified training rows (scaled features)"
+    assert current.reference["statistics_source"] == "signed training statistics (scaled features)"
     assert current.detector is not None and current.detector.report
     headers = {"Authorization": f"Bearer {served['keys']['admin']}"}
     described = httpx.get(f"{served['url']}/v1/status", headers=headers).json()["champion"]
@@ -254,3 +254,131 @@ def test_boundary_check_gives_the_models_own_features():
         with pytest.raises(InvalidInput) as err:
             check_table_rows(bad, spec=spec, max_batch=3)
         assert detail in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_drift_reference_is_the_runs_signed_feature_statistics_and_an_edit_stops_serving(served):
+    """Train records the scaled features' statistics in the run's signed index; serving reads
+    them (the same numbers the verified rows give). Edited or removed: refused, exit 4. A run
+    recorded before train wrote them falls back to the verified rows, and says so."""
+    from stages.core.errors import IntegrityError
+    from stages.core.workspace import Workspace, write_json
+    from stages.data.expectations.statistics import dataset_statistics
+    from stages.monitoring.reference import LEGACY_FEATURES, served_reference
+    from stages.trust.context import RunContext
+    from stages.trust.signing import sign_document, verify_document
+    from tests.support import run_cli
+
+    ws, current = served["ws"], served["service"].host.current
+    ctx = RunContext(Workspace(ws), current.run_id)
+
+    def reference():
+        return served_reference(Workspace(ws), model=current.name, run_id=current.run_id, weights_sha256=current.weights_sha256,
+                                input_shape=current.input_shape, most_rows=10_000, preprocessing=current.preprocessing)
+
+    signed = reference()
+    assert signed.statistics_source == "signed training statistics (scaled features)"
+    assert signed.statistics == json.loads(json.dumps(dataset_statistics(signed.X_train, signed.y_train)))
+    path, index = ctx.run_dir / "feature_statistics.json", ctx.artifacts_path.read_bytes()
+    original = path.read_bytes()
+    doc = json.loads(original)
+    doc["statistics"]["feature_mean"][0] += 0.3          # a baseline moved towards the attacker's traffic
+    try:
+        for edit in (lambda: path.write_text(json.dumps(doc)), path.unlink):
+            edit()
+            with pytest.raises(IntegrityError):
+                reference()
+            proc = run_cli(["serve", "--port", "0"], cwd=ws, timeout=300)
+            assert proc.returncode == 4 and "feature_statistics" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+            path.write_bytes(original)
+        # a run recorded before train wrote them: the index (signed) has no such record
+        payload = verify_document(json.loads(index))
+        del payload["artifacts"]["feature_statistics"]
+        write_json(ctx.artifacts_path, sign_document(payload))
+        legacy = reference()
+        assert legacy.statistics_source == LEGACY_FEATURES and "written before" in LEGACY_FEATURES
+        assert legacy.statistics == signed.statistics
+    finally:
+        path.write_bytes(original)
+        ctx.artifacts_path.write_bytes(index)
+
+@pytest.mark.slow
+def test_flagged_raw_rows_are_reviewed_by_column_name_and_retrained_on_as_labelled(served, tmp_path):
+    """Rows the detector flags are queued as the client sent them; a pinned reviewer labels
+    them by class name; the queue edited afterwards is refused (exit 4); the retraining's
+    verified table holds exactly the labelled raw rows with those labels, by column name."""
+    from stages.core.workspace import Workspace
+    from stages.data.prepared import class_name, parse_prepared, row_values
+    from stages.trust.context import RunContext
+    from tests.serving_support import cancer_frame
+    from tests.support import APPROVERS, identity, run_cli, sign_reviewers
+
+    ws, model = served["ws"], served["summary"]["model"]["name"]
+    for name in APPROVERS:                               # the signed policy's approvers stay pinned
+        identity(name)
+    sign_reviewers(ws)                                   # rita and sam, pinned by the policy owner
+    truth = cancer_frame()["label"]
+    rows = served["rows"].iloc[400:440].copy()
+    numeric = [c for c in rows.columns if c != "clinic"]
+    rows[numeric] = rows[numeric] * 3.0                  # far outside the training population: flagged
+    sent = _records(rows)
+    sent[0]["clinic"] = " north "                        # kept as sent; ingest strips it as it strips a CSV cell
+    assert _post(served, sent).status_code == 200
+    assert served["service"].store.flush()
+    proc = run_cli(["playbook", "evasion-response", "--model", model, "--reason", "tripled rows", "--since-hours", "0.1",
+                    "--json"], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    queue = json.loads(proc.stdout)["review_queue"]["queue"]
+    shown = json.loads(run_cli(["review", "show", queue, "--json"], cwd=ws).stdout)
+    assert [c["name"] for c in shown["columns"]] == list(served["rows"].columns)
+    def key(row: dict) -> str:
+        return json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in row.items()}, sort_keys=True)
+
+    mine = {key(r): (i, r) for i, r in enumerate(sent)}
+    ours = [(it["input_sha256"], *mine[key(it["row"])]) for it in shown["items_detail"]
+            if key(it["row"]) in mine]                         # the rows by column name, as sent
+    assert len(ours) >= 4, len(ours)
+    text = run_cli(["review", "show", queue], cwd=ws).stdout
+    assert f"clinic={ours[0][2]['clinic']}" in text and f"mean radius={ours[0][2]['mean radius']}" in text
+    labelled, discarded = ours[:3], ours[3]
+    (tmp_path / "labels.csv").write_text("input_sha256,label\n" + "".join(
+        f"{d},{truth.iloc[400 + i]}\n" for d, i, _ in labelled) + f"{discarded[0]},discard\n")
+    proc = run_cli(["review", "label", queue, "--identity", identity("rita"), "--labels", str(tmp_path / "labels.csv")],
+                   cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    # an attacker changes a queued row after it was signed: labelling and retraining are refused
+    folder = ws / "serving" / "review" / queue
+    original = (folder / "queue.json").read_bytes()
+    doc = json.loads(original)
+    doc["payload"]["items"][0]["row"]["mean radius"] = 1.0
+    (folder / "queue.json").write_text(json.dumps(doc))
+    try:
+        for args in (["label", queue, "--identity", identity("rita"), "--item", labelled[0][0], "--label", "benign"],
+                     ["retrain", queue, "--reason", "x", *[a for o in QUICK for a in ("--set", o)]]):
+            proc = run_cli(["review", *args], cwd=ws)
+            assert proc.returncode == 4 and "integrity violation" in proc.stderr, (args, proc.returncode, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1
+    finally:
+        (folder / "queue.json").write_bytes(original)
+    # three tripled rows move some columns' spread past the drift check's tolerance: a retraining on
+    # reviewed attacks accepts that shift knowingly
+    drift = ["validate.drift_mean_tolerance=1.0", "validate.drift_std_tolerance=1.0"]
+    proc = run_cli(["review", "retrain", queue, "--reason", "reviewed tripled rows", "--json",
+                    *[a for o in QUICK + drift for a in ("--set", o)]], cwd=ws, timeout=1800)
+    out = json.loads(proc.stdout)
+    retrain = out["retrain"]
+    assert retrain["status"] in ("promoted", "awaiting_approval", "rejected") and "gate" in retrain, proc.stderr[-2000:]
+    assert proc.returncode == (3 if retrain["status"] == "rejected" else 0)             # the normal gate's answer
+    assert out["review_items"]["run_data"] == {"checked": True, "review_rows_in_run_data": 3}
+    files, _ = RunContext(Workspace(ws), retrain["run_id"]).dataset_bytes(where="test")
+    X, y, _, meta = parse_prepared(files)
+    assert meta["kind"] == "table" and [c["name"] for c in meta["columns"]] == list(served["rows"].columns)
+    assert len(y) == out["review_items"]["champion_rows"] + 3
+    added = [(row_values(X, meta, i)["values"], class_name(meta, int(y[i]))) for i in range(len(y) - 3, len(y))]
+
+    def as_ingested(row: dict) -> dict:
+        return {k: v.strip() if isinstance(v, str) else float(f"{np.float32(v):.7g}") for k, v in row.items()}
+
+    assert added == [(as_ingested(r), truth.iloc[400 + i]) for _, i, r in labelled]   # the reviewer's labels
+    everything = [row_values(X, meta, i)["values"] for i in range(len(y))]
+    assert as_ingested(discarded[2]) not in everything                                   # a discard never joins

@@ -108,3 +108,21 @@ def test_an_unsigned_index_cannot_vouch_for_a_record(two_runs):
     write_json(a.artifacts_path, index)
     with pytest.raises(IntegrityError):
         stagecache.lookup(b, "train", key)
+
+
+def test_a_tables_signed_feature_statistics_travel_with_a_reused_training(two_runs):
+    """A cache entry of train carries the feature statistics a table run recorded (serving
+    reads them), and a run without them (images) is not asked for them."""
+    from flows.caching import OUTPUTS, stage_outputs
+
+    ws, params, (a, b) = two_runs
+    assert stage_outputs(a, "train") == OUTPUTS["train"]
+    stats = a.path("feature_statistics.json")
+    write_json(stats, {"run_id": "run-a", "statistics": {"n": 3}})
+    a.record_outputs("train", {"feature_statistics": stats})
+    assert stage_outputs(a, "train") == [*OUTPUTS["train"], "feature_statistics"]
+    key, material = _key(a)
+    stagecache.store(a, "train", key, material, result={}, outputs=["weights", "feature_statistics"])
+    paths = stagecache.replay(b, "train", stagecache.lookup(b, "train", _key(b)[0]))
+    assert json.loads(b.input_bytes("feature_statistics", where="test")["feature_statistics"]) == \
+        json.loads(stats.read_text()) and paths["feature_statistics"].parent == b.run_dir

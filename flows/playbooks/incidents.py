@@ -39,7 +39,13 @@ from flows.playbooks.data import (  # noqa: E402
     read_digests,
     write_source,
 )
-from flows.playbooks.review import check_joinable, check_run_data, labelled_rows, review_source  # noqa: E402
+from flows.playbooks.review import (  # noqa: E402
+    check_joinable,
+    check_run_data,
+    labelled_rows,
+    perturbation_inputs,
+    review_source,
+)
 from flows.playbooks.steps import Steps  # noqa: E402
 from stages.core.errors import InvalidInput, PipelineError  # noqa: E402
 from stages.core.params import load_params  # noqa: E402
@@ -50,6 +56,7 @@ from stages.monitoring.review import queue_path, write_queue  # noqa: E402
 from stages.monitoring.review_labels import Review, training_rows  # noqa: E402
 from stages.monitoring.store import TelemetryStore, default_url  # noqa: E402
 from stages.data.prepared import class_name  # noqa: E402
+from stages.data.preprocessing import table_columns  # noqa: E402
 from stages.data.prepared import row_digest as sample_digest  # noqa: E402
 from stages.trust.signing import sign_document  # noqa: E402
 
@@ -75,7 +82,9 @@ def _new_queue(ws: Workspace, model: str, reason: str, since_hours: float,
     store = _store(ws)
     rows = store.flagged_inputs(since=time.time() - since_hours * 3600)
     store.engine.dispose()
-    queue, skipped = write_queue(ws, model=model, reason=reason, rows=rows, classes=data.classes, data_kind=data.kind)
+    columns = table_columns(data.meta, data.X.shape[1]) if data.kind == "table" else None   # raw rows kept by name
+    queue, skipped = write_queue(ws, model=model, reason=reason, rows=rows, classes=data.classes, data_kind=data.kind,
+                                 columns=columns)
     clients: dict[str, int] = {}
     for item in queue.items:
         clients[item["client"]] = clients.get(item["client"], 0) + 1
@@ -102,9 +111,9 @@ def evasion_response(model: str, reason: str, since_hours: float = 24.0, retrain
                               "review_queue": steps.record("review-queue", record)}
     params = load_params(ws.params_path, overrides or [])
     epsilon = params.train.adversarial.epsilon
-    X = X_add if len(X_add) else review.queue.X      # the confirmed attacks when reviewers labelled some
+    X_train, X = perturbation_inputs(data, review.queue, X_add, items)   # the confirmed attacks when labelled
     if len(X):
-        flat_train = data.X.reshape(len(data.X), -1)
+        flat_train = X_train.reshape(len(X_train), -1)
         flat = X.reshape(len(X), -1)[:, : flat_train.shape[1]]
         dist = np.array([np.abs(flat_train - x).max(axis=1).min() for x in flat])
         epsilon = float(np.clip(np.median(dist), params.train.adversarial.epsilon, 0.3))

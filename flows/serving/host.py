@@ -108,7 +108,8 @@ class ModelHost:
         self.current = self._build(str(mv.version))
         Ledger(self.ws.ledger_path).append("serving.start", {"model": self.name, "alias": self.alias,
                                                               "version": self.current.version,
-                                                              "weights_sha256": self.current.weights_sha256})
+                                                              "weights_sha256": self.current.weights_sha256,
+                                                              "statistics_source": self.current.reference["statistics_source"]})
         return self.current
 
     def _build(self, version: str) -> Served:
@@ -188,7 +189,8 @@ class ModelHost:
             Ledger(self.ws.ledger_path).append("serving.switch", {"model": self.name, "alias": self.alias,
                                                                    "version": new.version,
                                                                    "previous": served.version if served else None,
-                                                                   "weights_sha256": new.weights_sha256})
+                                                                   "weights_sha256": new.weights_sha256,
+                                                                   "statistics_source": new.reference["statistics_source"]})
             return {"action": "switched", "version": new.version, "previous": served.version if served else None}
 
     def _refuse(self, version: str, why: str, *, kind: str) -> dict[str, Any]:

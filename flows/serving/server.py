@@ -32,7 +32,7 @@ def serve(ws: Workspace, params: Params, *, ref: str | None, host: str | None, p
     server = uvicorn.Server(config)
     served = service.host.current
     print(f"serving {service.host.ref} (version {served.version}) on http://{host}:{port}  "
-          f"status page /status, OpenAPI /docs", flush=True)
+          f"status page /status, OpenAPI /docs; drift reference: {served.reference['statistics_source']}", flush=True)
     try:
         server.run()
     finally:

@@ -8,6 +8,7 @@ Bad input never reaches the model and never costs budget.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -27,7 +28,7 @@ from stages.core.workspace import Workspace
 from stages.monitoring.access import Budgets, Client, KeyStore, keys_path
 from stages.monitoring.alerts import Alert, RateRules
 from stages.monitoring.extraction import ExtractionDetector
-from stages.monitoring.inputs import check_inputs, check_table_rows, row_digest, row_summary
+from stages.monitoring.inputs import check_inputs, row_digest, row_summary, table_request
 from stages.monitoring.store import TelemetryStore, default_url
 
 from flows.serving.alerting import AlertSink
@@ -150,9 +151,10 @@ class PredictionService:
         if not isinstance(body, dict) or set(body) - {"inputs"} or "inputs" not in body:
             keys = sorted(body) if isinstance(body, dict) else type(body).__name__
             raise Refusal(422, "invalid_input", f"the body must be a JSON object with one key 'inputs', got {keys}")
+        raw: list[dict[str, Any]] | None = None     # a table's rows as sent: what a review queue keeps of them
         try:
             if served.preprocessing is not None:  # a table: raw rows, checked and scaled by the signed spec
-                X = check_table_rows(body["inputs"], spec=served.preprocessing, max_batch=self.sp.max_batch)
+                X, raw = table_request(body["inputs"], spec=served.preprocessing, max_batch=self.sp.max_batch)
             else:
                 X = check_inputs(body["inputs"], input_shape=served.input_shape, max_batch=self.sp.max_batch)
         except InvalidInput as err:
@@ -170,7 +172,7 @@ class PredictionService:
         now_flagged = self._extraction(client, X, pred, flagged, served)
         rejected = self.sp.detectors.action == "reject" and bool(flagged.any())
         latency_ms = (time.perf_counter() - started) * 1000
-        self._log(client, served, X, pred, conf, score, flagged, now_flagged or was_flagged, latency_ms, rejected)
+        self._log(client, served, X, pred, conf, score, flagged, now_flagged or was_flagged, latency_ms, rejected, raw)
         self._monitor(served, X, conf, flagged)
         self.metrics.observe(len(X), int(flagged.sum()), latency_ms / 1000, "rejected" if rejected else "answered")
         if rejected:
@@ -206,7 +208,7 @@ class PredictionService:
 
     def _log(self, client: Client, served: Served, X: np.ndarray, pred: np.ndarray, conf: np.ndarray,
              score: np.ndarray | None, flagged: np.ndarray, extraction_flagged: bool, latency_ms: float,
-             rejected: bool) -> None:
+             rejected: bool, raw: list[dict[str, Any]] | None = None) -> None:
         if self.store is None:
             return
         now, request_id = time.time(), secrets.token_hex(8)
@@ -227,7 +229,8 @@ class PredictionService:
             self.store.submit("flagged_inputs", [
                 {"input_sha256": digests[i], "time": now, "client": client.name, "model_version": served.version,
                  "prediction": int(pred[i]), "detector_score": float(score[i]) if score is not None else 0.0,
-                 "shape": str(list(X.shape[1:])), "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes()}
+                 "shape": str(list(X.shape[1:])), "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
+                 "raw_row": json.dumps(raw[i]) if raw is not None else None}
                 for i in np.flatnonzero(flagged)])
 
     def _monitor(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:

@@ -71,6 +71,32 @@ def column_values(X: np.ndarray, columns: Sequence[Mapping[str, Any]]) -> list[n
     return out
 
 
+def prepared_rows(rows: Sequence[Mapping[str, Any]],
+                  columns: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Raw rows by column name (numbers, category text, None = missing) in the prepared form
+    of a table with schema ``columns``: ``(X, columns)``, ``X`` N x F float64 (categories as
+    codes, NaN = missing; float64, so that a number beyond the float32 range of prepared data
+    stays a number for the caller to refuse or clip), and the schema with each category the
+    rows hold that it lacks appended to its column's list (so codes into the given lists keep
+    their meaning). Category text is stripped, as ingest reads it. The inverse of
+    :func:`column_values`."""
+    out = [dict(c, categories=list(c["categories"])) if c["type"] == CATEGORICAL else dict(c) for c in columns]
+    X = np.full((len(rows), len(out)), np.nan, dtype=np.float64)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(out):
+            v = row[column["name"]]
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            if column["type"] == CATEGORICAL:
+                text = str(v).strip()
+                if text not in column["categories"]:
+                    column["categories"].append(text)
+                X[i, j] = column["categories"].index(text)
+            else:
+                X[i, j] = float(v)
+    return X, out
+
+
 def _is_missing(values: np.ndarray) -> np.ndarray:
     if values.dtype != object:
         return np.isnan(values.astype(np.float64))

@@ -114,8 +114,16 @@ def _cell(value: Any, *, kind: str, row: int, name: str) -> Any:
 
 
 def check_table_rows(value: Any, *, spec: dict[str, Any], max_batch: int) -> np.ndarray:
+    """The scaled features of a request's table rows (:func:`table_request` without the rows)."""
+    return table_request(value, spec=spec, max_batch=max_batch)[0]
+
+
+def table_request(value: Any, *, spec: dict[str, Any], max_batch: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Turn a request's ``inputs`` for a table model into the scaled features the network
-    sees (float32, ``N x D`` on [0, 1]), through the model's signed preprocessing ``spec``.
+    sees (float32, ``N x D`` on [0, 1]), through the model's signed preprocessing ``spec``,
+    and the raw rows as the client sent them, keyed by column name in the spec's column order
+    (numbers as floats, categories as text, ``None`` for a missing cell): what a review
+    queue keeps of a flagged row.
 
     Parameters
     ----------
@@ -163,7 +171,7 @@ def check_table_rows(value: Any, *, spec: dict[str, Any], max_batch: int) -> np.
     values = [np.array([r[j] if r[j] is not None else (None if c["type"] == CATEGORICAL else np.nan) for r in cells],
                        dtype=object if c["type"] == CATEGORICAL else np.float64)
               for j, c in enumerate(columns)]
-    return apply_table_preprocessing(values, spec)
+    return apply_table_preprocessing(values, spec), [dict(zip(names, r)) for r in cells]
 
 
 def row_digest(row: np.ndarray) -> str:

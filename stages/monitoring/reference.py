@@ -25,6 +25,9 @@ from stages.trust.context import RunContext
 from stages.trust.signing import verify_document
 
 WHERE = "serve"
+SIGNED_FEATURES = "signed training statistics (scaled features)"
+LEGACY_FEATURES = ("verified training rows (scaled features; the version's run recorded no signed feature "
+                   "statistics: written before train recorded them)")
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ServedReference:
     X_held: np.ndarray           # held-out rows that screening accepted
     y_held: np.ndarray
     statistics: dict[str, Any]   # dataset statistics of the training data (``feature_mean``, ``feature_std``, ...)
-    statistics_source: str       # "signed reference" or "verified training rows"
+    statistics_source: str       # where ``statistics`` came from (``SIGNED_FEATURES``, ``LEGACY_FEATURES``, ...)
 
 
 def _subsample(idx: np.ndarray, labels: np.ndarray, most: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,9 +54,11 @@ def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: 
     """Read and verify the reference data of the version whose weights are ``weights_sha256``.
 
     ``preprocessing`` is the version's signed spec: for a table (``kind: table``) the rows
-    are returned as the scaled features the network sees, and the statistics are those
-    of the scaled training rows (the signed drift reference describes the prepared rows in
-    the user's units, another scale).
+    are returned as the scaled features the network sees, and the statistics are those the
+    train stage recorded of the scaled training rows in the run's signed artifact index
+    (``feature_statistics``; the project's drift reference describes the prepared rows in
+    the user's units, another scale). A run trained before train recorded them falls back
+    to computing them from the verified training rows, and ``statistics_source`` says so.
 
     Raises ``IntegrityError`` when the run did not produce these weights or any byte differs
     from its signed record.
@@ -72,8 +77,10 @@ def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: 
     train_idx, train_lab = split["accepted_idx"], split["accepted_labels"]
     held_idx, held_lab = split["eval_idx"], split["eval_labels"]
     shape = (-1, *input_shape)
-    if table:
-        statistics, source = dataset_statistics(X[train_idx], train_lab), "verified training rows (scaled features)"
+    if table and "feature_statistics" in recorded:   # checked against the signed index as read
+        statistics, source = _feature_statistics(ctx, manifest["merkle_root"]), SIGNED_FEATURES
+    elif table:
+        statistics, source = dataset_statistics(X[train_idx], train_lab), LEGACY_FEATURES
     else:
         statistics, source = _statistics(ws, model, manifest["merkle_root"], X[train_idx], train_lab)
     t_idx, t_lab = _subsample(train_idx, train_lab, most_rows, seed)
@@ -83,6 +90,16 @@ def served_reference(ws: Workspace, *, model: str, run_id: str, weights_sha256: 
                            y_train=t_lab.astype(np.int64),
                            X_held=np.ascontiguousarray(X[h_idx], dtype=np.float32).reshape(shape),
                            y_held=h_lab.astype(np.int64), statistics=statistics, statistics_source=source)
+
+
+def _feature_statistics(ctx: RunContext, data_sha256: str) -> dict[str, Any]:
+    """The run's signed statistics of its scaled training features (``IntegrityError`` when
+    the file differs from the signed index or describes other data)."""
+    doc = ctx.read_input_json("feature_statistics", where=WHERE)
+    if doc.get("data_sha256") != data_sha256 or not isinstance(doc.get("statistics"), dict):
+        raise IntegrityError(f"run {ctx.run_id}'s feature statistics describe data {str(doc.get('data_sha256'))[:16]}..., "
+                             f"not its data {data_sha256[:16]}...")
+    return doc["statistics"]
 
 
 def _statistics(ws: Workspace, model: str, data_sha256: str, X_train: np.ndarray,

@@ -3,17 +3,22 @@
 A queue is a folder ``serving/review/<queue>/``::
 
     inputs.npz   X: the flagged inputs, N x input shape, float32 on the model's input scale
-                 ([0, 1] for images), as the service received them; predictions: N int64
+                 ([0, 1] for images, the scaled features for a table), as the network saw
+                 them; predictions: N int64
     queue.json   signed with the pipeline's key: the queue's name, model, reason, the
                  champion's class list, the input shape, the SHA-256 of inputs.npz and one
                  item per row (input digest, client, time, model version, prediction,
-                 detector score)
+                 detector score); for a table model also the columns (name, type) and each
+                 item's ``row``: the raw row as the client sent it, by column name
+                 (numbers, categories as text, null for a missing cell), which is what a
+                 reviewer reads and a retraining appends to the champion's table
     labels/      the reviewers' signed label documents (``stages.monitoring.review_labels``)
 
 Each item's ``input_sha256`` is the digest the service logged
 (``stages.monitoring.inputs.row_digest``: SHA-256 of the row as float32, C order). A row
 whose bytes no longer hash to its digest in the telemetry store is left out of the queue
-(counted); once written, the queue is read only through :func:`load_queue`, which checks the
+(counted), as is a table row the service logged without its raw row (flagged before raw
+rows were kept) or with other columns than the champion's; once written, the queue is read only through :func:`load_queue`, which checks the
 signature, the file digest, every row's digest and the ``review.queue`` ledger entry that
 recorded it, and refuses (``IntegrityError``, exit 4, with an ``integrity.violation`` ledger
 entry) on any difference.
@@ -74,6 +79,11 @@ class ReviewQueue:
     def classes(self) -> list[Any]:
         return self.payload["classes"]
 
+    @property
+    def columns(self) -> list[dict[str, Any]] | None:
+        """A table queue's columns (name, type), in the order of each item's ``row``; None for images."""
+        return self.payload.get("columns")
+
     def class_name(self, position: int) -> Any:
         return self.classes[position] if 0 <= position < len(self.classes) else position
 
@@ -131,7 +141,7 @@ def _new_folder(ws: Workspace) -> tuple[str, Path]:
 
 
 def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, Any]], classes: list[Any],
-                data_kind: str) -> tuple[ReviewQueue, dict[str, int]]:
+                data_kind: str, columns: list[dict[str, Any]] | None = None) -> tuple[ReviewQueue, dict[str, int]]:
     """Write a signed queue of flagged telemetry rows; return it and what was left out.
 
     Parameters
@@ -139,17 +149,25 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
     rows : list of dict
         ``flagged_inputs`` rows of the telemetry store: ``data`` (float32 bytes),
         ``shape`` (JSON list), ``input_sha256``, ``client``, ``time``, ``model_version``,
-        ``prediction``, ``detector_score``.
+        ``prediction``, ``detector_score``; for a table model ``raw_row`` (JSON object).
     classes : list
         The champion's class list (from its signed manifest): what reviewers label with.
     data_kind : str
-        ``image`` or ``table`` (the champion's data; only image queues can be trained on).
+        ``image`` or ``table`` (the champion's data).
+    columns : list of dict, optional
+        A table champion's column schema (``name``, ``type``): each queued item keeps its
+        raw row by these names.
 
-    Returns the queue and ``{"digest_mismatch": n, "other_shape": m}``: rows whose bytes do
-    not hash to their logged digest, and rows of another input shape than the first row's.
+    Returns the queue and ``{"digest_mismatch": n, "other_shape": m, "no_raw_row": k}``: rows
+    whose bytes do not hash to their logged digest, rows of another input shape than the
+    first row's, and (tables) rows without a raw row of the champion's columns.
     """
+    table = data_kind == "table"
+    if table and not columns:
+        raise InvalidInput("a table model's review queue needs the champion's columns")
+    schema = [{"name": str(c["name"]), "type": str(c["type"])} for c in columns or []]
     kept: list[tuple[dict[str, Any], np.ndarray]] = []
-    skipped = {"digest_mismatch": 0, "other_shape": 0}
+    skipped = {"digest_mismatch": 0, "other_shape": 0, **({"no_raw_row": 0} if table else {})}
     shape: list[int] | None = None
     for r in rows:
         row_shape = [int(d) for d in json.loads(r["shape"])]
@@ -162,6 +180,12 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
         if row_shape != shape:
             skipped["other_shape"] += 1
             continue
+        if table:
+            raw = raw_row(r.get("raw_row"), schema)
+            if raw is None:
+                skipped["no_raw_row"] += 1
+                continue
+            r = {**r, "row": raw}
         kept.append((r, x.reshape(row_shape)))
     shape = shape or []
     X = np.stack([x for _, x in kept]) if kept else np.zeros((0, *shape), dtype=np.float32)
@@ -170,16 +194,36 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
     _, inputs_sha256 = read_file(folder / INPUTS_FILE)
     payload = {"schema": QUEUE_SCHEMA, "queue": name, "model": model, "reason": reason,
                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "classes": list(classes),
-               "input_shape": shape, "data_kind": data_kind,
+               "input_shape": shape, "data_kind": data_kind, **({"columns": schema} if table else {}),
                "inputs": {"file": INPUTS_FILE, "sha256": inputs_sha256, "rows": len(kept)},
                "items": [{"input_sha256": r["input_sha256"], "client": r["client"], "time": float(r["time"]),
                           "model_version": str(r["model_version"]), "prediction": int(r["prediction"]),
-                          "detector_score": float(r["detector_score"])} for r, _ in kept]}
+                          "detector_score": float(r["detector_score"]), **({"row": r["row"]} if table else {})}
+                         for r, _ in kept]}
     write_json(folder / QUEUE_FILE, sign_document(payload))
     digest = hashlib.sha256(canonical_json(payload)).hexdigest()
     Ledger(ws.ledger_path).append("review.queue", {"queue": name, "model": model, "queue_sha256": digest,
                                                    "inputs_sha256": inputs_sha256, "items": len(kept), **skipped})
     return ReviewQueue(name, folder, payload, digest, X), skipped
+
+
+def raw_row(text: Any, columns: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A logged raw row (JSON text) as ``{column name: value}`` in the order of ``columns``,
+    or None when it is absent, not JSON, or not exactly those columns with a finite number
+    or null (numeric) or text or null (categorical) in each."""
+    try:
+        row = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or set(row) != {c["name"] for c in columns}:
+        return None
+    for c in columns:
+        v = row[c["name"]]
+        ok = v is None or (isinstance(v, str) if c["type"] == "categorical" else
+                           isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            return None
+    return {c["name"]: row[c["name"]] for c in columns}
 
 
 def load_queue(ws: Workspace, name: str, *, where: str, ledger_entries: list[dict[str, Any]] | None = None) -> ReviewQueue:
@@ -232,6 +276,8 @@ def load_queue(ws: Workspace, name: str, *, where: str, ledger_entries: list[dic
         if row_digest(X[i]) != item["input_sha256"]:
             raise violation(ws, file=ipath, reason=f"row {i} does not hash to its input_sha256 "
                             f"{item['input_sha256'][:16]}...", where=where)
+        if payload.get("data_kind") == "table" and raw_row(json.dumps(item.get("row")), payload.get("columns") or []) is None:
+            raise violation(ws, file=qpath, reason=f"item {i} holds no raw row of the queue's columns", where=where)
     return ReviewQueue(name, folder, payload, digest, X)
 
 

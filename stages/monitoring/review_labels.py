@@ -318,7 +318,8 @@ def training_rows(queue: ReviewQueue, final: dict[str, Decision]) -> tuple[np.nd
 
     ``X`` (M, *input_shape) float32, ``y`` (M,) int64 class positions from the reviewers'
     labels (never the model's prediction); ``items`` names each row's input digest, label
-    and reviewer, in queue order.
+    and reviewer, in queue order, and for a table queue holds its raw ``row`` by column name
+    (what a retraining appends to the champion's table).
     """
     rows, y, items = [], [], []
     for i, item in enumerate(queue.items):
@@ -329,7 +330,7 @@ def training_rows(queue: ReviewQueue, final: dict[str, Decision]) -> tuple[np.nd
         y.append(d.position)
         items.append({"input_sha256": d.input_sha256, "label": d.label, "position": d.position,
                       "labelled_by": d.identity, "labelled_key_id": d.key_id, "label_document_sha256": d.document_sha256,
-                      "prediction": item["prediction"]})
+                      "prediction": item["prediction"], **({"row": item["row"]} if "row" in item else {})})
     X = queue.X[rows] if rows else np.zeros((0, *queue.X.shape[1:]), dtype=np.float32)
     return X, np.asarray(y, dtype=np.int64), items
 

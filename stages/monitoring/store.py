@@ -61,7 +61,9 @@ FLAGGED = sa.Table(
     sa.Column("detector_score", sa.Float, nullable=False),
     sa.Column("shape", sa.String(64), nullable=False),                   # JSON list
     sa.Column("data", sa.LargeBinary, nullable=False),                   # float32, C order
+    sa.Column("raw_row", sa.Text, nullable=True),  # a table model's raw row as sent (JSON object by column); else NULL
 )
+ADDED_COLUMNS = {"flagged_inputs": ("raw_row",)}  # columns a store created before them lacks: added at open
 TABLES = {"predictions": PREDICTIONS, "alerts": ALERTS, "flagged_inputs": FLAGGED}
 
 
@@ -94,6 +96,19 @@ def make_engine(url: str) -> sa.Engine:
         raise InvalidInput(f"serving.telemetry.url {parsed.render_as_string(hide_password=True)}: {err}") from None
 
 
+def _add_columns(engine: sa.Engine) -> None:
+    """Add the nullable columns of ``ADDED_COLUMNS`` to tables created before them (the rows
+    already there keep NULL: a flagged row logged before raw rows were kept has none)."""
+    inspector = sa.inspect(engine)
+    for name, columns in ADDED_COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(name)}
+        for column in columns:
+            if column not in have:
+                kind = TABLES[name].c[column].type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f'ALTER TABLE {name} ADD COLUMN "{column}" {kind}'))
+
+
 class TelemetryStore:
     """Bounded, retrying writer plus the read queries the service and the playbooks need."""
 
@@ -102,6 +117,7 @@ class TelemetryStore:
         self.url = url
         self.engine = make_engine(url)
         METADATA.create_all(self.engine)
+        _add_columns(self.engine)
         self.retention_s = retention_s
         self.on_health = on_health
         self.healthy = True
@@ -134,7 +150,8 @@ class TelemetryStore:
                 return False
             self._queued += len(rows)
         self._idle.clear()
-        self._queue.put_nowait((table, rows))               # one item per request, not per row
+        optional = {c: None for c in ADDED_COLUMNS.get(table, ())}   # one INSERT takes every row of a batch
+        self._queue.put_nowait((table, [{**optional, **r} for r in rows] if optional else rows))   # one item per request
         return True
 
     def backlog(self) -> int:
