@@ -18,8 +18,8 @@ from stages.monitoring.access import Budgets, Client, KeyStore
 from stages.monitoring.alerts import RateRules
 from stages.monitoring.diagnosis import diagnose
 from stages.monitoring.drift import DriftMonitor, drift_test
-from stages.monitoring.extraction import ExtractionDetector
-from stages.monitoring.inputs import check_inputs, row_digest
+from stages.monitoring.extraction import ExtractionDetector, shapiro_w
+from stages.monitoring.inputs import check_inputs, row_digest, row_digests
 from stages.monitoring.store import TelemetryStore
 
 SHAPE = (1, 8, 8)
@@ -32,6 +32,7 @@ def test_inputs_accept_both_layouts_and_give_one_digest():
     shaped = check_inputs(rows.reshape(3, 1, 8, 8).tolist(), input_shape=SHAPE, max_batch=8)
     assert flat.shape == shaped.shape == (3, 1, 8, 8) and flat.dtype == np.float32
     assert [row_digest(r) for r in flat] == [row_digest(r) for r in shaped]
+    assert row_digests(flat) == row_digests(shaped) == row_digests(flat.astype(np.float64)) == [row_digest(r) for r in flat]
 
 
 @pytest.mark.parametrize("value, match", [
@@ -210,6 +211,16 @@ def test_prada_flags_a_synthetic_sweep_but_not_natural_clients(digits_model):
     assert state["flagged"] and state["flagged_at"] <= 500, state
     ex.observe("noisy", rng.random((100, 1, 8, 8)).astype(np.float32), np.zeros(100, int), np.ones(100, bool))
     assert ex.state("noisy")["flagged"] and "input detector" in ex.state("noisy")["reason"]
+
+
+def test_shapiro_w_is_scipys_statistic():
+    from scipy.stats import shapiro
+
+    rng = np.random.default_rng(3)
+    for n in [*range(3, 70), 500, 1999, 2000]:
+        for x in (rng.random(n), rng.standard_normal(n), rng.exponential(size=n), np.round(rng.random(n), 1) + 5):
+            assert shapiro_w(x) == pytest.approx(float(shapiro(x).statistic), abs=1e-8), n
+    assert shapiro_w(np.full(100, 2.0)) == 1.0 and shapiro_w(np.array([1.0, 2.0])) == 1.0
 
 
 # -- drift and alert rules --------------------------------------------------------------

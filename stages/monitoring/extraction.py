@@ -15,9 +15,9 @@ the variety of a client's queries, not their count.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +91,8 @@ class ExtractionDetector:
         alarms = [bool(v) for v in np.asarray(ood).tolist()]
         with self._lock:
             s = self._streams.setdefault(client, ClientStream())
-            nearest = self._batch_distances(s, flat, labels_l)
+            to_set, within = self._batch_distances(s, flat, labels_l)
+            to_set_l = to_set.tolist()
             added: dict[int, list[int]] = {}
             for i, (label, alarm) in enumerate(zip(labels_l, alarms)):
                 s.queries += 1
@@ -101,9 +102,9 @@ class ExtractionDetector:
                 s.ood_count += alarm
                 members = s.sets.get(label)
                 earlier = added.setdefault(label, [])
-                d = nearest[0][i]
+                d = to_set_l[i]
                 if earlier:
-                    d = min(d, float(nearest[1][i, earlier].min()))
+                    d = min(d, float(within[i, earlier].min()))
                 if members is None:
                     s.sets[label] = members = _Rows(flat.shape[1])
                 if members.n == 0:
@@ -170,13 +171,51 @@ class ExtractionDetector:
         return {n: self.state(n) for n in names}
 
 
-def shapiro_w(distances: np.ndarray) -> float:
-    """Shapiro-Wilk W of the distances (1.0 for a constant sample: nothing to judge)."""
-    from scipy.stats import shapiro  # SciPy: slow to import, only the test needs it
+# Royston (1995, algorithm AS R94) polynomial corrections of the two largest coefficients
+_C1 = (0.0, 0.221157, -0.147981, -2.071190, 4.434685, -2.706056)
+_C2 = (0.0, 0.042981, -0.293762, -1.752461, 5.682633, -3.582633)
 
-    if len(distances) < 3 or float(np.ptp(distances)) == 0.0:
+
+@functools.lru_cache(maxsize=8)
+def _shapiro_coefficients(n: int) -> np.ndarray:
+    """Shapiro-Wilk coefficients for ``n`` sorted values, centred and scaled to unit norm, so
+    that W is the squared correlation of the sorted sample with them (as in SciPy's ``swilk``).
+    Cached: once a client has ``MAX_DISTANCES`` distances every test uses the same ``n``."""
+    from scipy.special import ndtri  # SciPy: slow to import, only the test needs it
+
+    half = n // 2
+    if n == 3:
+        a = np.array([math.sqrt(0.5)])
+    else:
+        m = ndtri((np.arange(1, half + 1) - 0.375) / (n + 0.25))       # lower-half normal scores (negative)
+        summ2, rsn = 2.0 * float(m @ m), 1.0 / math.sqrt(n)
+        a1 = sum(c * rsn**k for k, c in enumerate(_C1)) - m[0] / math.sqrt(summ2)
+        if n > 5:
+            a2 = sum(c * rsn**k for k, c in enumerate(_C2)) - m[1] / math.sqrt(summ2)
+            a = -m / math.sqrt((summ2 - 2 * m[0] ** 2 - 2 * m[1] ** 2) / (1 - 2 * a1**2 - 2 * a2**2))
+            a[0], a[1] = a1, a2
+        else:
+            a = -m / math.sqrt((summ2 - 2 * m[0] ** 2) / (1 - 2 * a1**2))
+            a[0] = a1
+    full = np.zeros(n)
+    full[:half], full[n - half:] = -a, a[::-1]
+    full -= full.mean()
+    full /= math.sqrt(float(full @ full))
+    full.flags.writeable = False
+    return full
+
+
+def shapiro_w(distances: np.ndarray) -> float:
+    """Shapiro-Wilk W of the distances (1.0 for a constant sample: nothing to judge).
+
+    The statistic of ``scipy.stats.shapiro`` (equal to about 1e-9, from its normal quantile
+    approximation) without its per-call overhead and with the coefficients cached per sample
+    size: ``scipy.stats.shapiro`` took 0.3 ms for 2,000 distances, most of it argument
+    handling, and the test runs after every batch of a client's queries.
+    """
+    x = np.sort(np.asarray(distances, dtype=np.float64))
+    if len(x) < 3 or float(x[-1] - x[0]) == 0.0:
         return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        w = float(shapiro(distances).statistic)
+    centred = x - x.mean()
+    w = float(_shapiro_coefficients(len(x)) @ centred) ** 2 / float(centred @ centred)
     return w if math.isfinite(w) else 1.0
