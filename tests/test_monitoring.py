@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -140,6 +141,17 @@ def test_store_keeps_rows_when_the_database_is_full_and_refuses_only_when_its_qu
     assert store.backlog() == 30
     store._stop.set()
     store._thread.join(timeout=5)
+
+
+def test_the_store_does_not_index_digests_and_drops_an_older_stores_index(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    with sqlite3.connect(tmp_path / "t.db") as con:          # a store from before: the digest indexed
+        con.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, time FLOAT NOT NULL, input_sha256 VARCHAR(64))")
+        con.execute("CREATE INDEX ix_predictions_input_sha256 ON predictions (input_sha256)")
+    store = TelemetryStore(url, queue_max=10, retention_s=3600)
+    names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("predictions")}
+    assert "ix_predictions_input_sha256" not in names
+    store.close()
 
 
 def test_retention_deletes_only_old_rows(tmp_path):
