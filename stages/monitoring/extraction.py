@@ -30,18 +30,21 @@ OOD_WINDOW = 100              # recent queries over which the share flagged by t
 
 
 class _Rows:
-    """A growing (n, F) float32 array (doubling), so a distance search reads one block."""
+    """A growing (n, F) float32 array (doubling), so a distance search reads one block, with
+    the rows' squared norms (float64) kept alongside so a search does not recompute them."""
 
     def __init__(self, features: int):
         self.data = np.empty((16, features), dtype=np.float32)
+        self.sq = np.empty(16)
         self.n = 0
 
-    def add(self, row: np.ndarray) -> None:
+    def add(self, row: np.ndarray, sq: float) -> None:
         if self.n == len(self.data):
             self.data = np.concatenate([self.data, np.empty_like(self.data)])
+            self.sq = np.concatenate([self.sq, np.empty_like(self.sq)])
         self.data[self.n] = row
+        self.sq[self.n] = sq
         self.n += 1
-
 
 
 @dataclass
@@ -91,7 +94,7 @@ class ExtractionDetector:
         alarms = [bool(v) for v in np.asarray(ood).tolist()]
         with self._lock:
             s = self._streams.setdefault(client, ClientStream())
-            to_set, within = self._batch_distances(s, flat, labels_l)
+            to_set, within, sq = self._batch_distances(s, flat, labels_l)
             to_set_l = to_set.tolist()
             added: dict[int, list[int]] = {}
             for i, (label, alarm) in enumerate(zip(labels_l, alarms)):
@@ -108,13 +111,13 @@ class ExtractionDetector:
                 if members is None:
                     s.sets[label] = members = _Rows(flat.shape[1])
                 if members.n == 0:
-                    members.add(flat[i])
+                    members.add(flat[i], sq[i])
                     earlier.append(i)
                 else:
                     s.distances.append(d)
                     grown = s.grown.setdefault(label, [0, 0.0, 0.0])
                     if d > self._threshold(grown) and members.n < MAX_SET:
-                        members.add(flat[i])
+                        members.add(flat[i], sq[i])
                         earlier.append(i)
                         grown[0] += 1
                         grown[1] += d
@@ -126,9 +129,9 @@ class ExtractionDetector:
             return s.flagged_at is not None
 
     @staticmethod
-    def _batch_distances(s: ClientStream, flat: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _batch_distances(s: ClientStream, flat: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distance of each row to its class set as it was before the batch (inf if empty),
-        distances between the batch's rows (N x N))."""
+        distances between the batch's rows (N x N), squared norms of the rows (N))."""
         rows = flat.astype(np.float64)
         sq = np.einsum("ij,ij->i", rows, rows)
         within = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0))
@@ -139,9 +142,9 @@ class ExtractionDetector:
                 continue
             idx = [i for i, lab in enumerate(labels) if lab == label]
             block = members.data[: members.n].astype(np.float64)
-            d2 = sq[idx, None] + np.einsum("ij,ij->i", block, block)[None, :] - 2 * rows[idx] @ block.T
+            d2 = sq[idx, None] + members.sq[None, : members.n] - 2 * rows[idx] @ block.T
             to_set[idx] = np.sqrt(np.maximum(d2, 0.0).min(axis=1))
-        return to_set, within
+        return to_set, within, sq
 
     def _test_ood(self, s: ClientStream) -> None:
         if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and s.ood_count / len(s.recent_ood) >= self.ood_fraction:
