@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,8 +19,8 @@ from stages.monitoring.access import Budgets, Client, KeyStore
 from stages.monitoring.alerts import RateRules
 from stages.monitoring.diagnosis import diagnose
 from stages.monitoring.drift import DriftMonitor, drift_test
-from stages.monitoring.extraction import ExtractionDetector
-from stages.monitoring.inputs import check_inputs, row_digest
+from stages.monitoring.extraction import ExtractionDetector, shapiro_w
+from stages.monitoring.inputs import check_inputs, row_digest, row_digests
 from stages.monitoring.store import TelemetryStore
 
 SHAPE = (1, 8, 8)
@@ -32,6 +33,7 @@ def test_inputs_accept_both_layouts_and_give_one_digest():
     shaped = check_inputs(rows.reshape(3, 1, 8, 8).tolist(), input_shape=SHAPE, max_batch=8)
     assert flat.shape == shaped.shape == (3, 1, 8, 8) and flat.dtype == np.float32
     assert [row_digest(r) for r in flat] == [row_digest(r) for r in shaped]
+    assert row_digests(flat) == row_digests(shaped) == row_digests(flat.astype(np.float64)) == [row_digest(r) for r in flat]
 
 
 @pytest.mark.parametrize("value, match", [
@@ -141,6 +143,17 @@ def test_store_keeps_rows_when_the_database_is_full_and_refuses_only_when_its_qu
     store._thread.join(timeout=5)
 
 
+def test_the_store_does_not_index_digests_and_drops_an_older_stores_index(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    with sqlite3.connect(tmp_path / "t.db") as con:          # a store from before: the digest indexed
+        con.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, time FLOAT NOT NULL, input_sha256 VARCHAR(64))")
+        con.execute("CREATE INDEX ix_predictions_input_sha256 ON predictions (input_sha256)")
+    store = TelemetryStore(url, queue_max=10, retention_s=3600)
+    names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("predictions")}
+    assert "ix_predictions_input_sha256" not in names
+    store.close()
+
+
 def test_retention_deletes_only_old_rows(tmp_path):
     store = TelemetryStore(f"sqlite:///{tmp_path / 'r.db'}", queue_max=100, retention_s=3600).start()
     store.submit("predictions", [_row(0, t=time.time() - 7200), _row(1)])
@@ -210,6 +223,16 @@ def test_prada_flags_a_synthetic_sweep_but_not_natural_clients(digits_model):
     assert state["flagged"] and state["flagged_at"] <= 500, state
     ex.observe("noisy", rng.random((100, 1, 8, 8)).astype(np.float32), np.zeros(100, int), np.ones(100, bool))
     assert ex.state("noisy")["flagged"] and "input detector" in ex.state("noisy")["reason"]
+
+
+def test_shapiro_w_is_scipys_statistic():
+    from scipy.stats import shapiro
+
+    rng = np.random.default_rng(3)
+    for n in [*range(3, 70), 500, 1999, 2000]:
+        for x in (rng.random(n), rng.standard_normal(n), rng.exponential(size=n), np.round(rng.random(n), 1) + 5):
+            assert shapiro_w(x) == pytest.approx(float(shapiro(x).statistic), abs=1e-8), n
+    assert shapiro_w(np.full(100, 2.0)) == 1.0 and shapiro_w(np.array([1.0, 2.0])) == 1.0
 
 
 # -- drift and alert rules --------------------------------------------------------------

@@ -179,6 +179,12 @@ def row_digest(row: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest()
 
 
+def row_digests(X: np.ndarray) -> list[str]:
+    """``row_digest`` of every row of a batch ``(N, ...)``, with one float32 conversion for the batch."""
+    flat = np.ascontiguousarray(X, dtype=np.float32).reshape(len(X), -1)
+    return [hashlib.sha256(row.data).hexdigest() for row in flat]
+
+
 def row_summary(X: np.ndarray) -> dict[str, np.ndarray]:
     """Per-row mean, std, min and max of a batch ``(N, ...)``: what telemetry keeps of an input."""
     flat = X.reshape(len(X), -1)
