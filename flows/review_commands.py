@@ -31,6 +31,7 @@ from stages.trust.identities import identity_signer
 def cmd_review_list(args: argparse.Namespace) -> int:
     from stages.monitoring.review import queue_names  # numpy: kept off the command line's start
     from stages.monitoring.review_labels import open_review, queue_status, verified_entries
+    from stages.monitoring.reviewers import decisions_not_counted
 
     ws = _ws()
     entries = verified_entries(ws)
@@ -38,7 +39,7 @@ def cmd_review_list(args: argparse.Namespace) -> int:
     for name in queue_names(ws):
         try:
             review = open_review(ws, name, where="review list", entries=entries)
-            rows.append(queue_status(review.queue, review.final, entries))
+            rows.append(queue_status(review.queue, review.final, entries, decisions_not_counted(ws, review.final.values())))
         except PipelineError as err:
             rows.append({"queue": name, "status": "integrity violation", "error": str(err)})
 
@@ -52,35 +53,47 @@ def cmd_review_list(args: argparse.Namespace) -> int:
                 continue
             runs = ", ".join(f"{t['run_id']} ({t['items']} items)" for t in r["trained_in"])
             lines.append(f"{r['queue']}  {r['model']}  {r['status']}  items {r['items']}  labelled {r['labelled']}  "
-                         f"discarded {r['discarded']}  pending {r['pending']}" + (f"  trained in {runs}" if runs else ""))
+                         f"discarded {r['discarded']}  pending {r['pending']}" + _not_counted_text(r)
+                         + (f"  trained in {runs}" if runs else ""))
         return "\n".join(lines)
 
     _print(rows, args.json, text)
     return 4 if any("error" in r for r in rows) else 0
 
 
+def _not_counted_text(r: dict[str, Any]) -> str:
+    if not r["not_counted"]:
+        return ""
+    return (f"  not counted {r['not_counted']} (labelled by {', '.join(r['not_counted_labellers'])}, whom the signed "
+            "policy no longer lets label: a listed reviewer labels them again)")
+
+
 def cmd_review_show(args: argparse.Namespace) -> int:
     from stages.monitoring.review_labels import open_review, queue_status  # numpy: kept off the command line's start
+    from stages.monitoring.reviewers import decisions_not_counted
 
-    review = open_review(_ws(), args.queue, where="review show")
+    ws = _ws()
+    review = open_review(ws, args.queue, where="review show")
+    not_counted = decisions_not_counted(ws, review.final.values())
     q = review.queue
     items = []
     for item in q.items:
         d = review.final.get(item["input_sha256"])
         items.append({**item, "prediction_class": q.class_name(item["prediction"]),
                       "decision": d.decision if d else None, "label": d.label if d else None,
-                      "labelled_by": d.identity if d else None, "labelled_at": d.labelled_at if d else None})
-    out = {**queue_status(q, review.final, review.entries), "classes": q.classes, "input_shape": q.payload["input_shape"],
-           "columns": q.columns, "queue_sha256": q.sha256, "items_detail": items}
+                      "labelled_by": d.identity if d else None, "labelled_at": d.labelled_at if d else None,
+                      "not_counted": not_counted.get(item["input_sha256"])})
+    out = {**queue_status(q, review.final, review.entries, not_counted), "classes": q.classes,
+           "input_shape": q.payload["input_shape"], "columns": q.columns, "queue_sha256": q.sha256, "items_detail": items}
 
     def text(r: dict[str, Any]) -> str:
         lines = [f"queue {r['queue']}  model {r['model']}  {r['status']}  created {r['created_at']}  reason: {r['reason']}",
-                 f"classes {r['classes']}  input shape {r['input_shape']}",
+                 f"classes {r['classes']}  input shape {r['input_shape']}" + _not_counted_text(r),
                  "input_sha256      client            time                  version  prediction  score    label"]
         for it in r["items_detail"]:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(it["time"]))
             label = {"label": f"{it['label']} by {it['labelled_by']}", "discard": f"discard by {it['labelled_by']}"}.get(
-                it["decision"] or "", "-")
+                it["decision"] or "", "-") + ("  NOT COUNTED under the signed policy in force" if it["not_counted"] else "")
             lines.append(f"{it['input_sha256'][:16]}  {it['client'][:16]:<16}  {when}  {it['model_version']:>7}  "
                          f"{str(it['prediction_class']):>10}  {it['detector_score']:7.3f}  {label}")
             if it.get("row") is not None:    # a table's row as the client sent it, by column name

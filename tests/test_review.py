@@ -224,7 +224,19 @@ def test_without_reviewers_in_the_signed_policy_nobody_labels_and_the_refusal_sa
     assert _state(ws, queue)[0] == []
 
 
-def test_labels_by_a_reviewer_removed_from_the_policy_no_longer_reach_a_retraining(review_ws):
+def _cli(ws: Workspace, capsys, argv: list[str]):
+    """Run a command in the workspace; its JSON (``--json``) or its text."""
+    from flows.cli import main
+    from tests.support import inside
+
+    capsys.readouterr()
+    with inside(ws.root):
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out) if "--json" in argv else out
+
+
+def test_labels_by_a_reviewer_removed_from_the_policy_no_longer_reach_a_retraining(review_ws, capsys):
     """Rita labels, then the policy owner removes her: the retraining is refused (exit 3),
     naming her items, until a listed reviewer labels them again."""
     from flows.playbooks.data import DatasetVersion
@@ -248,8 +260,21 @@ def test_labels_by_a_reviewer_removed_from_the_policy_no_longer_reach_a_retraini
     review = open_review(ws, queue.name, where="test")     # the check itself, as evasion-response makes it
     with pytest.raises(GateRejected, match="last labelled by rita"):
         check_labellers(ws, queue=queue.name, decisions=review.final.values())
+    # review list and show say so before anyone tries to retrain, and write nothing
+    before = len(Ledger(ws.ledger_path).entries())
+    listed = _cli(ws, capsys, ["review", "list", "--json"])
+    assert (listed[0]["status"], listed[0]["not_counted"], listed[0]["not_counted_labellers"]) == \
+        ("needs relabelling", 2, ["rita"])
+    shown = _cli(ws, capsys, ["review", "show", queue.name, "--json"])
+    assert {it["input_sha256"]: bool(it["not_counted"]) for it in shown["items_detail"] if it["decision"]} == \
+        {d[0]: True, d[1]: True, d[2]: False}
+    assert "'rita' may not label" in next(it["not_counted"] for it in shown["items_detail"] if it["not_counted"])
+    text = _cli(ws, capsys, ["review", "show", queue.name])
+    assert "not counted 2 (labelled by rita" in text and text.count("NOT COUNTED") == 2
+    assert len(Ledger(ws.ledger_path).entries()) == before
     # sam labels rita's items again: his later decisions replace hers, and the retraining may use them
     record_labels(ws, queue, resolve_labels(queue, [(d[0], 7), (d[1], None)]), identity="sam", reason="rechecked")
+    assert _cli(ws, capsys, ["review", "list", "--json"])[0]["not_counted"] == 0
     _, _, y, items = labelled_rows(ws, queue.name, model="mlsec-digits", data=data, where="test")
     assert [(it["input_sha256"], it["labelled_by"]) for it in items] == [(d[0], "sam"), (d[2], "sam")]
     assert y.tolist() == [7, 3]

@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,19 +336,25 @@ def training_rows(queue: ReviewQueue, final: dict[str, Decision]) -> tuple[np.nd
     return X, np.asarray(y, dtype=np.int64), items
 
 
-def queue_status(queue: ReviewQueue, final: dict[str, Decision], entries: list[dict[str, Any]]) -> dict[str, Any]:
+def queue_status(queue: ReviewQueue, final: dict[str, Decision], entries: list[dict[str, Any]],
+                 not_counted: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Counts and state of a verified queue: items, labelled, discarded, pending, the runs
-    its items entered (``review.train`` ledger entries) and a one-word status."""
+    its items entered (``review.train`` ledger entries) and a short status. ``not_counted``:
+    the decisions the signed policy in force no longer accepts (by input digest,
+    ``stages.monitoring.reviewers.decisions_not_counted``); a queue holding any needs
+    relabelling before a retraining may use it."""
     n = len(queue.items)
     labelled = sum(d.decision == "label" for d in final.values())
     discarded = sum(d.decision == "discard" for d in final.values())
+    stale = sorted({final[k].identity for k in (not_counted or {}) if k in final})
     runs = [{"run_id": e["run_id"], "items": len(e["payload"].get("items") or [])} for e in entries
             if e.get("event") == "review.train" and e["payload"].get("queue") == queue.name]
-    status = ("empty" if n == 0 else "awaiting review" if not final else
+    status = ("empty" if n == 0 else "awaiting review" if not final else "needs relabelling" if stale else
               "in review" if labelled + discarded < n else "reviewed")
     return {"queue": queue.name, "model": queue.model, "created_at": queue.payload["created_at"],
             "reason": queue.payload["reason"], "items": n, "labelled": labelled, "discarded": discarded,
-            "pending": n - labelled - discarded, "status": status, "trained_in": runs}
+            "pending": n - labelled - discarded, "not_counted": sum(k in final for k in (not_counted or {})),
+            "not_counted_labellers": stale, "status": status, "trained_in": runs}
 
 
 def record_training(ws: Workspace, queue: ReviewQueue, items: list[dict[str, Any]], *, run_id: str, source: str,

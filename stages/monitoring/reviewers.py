@@ -66,6 +66,29 @@ def authorise_labelling(ws: Workspace, *, queue: str, identity: str, key_id: str
     return policy
 
 
+def _refused(policy: SignedPolicy, decisions: Iterable[Any]) -> list[tuple[Any, PipelineError]]:
+    """The decisions ``policy`` does not accept, each with why."""
+    refused: list[tuple[Any, PipelineError]] = []
+    for d in decisions:
+        try:
+            _check(policy, identity=d.identity, key_id=d.key_id)
+        except (GateRejected, IntegrityError) as err:
+            refused.append((d, err))
+    return refused
+
+
+def decisions_not_counted(ws: Workspace, decisions: Iterable[Any]) -> dict[str, str]:
+    """Which decisions a retraining would refuse under the signed policy in force now, by input
+    digest, with why (what ``review list`` and ``review show`` mark); empty when all count.
+    Read-only: nothing is written to the ledger. A missing or changed policy counts none."""
+    decisions = list(decisions)
+    try:
+        policy = reviewing_policy(ws)
+    except (GateRejected, IntegrityError) as err:
+        return {d.input_sha256: str(err) for d in decisions}
+    return {d.input_sha256: str(err) for d, err in _refused(policy, decisions)}
+
+
 def check_labellers(ws: Workspace, *, queue: str, decisions: Iterable[Any]) -> SignedPolicy:
     """The signed policy, when every decision (``stages.monitoring.review_labels.Decision``:
     ``input_sha256``, ``identity``, ``key_id``) was made by a pinned reviewer of it.
@@ -78,12 +101,7 @@ def check_labellers(ws: Workspace, *, queue: str, decisions: Iterable[Any]) -> S
         policy = reviewing_policy(ws)
     except (GateRejected, IntegrityError) as err:
         raise Ledger(ws.ledger_path).refusal("review.retrain.refused", err, queue=queue) from None
-    refused: list[tuple[Any, PipelineError]] = []
-    for d in decisions:
-        try:
-            _check(policy, identity=d.identity, key_id=d.key_id)
-        except (GateRejected, IntegrityError) as err:
-            refused.append((d, err))
+    refused = _refused(policy, decisions)
     if not refused:
         return policy
     (first, why), people = refused[0], sorted({d.identity for d, _ in refused})
