@@ -138,6 +138,13 @@ def test_unseen_category_is_refused_by_the_model_the_pyfunc_and_the_service(serv
         mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(sent))
     r = _post(served, sent)
     assert r.status_code == 422 and r.json()["error"] == "invalid_input" and r.json()["detail"].startswith(expected), r.text
+    # the operator sees the policy on the status page and the reader of the model card in the card
+    status = httpx.get(f"{served['url']}/v1/status", timeout=30,
+                       headers={"Authorization": f"Bearer {served['keys']['admin']}"}).json()
+    assert status["champion"]["input_policy"] == {"missing": "refuse", "unknown_category": "refuse"}
+    card = (served["ws"] / "runs" / served["summary"]["run_id"] / "card" / "model_card.md").read_text()
+    assert "A category no training row held is refused, naming the row, column and value" in card
+    assert "`data.unknown_category: refuse`" in card
     # cells are compared as ingest read them: stripped, case kept ("North" is not a training clinic)
     assert _post(served, [dict(records[0], clinic=" north ")]).status_code == 200
     r = _post(served, [dict(records[0], clinic="North")])

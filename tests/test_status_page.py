@@ -71,6 +71,7 @@ def test_status_page_shows_the_champion_traffic_drift_detectors_and_alerts(two_v
         WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "content").is_displayed())
         champion = browser.find_element(By.ID, "champion").text
         assert service.host.current.version in champion and "mlsec-digits" in champion
+        assert "images" in champion
         traffic = browser.find_element(By.ID, "traffic").text
         import re
 

@@ -42,3 +42,8 @@ def test_ignore_scores_an_unseen_category_as_all_zeros(tmp_path, prefect_server)
         got = r.json()["predictions"]
         assert [p["label"] for p in got] == expected.argmax(1).tolist()
         assert np.allclose([p["probabilities"] for p in got], expected, atol=1e-4)
+        status = httpx.get(f"{served['url']}/v1/status", timeout=30,
+                           headers={"Authorization": f"Bearer {served['keys']['admin']}"}).json()
+        assert status["champion"]["input_policy"]["unknown_category"] == "ignore"
+        card = (served["ws"] / "runs" / served["summary"]["run_id"] / "card" / "model_card.md").read_text()
+        assert "scored as none of its column's categories (all indicators zero) (`data.unknown_category: ignore`)" in card

@@ -32,6 +32,7 @@ import torch
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.params import ServingParams
 from stages.core.workspace import Workspace
+from stages.data.preprocessing import unknown_category_policy
 from stages.ml.runtime import SMALL_INPUT
 from stages.models.aliases import alias_drift, ledger_aliases
 from stages.models.records import revocation
@@ -68,6 +69,9 @@ class Served:
         return {"model": self.name, "version": self.version, "run_id": self.run_id, "weights_sha256": self.weights_sha256,
                 "input_shape": list(self.input_shape), "kind": "table" if self.preprocessing else "image",
                 "columns": [{"name": c["name"], "type": c["type"]} for c in self.preprocessing["columns"]]
+                if self.preprocessing else None,
+                "input_policy": {"missing": self.preprocessing.get("missing", "refuse"),
+                                 "unknown_category": unknown_category_policy(self.preprocessing)}
                 if self.preprocessing else None, "num_classes": self.num_classes, "loaded_at": self.loaded_at,
                 "reference": self.reference, "detector": None if self.detector is None else self.detector.report}
 

@@ -32,7 +32,9 @@ function esc(v){return String(v===null||v===undefined?'-':v).replace(/[&<>"']/g,
 function rows(obj){return '<table>'+Object.entries(obj).map(([k,v])=>'<tr><th>'+esc(k)+'</th><td>'+esc(typeof v==='object'&&v!==null?JSON.stringify(v):v)+'</td></tr>').join('')+'</table>';}
 function render(s){
   const c=s.champion, d=c.detector||{};
+  const ip=c.input_policy;
   $('champion').querySelector('.body').innerHTML=rows({model:c.model, version:c.version, run:c.run_id,
+     inputs:ip?'table rows; missing cells: '+ip.missing+'; unseen categories: '+(ip.unknown_category==='refuse'?'refused':'all zeros'):'images',
      weights:String(c.weights_sha256).slice(0,16)+'...', 'switches':s.switches, 'refused versions':Object.keys(s.refused).join(', ')||'none'});
   $('traffic').querySelector('.body').innerHTML=rows(s.traffic);
   const dr=s.drift||{};

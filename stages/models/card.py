@@ -72,7 +72,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
 - Purpose: {p.purpose}
 - Risk class: {p.risk_class}
 - Training mode: {train.mode}, model {train.model} ({'method ' + train.adversarial.method + ', ε ' + format(train.adversarial.epsilon, 'g') if train.mode == 'adversarial' else 'the default for this kind of data' if manifest.get('kind') == 'table' else ''})
-{_inputs_text(manifest, classes)}
+{_inputs_text(manifest, classes, params.data.unknown_category)}
 
 ## Data
 - Source: `{manifest['source']}`
@@ -133,17 +133,25 @@ def policy_text(verdict: dict[str, Any]) -> str:
             f"policy the model {under}. {tail}\n\n{_table(rows, ('setting', 'difference'))}")
 
 
-def _inputs_text(manifest: dict[str, Any], classes: list[Any]) -> str:
-    """What a caller sends and gets back, with the column names of a table."""
+def _inputs_text(manifest: dict[str, Any], classes: list[Any], unknown_category: str) -> str:
+    """What a caller sends and gets back, with the column names of a table and what becomes of
+    a category no training row held (``data.unknown_category``, which train signs into the
+    preprocessing and which is part of its cache key, so it is this run's model's policy)."""
     classes_text = ", ".join(f"`{c}`" for c in classes)
     out = f"- Output: logits over {len(classes)} classes, in order: {classes_text}."
     columns = manifest.get("columns")
     if manifest.get("kind") == "table" and columns:
         listed = ", ".join(f"`{c['name']}` ({c['type']}{', ' + str(len(c['categories'])) + ' categories' if c['type'] == 'categorical' else ''})"
                            for c in columns)
+        unseen = ""
+        if any(c["type"] == "categorical" for c in columns):
+            unseen = (" A category no training row held is refused, naming the row, column and value"
+                      if unknown_category == "refuse" else
+                      " A category no training row held is scored as none of its column's categories (all indicators zero)")
+            unseen += f" (`data.unknown_category: {unknown_category}`)."
         return (f"- Input: table rows with {len(columns)} named columns in the user's units: {listed}. The signed "
                 f"preprocessing (fitted on the accepted training rows; missing cells: {manifest.get('missing', 'refuse')}) "
-                f"scales them onto [0, 1] before the network.\n{out}")
+                f"scales them onto [0, 1] before the network.{unseen}\n{out}")
     shape = manifest["input_shape"]
     return (f"- Input: images of shape {shape} (channels x height x width), float32 on [0, 1] or uint8 pixels "
             f"(layout at ingest: {manifest.get('layout', 'NCHW')}).\n{out}")
