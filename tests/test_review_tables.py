@@ -34,10 +34,18 @@ def _champion():
     return DatasetVersion("r0", "d" * 64, "s", X, np.array([0, 1, 0, 1, 0, 1]), meta)
 
 
+def _spec() -> dict:
+    """The signed preprocessing of the version that answered (version 3)."""
+    return fit_table_preprocessing(_champion().X, COLUMNS, missing="impute", unknown_category="ignore")
+
+
+def _versions(version: str) -> dict | None:
+    return _spec() if version == "3" else None      # other versions no longer verify
+
+
 def _flagged(rows: list[dict]) -> list[dict]:
     """Telemetry rows as the service logs a flagged table row: scaled features and the raw row."""
-    spec = fit_table_preprocessing(_champion().X, COLUMNS, missing="impute", unknown_category="ignore")
-    X, raw = table_request(rows, spec=spec, max_batch=10)
+    X, raw = table_request(rows, spec=_spec(), max_batch=10)
     return [{"data": X[i].tobytes(), "shape": json.dumps([X.shape[1]]), "input_sha256": row_digest(X[i]), "client": "mallory",
              "time": time.time(), "model_version": "3", "prediction": i % 2, "detector_score": 4.5,
              "raw_row": json.dumps(raw[i])} for i in range(len(X))]
@@ -52,13 +60,13 @@ def table_queue(tmp_path):
     legacy = dict(rows[3], raw_row=None)        # logged before raw rows were kept
     other = dict(_flagged([{"age": 1, "city": "a"}])[0], raw_row=json.dumps({"age": 1, "town": "a"}))
     queue, skipped = write_queue(ws, model="m", reason="r", rows=[*rows[:3], legacy, other], classes=CLASSES,
-                                 data_kind="table", columns=COLUMNS)
+                                 data_kind="table", columns=COLUMNS, preprocessing=_versions)
     return ws, queue, skipped
 
 
 def test_a_table_queue_keeps_the_raw_rows_by_column_name_signed(table_queue):
     ws, queue, skipped = table_queue
-    assert skipped == {"digest_mismatch": 0, "other_shape": 0, "no_raw_row": 2}
+    assert skipped == {"digest_mismatch": 0, "other_shape": 0, "no_raw_row": 2, "raw_row_mismatch": 0, "unverified_version": 0}
     assert queue.columns == [{"name": "age", "type": "numeric"}, {"name": "city", "type": "categorical"}]
     assert [item["row"] for item in queue.items] == [{"age": 30.0, "city": " b "}, {"age": None, "city": "c"},
                                                      {"age": 45.5, "city": None}]
@@ -76,6 +84,27 @@ def _drop_row(folder):
     doc = json.loads((folder / "queue.json").read_text())
     del doc["payload"]["items"][1]["row"]
     (folder / "queue.json").write_text(json.dumps(doc))
+
+
+def test_a_raw_row_edited_in_the_telemetry_store_never_reaches_a_queue(tmp_path):
+    """The telemetry store is not signed. An insider who rewrites a flagged row's raw cells
+    there (the features and their digest left as the service logged them) would have the
+    edited row appended to the champion's table by a retraining: the queue keeps a raw row
+    only when the answering version's signed preprocessing turns it into the logged
+    features; a row of a version that no longer verifies is left out too."""
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    rows = _flagged(SENT)
+    moved = dict(rows[0], raw_row=json.dumps({"age": 75, "city": "b"}))             # another age
+    relabelled_city = dict(rows[3], raw_row=json.dumps({"age": 61, "city": "b"}))   # another category
+    revoked = dict(rows[1], model_version="2")
+    queue, skipped = write_queue(ws, model="m", reason="r", rows=[moved, relabelled_city, rows[2], revoked, rows[1]],
+                                 classes=CLASSES, data_kind="table", columns=COLUMNS, preprocessing=_versions)
+    assert skipped["raw_row_mismatch"] == 2 and skipped["unverified_version"] == 1
+    kept = {item["input_sha256"]: item["row"] for item in queue.items}
+    assert kept == {r["input_sha256"]: json.loads(r["raw_row"]) for r in (rows[2], rows[1])}
+    with pytest.raises(InvalidInput, match="each version's signed preprocessing"):
+        write_queue(ws, model="m", reason="r", rows=rows, classes=CLASSES, data_kind="table", columns=COLUMNS)
 
 
 @pytest.mark.parametrize("edit", [_edit_row, _drop_row])
@@ -129,7 +158,7 @@ def test_a_queue_that_cannot_join_the_champions_table_is_refused(table_queue, tm
     with pytest.raises(InvalidInput, match="holds table inputs, the champion was trained on image data"):
         check_joinable(review, replace(champion, meta={**champion.meta, "kind": "image"}))
     old = write_queue(ws, model="m", reason="r", rows=_flagged(SENT[:1]), classes=CLASSES, data_kind="table",
-                      columns=COLUMNS)[0]
+                      columns=COLUMNS, preprocessing=_versions)[0]
     old_review = replace(review, queue=replace(old, payload={k: v for k, v in old.payload.items() if k != "columns"}))
     with pytest.raises(InvalidInput, match="keeps only the scaled features"):
         check_joinable(old_review, champion)
@@ -168,7 +197,7 @@ def test_a_labelled_row_beyond_the_float32_range_is_refused_and_still_measured(t
     ws.root.mkdir()
     sign_reviewers(ws.root)
     queue, _ = write_queue(ws, model="m", reason="r", rows=_flagged([{"age": 1e300, "city": "a"}, SENT[0]]),
-                           classes=CLASSES, data_kind="table", columns=COLUMNS)
+                           classes=CLASSES, data_kind="table", columns=COLUMNS, preprocessing=_versions)
     assert queue.items[0]["row"] == {"age": 1e300, "city": "a"}
     d = [item["input_sha256"] for item in queue.items]
     record_labels(ws, queue, resolve_labels(queue, [(d[0], "benign"), (d[1], "malignant")]), identity=_identity("rita"),

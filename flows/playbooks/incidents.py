@@ -20,6 +20,7 @@ them (screened again, gated again) and promote the result through the normal gat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,14 +83,33 @@ def _new_queue(ws: Workspace, model: str, reason: str, since_hours: float,
     store = _store(ws)
     rows = store.flagged_inputs(since=time.time() - since_hours * 3600)
     store.engine.dispose()
-    columns = table_columns(data.meta, data.X.shape[1]) if data.kind == "table" else None   # raw rows kept by name
+    table = data.kind == "table"
+    columns = table_columns(data.meta, data.X.shape[1]) if table else None   # raw rows kept by name
     queue, skipped = write_queue(ws, model=model, reason=reason, rows=rows, classes=data.classes, data_kind=data.kind,
-                                 columns=columns)
+                                 columns=columns, preprocessing=_version_preprocessing(model) if table else None)
     clients: dict[str, int] = {}
     for item in queue.items:
         clients[item["client"]] = clients.get(item["client"], 0) + 1
     return Review(queue, [], {}, []), {"path": queue_path(ws, queue), "queue": queue.name, "queue_sha256": queue.sha256,
                                        "items": len(queue.items), "clients": clients, **skipped}
+
+
+def _version_preprocessing(model: str) -> Callable[[str], dict[str, Any] | None]:
+    """``version -> the signed preprocessing of that verified version`` (None when it no
+    longer verifies: revoked, or its package changed), each version loaded once."""
+    from stages.models.verify import load_verified_model
+
+    specs: dict[str, dict[str, Any] | None] = {}
+
+    def spec(version: str) -> dict[str, Any] | None:
+        if version not in specs:
+            try:
+                specs[version] = load_verified_model(f"models:/{model}/{version}").spec
+            except PipelineError:
+                specs[version] = None
+        return specs[version]
+
+    return spec
 
 
 @flow(name="evasion-response")

@@ -18,7 +18,9 @@ Each item's ``input_sha256`` is the digest the service logged
 (``stages.monitoring.inputs.row_digest``: SHA-256 of the row as float32, C order). A row
 whose bytes no longer hash to its digest in the telemetry store is left out of the queue
 (counted), as is a table row the service logged without its raw row (flagged before raw
-rows were kept) or with other columns than the champion's; once written, the queue is read only through :func:`load_queue`, which checks the
+rows were kept), with other columns than the champion's, or whose raw row the answering
+version's signed preprocessing does not turn into the logged features (the telemetry store
+is not signed: an edited raw row would otherwise reach a retraining); once written, the queue is read only through :func:`load_queue`, which checks the
 signature, the file digest, every row's digest and the ``review.queue`` ledger entry that
 recorded it, and refuses (``IntegrityError``, exit 4, with an ``integrity.violation`` ledger
 entry) on any difference.
@@ -32,6 +34,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ from stages.core.canonical import canonical_json
 from stages.core.errors import IntegrityError, InvalidInput
 from stages.core.workspace import Workspace, write_json
 from stages.data.prepared import load_npz_bytes
-from stages.monitoring.inputs import row_digest
+from stages.monitoring.inputs import row_digest, table_request
 from stages.trust.hashing import read_file
 from stages.trust.ledger import Ledger
 from stages.trust.signing import sign_document, verify_document
@@ -141,7 +144,8 @@ def _new_folder(ws: Workspace) -> tuple[str, Path]:
 
 
 def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, Any]], classes: list[Any],
-                data_kind: str, columns: list[dict[str, Any]] | None = None) -> tuple[ReviewQueue, dict[str, int]]:
+                data_kind: str, columns: list[dict[str, Any]] | None = None,
+                preprocessing: Callable[[str], dict[str, Any] | None] | None = None) -> tuple[ReviewQueue, dict[str, int]]:
     """Write a signed queue of flagged telemetry rows; return it and what was left out.
 
     Parameters
@@ -157,17 +161,29 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
     columns : list of dict, optional
         A table champion's column schema (``name``, ``type``): each queued item keeps its
         raw row by these names.
+    preprocessing : callable, optional (required for a table)
+        ``model_version -> spec``: the signed preprocessing of the verified model version
+        that answered a row, or None when that version no longer verifies. The telemetry
+        store is not signed, so a raw row is kept only when that version's preprocessing
+        turns it into exactly the features the service logged (the same digest): a raw row
+        edited in the store, which a retraining would append to the champion's table, is
+        left out, counted.
 
-    Returns the queue and ``{"digest_mismatch": n, "other_shape": m, "no_raw_row": k}``: rows
-    whose bytes do not hash to their logged digest, rows of another input shape than the
-    first row's, and (tables) rows without a raw row of the champion's columns.
+    Returns the queue and ``{"digest_mismatch": n, "other_shape": m, "no_raw_row": k,
+    "raw_row_mismatch": j, "unverified_version": i}``: rows whose bytes do not hash to their
+    logged digest, rows of another input shape than the first row's, and (tables) rows
+    without a raw row of the champion's columns, rows whose raw row does not prepare to
+    their features, and rows of a version whose package no longer verifies.
     """
     table = data_kind == "table"
     if table and not columns:
         raise InvalidInput("a table model's review queue needs the champion's columns")
+    if table and preprocessing is None:
+        raise InvalidInput("a table model's review queue needs each version's signed preprocessing")
     schema = [{"name": str(c["name"]), "type": str(c["type"])} for c in columns or []]
     kept: list[tuple[dict[str, Any], np.ndarray]] = []
-    skipped = {"digest_mismatch": 0, "other_shape": 0, **({"no_raw_row": 0} if table else {})}
+    skipped = {"digest_mismatch": 0, "other_shape": 0,
+               **({"no_raw_row": 0, "raw_row_mismatch": 0, "unverified_version": 0} if table else {})}
     shape: list[int] | None = None
     for r in rows:
         row_shape = [int(d) for d in json.loads(r["shape"])]
@@ -184,6 +200,13 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
             raw = raw_row(r.get("raw_row"), schema)
             if raw is None:
                 skipped["no_raw_row"] += 1
+                continue
+            spec = preprocessing(str(r["model_version"]))
+            if spec is None:
+                skipped["unverified_version"] += 1
+                continue
+            if not _prepares_to(raw, spec, r["input_sha256"]):
+                skipped["raw_row_mismatch"] += 1
                 continue
             r = {**r, "row": raw}
         kept.append((r, x.reshape(row_shape)))
@@ -205,6 +228,16 @@ def write_queue(ws: Workspace, *, model: str, reason: str, rows: list[dict[str, 
     Ledger(ws.ledger_path).append("review.queue", {"queue": name, "model": model, "queue_sha256": digest,
                                                    "inputs_sha256": inputs_sha256, "items": len(kept), **skipped})
     return ReviewQueue(name, folder, payload, digest, X), skipped
+
+
+def _prepares_to(raw: dict[str, Any], spec: dict[str, Any], digest: str) -> bool:
+    """Whether the signed preprocessing ``spec`` turns the raw row into the features whose
+    digest the service logged (the path serving takes: ``table_request``)."""
+    try:
+        X, _ = table_request([raw], spec=spec, max_batch=1)
+    except InvalidInput:
+        return False
+    return row_digest(X[0]) == digest
 
 
 def raw_row(text: Any, columns: list[dict[str, Any]]) -> dict[str, Any] | None:
