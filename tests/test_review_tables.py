@@ -144,6 +144,39 @@ def test_labelled_raw_rows_join_the_champions_table_by_column_name_with_the_revi
     assert [table_row_key(it["row"], it["label"]) for it in items] == [table_row_key(v, lab) for v, lab in added]
 
 
+def test_far_out_labelled_rows_are_trained_as_the_model_saw_them_clipped_to_the_champions_range(tmp_path):
+    """An attacker's rows far past the training range, labelled by a reviewer: appended as
+    sent, one of them would stretch the range the retraining scales every row by (ages 20 to
+    60 would become 20 to 5,000). They are appended clipped to the champion's range, as the
+    served model clipped them; the queue keeps them as sent, the item records both, and the
+    run's data check looks for the clipped row."""
+    from flows.playbooks.review import review_source, table_row_key
+    from stages.data.prepared import row_values
+    from stages.data.tables import read_table
+
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    sign_reviewers(ws.root)
+    sent = [{"age": 5000, "city": "a"}, {"age": -3, "city": "b"}, {"age": 41, "city": "a"}]
+    queue, _ = write_queue(ws, model="m", reason="r", rows=_flagged(sent), classes=CLASSES, data_kind="table",
+                           columns=COLUMNS, preprocessing=_versions)
+    d = [item["input_sha256"] for item in queue.items]
+    record_labels(ws, queue, resolve_labels(queue, [(d[0], "malignant"), (d[1], "benign"), (d[2], "benign")]),
+                  identity=_identity("rita"), reason="")
+    review = open_review(ws, queue.name, where="test")
+    X, y, items = training_rows(review.queue, review.final)
+    source, _, _ = review_source(ws, review, _champion(), X, y, items, run_id="20260101T000000Z-abcdef",
+                                 declared=None, label_column="diagnosis")
+    table = read_table(source, label_column="diagnosis", columns=None, missing="impute", max_categories=10)
+    added = [row_values(table.X, {"columns": table.columns}, i)["values"] for i in (6, 7, 8)]
+    assert [v["age"] for v in added] == [60.0, 20.0, 41.0]
+    assert np.nanmax(table.X[:, 0]) == 60 and np.nanmin(table.X[:, 0]) == 20
+    assert [it["row"]["age"] for it in items] == [5000, -3, 41]                       # as sent, as the queue signed it
+    assert [it.get("trained_row") for it in items] == [{"age": 60.0, "city": "a"}, {"age": 20.0, "city": "b"}, None]
+    keys = {table_row_key(v, lab) for v, lab in zip(added, ["malignant", "benign", "benign"])}
+    assert {table_row_key(it.get("trained_row", it["row"]), it["label"]) for it in items} == keys
+
+
 def test_a_queue_that_cannot_join_the_champions_table_is_refused(table_queue, tmp_path):
     from dataclasses import replace
 

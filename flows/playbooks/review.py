@@ -27,6 +27,7 @@ from stages.core.canonical import canonical_json
 from stages.data.prepared import class_name, parse_prepared, row_values
 from stages.data.prepared import row_digest as sample_digest
 from stages.data.preprocessing import (
+    CATEGORICAL,
     apply_table_preprocessing,
     column_values,
     fit_table_preprocessing,
@@ -109,12 +110,17 @@ def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.nda
     Labels are written as class names, so the run's class list is the champion's
     (``flows.playbooks.data.write_source``; ``declared`` and ``label_column``: the run's
     ``data.classes`` and ``data.label_column`` settings). A table's items are their raw
-    rows, written with the champion's rows under the same column names.
+    rows, written with the champion's rows under the same column names, each number past
+    its column's range in the champion's table clipped to it: the row as the served model
+    saw it (serving clips to the training range). Appended unclipped, one far-out row would
+    stretch the range the retraining's preprocessing scales every row by; an item so clipped
+    records the row it is trained as (``trained_row``) next to the row as sent.
     """
     renumbered = False
     if data.kind == "table" and items:
         columns = table_columns(data.meta, data.X.shape[1])
         X, grown = prepared_rows([it["row"] for it in items], columns)
+        X = _clip_to_champion(X, data.X, columns, items)
         X = X.astype(np.float32)               # within its range: check_table_items
         renumbered = grown != columns          # a category the champion's rows lack: ingest sorts the codes anew
         data = replace(data, meta={**data.meta, "columns": grown})
@@ -133,6 +139,22 @@ def review_source(ws: Workspace, review: Review, data: DatasetVersion, X: np.nda
                                "source_sha256": record["source_sha256"]}
 
 
+def _clip_to_champion(X: np.ndarray, champion: np.ndarray, columns: list[dict[str, Any]],
+                      items: list[dict[str, Any]]) -> np.ndarray:
+    """``X`` (prepared raw rows of ``items``) with each numeric column clipped to its range in
+    the champion's prepared table; an item with a clipped cell gains ``trained_row``."""
+    X = X.copy()
+    for j, column in enumerate(columns):
+        if column["type"] == CATEGORICAL or not np.isfinite(champion[:, j]).any():
+            continue
+        low, high = float(np.nanmin(champion[:, j])), float(np.nanmax(champion[:, j]))
+        for i in np.flatnonzero((X[:, j] < low) | (X[:, j] > high)):      # NaN (missing) compares False: kept
+            bound = low if X[i, j] < low else high
+            X[i, j] = bound
+            items[i]["trained_row"] = {**items[i].get("trained_row", items[i]["row"]), column["name"]: bound}
+    return X
+
+
 def check_run_data(ws: Workspace, run_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """After the run ingested the source: its verified data holds every review row with the
     reviewer's label (``IntegrityError`` otherwise: the source changed between write and ingest)."""
@@ -143,7 +165,8 @@ def check_run_data(ws: Workspace, run_id: str, items: list[dict[str, Any]]) -> d
     X, y, _, meta = parse_prepared(files)
     if meta.get("kind") == "table":      # by column values and class name: category codes may be renumbered
         present = {table_row_key(row_values(X, meta, i)["values"], class_name(meta, int(y[i]))) for i in range(len(y))}
-        missing = [it["input_sha256"] for it in items if table_row_key(it["row"], it["label"]) not in present]
+        missing = [it["input_sha256"] for it in items
+                   if table_row_key(it.get("trained_row", it["row"]), it["label"]) not in present]
     else:
         present = {sample_digest(X, int(y[i]), i) for i in range(len(y))}
         missing = [it["input_sha256"] for it in items if it["sample_sha256"] not in present]
