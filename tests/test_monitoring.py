@@ -104,7 +104,7 @@ def test_store_keeps_rows_while_the_database_is_locked_and_writes_them_after(tmp
                            on_health=lambda ok, err: health.append((ok, err))).start()
     store.submit("predictions", [_row(0)])
     assert store.flush()
-    blocker = sqlite3.connect(db, timeout=0)
+    blocker = sqlite3.connect(db, timeout=10)          # waits out the writer's own idle-time prune, if it runs now
     blocker.execute("BEGIN EXCLUSIVE")
     assert store.submit("predictions", [_row(i) for i in range(1, 51)])
     deadline = time.time() + 20
