@@ -91,6 +91,8 @@ def test_screen_on_worker_processes_matches_serial(serial_findings, prefect_serv
     _same(findings, serial_findings)
     # 3 folds + the screening net + the trigger-group search, each reported when done
     assert [s for s in seen if s[1] and s[0] == "screen-evidence"] == [("screen-evidence", i, 5) for i in range(1, 6)]
+    # the refits without the doubted rows (label issues, shortcuts) ran their folds on the workers too
+    assert [s for s in seen if s[0] == "screen-refit" and s[1] == s[2]], seen
     detectors = _fast_screen().detectors
     assert [s for s in seen if s[0] == "detectors"][-1] == ("detectors", len(detectors), len(detectors))
 

@@ -9,8 +9,18 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import InvalidInput
+from stages.core.fanout import Mapper
 from stages.core.params import ScreenParams
-from stages.screening.evidence import _oos_probs, _train_screening_net, ensemble, screening_view, standardised
+from stages.screening.evidence import (
+    _oos_probs,
+    _train_screening_net,
+    combine_folds,
+    ensemble,
+    fold_job,
+    oos_folds,
+    screening_view,
+    standardised,
+)
 from stages.screening.neighbours import _trimmed_neighbours
 
 
@@ -60,8 +70,10 @@ class ScreenContext:
     curves, the cross-class residual splits) are computed once on first use.
     """
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None):
+    def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None,
+                 mapper: Mapper | None = None):
         self.X = X
+        self.mapper = mapper    # when given, the K-fold refits run their folds through it (workers, a Dask cluster)
         self.y_given = y
         self.labels = y.copy()  # labels to screen and train with (consensus when annotated)
         self.params = params
@@ -111,8 +123,19 @@ class ScreenContext:
         """Each screening model's K-fold out-of-sample probabilities; rows in ``exclude``
         (a mask) are never trained on. Cached only without ``exclude``."""
         if exclude is not None:
+            return self._oos(exclude)
+        return self.cached("model_probs", lambda: self._oos(None))
+
+    def _oos(self, exclude: np.ndarray | None) -> dict[str, np.ndarray]:
+        if self.mapper is None:
             return _oos_probs(*self.view, self.labels, self.num_classes, self.params, exclude=exclude)
-        return self.cached("model_probs", lambda: _oos_probs(*self.view, self.labels, self.num_classes, self.params))
+        # the refits without doubted rows (label issues, shortcuts) are most of a screen's time: the
+        # same seeded folds as the serial path, one item per fold
+        folds = oos_folds(self.labels, self.num_classes, self.params)
+        X_view, features = self.view
+        jobs = [(X_view, features, self.labels, tr, te, self.num_classes, self.params, i, exclude)
+                for i, (tr, te) in enumerate(folds)]
+        return combine_folds(self.mapper(fold_job, jobs, label="screen-refit"), folds, len(self.X), self.num_classes)
 
     def pred_probs(self) -> np.ndarray:
         """The models' mean out-of-sample probabilities (N x K)."""

@@ -56,7 +56,7 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
     if not params.detectors:
         raise InvalidInput("screen.detectors is empty: screening that checks nothing would pass everything")
     X, y, annotator_labels, k = check_screen_inputs(X, y, annotator_labels)
-    ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels)
+    ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels, mapper=mapper)
     threads = torch.get_num_threads()
     # the screening nets are tiny: one intra-op thread is much faster than several
     # competing for a small, shared CPU (17 s vs 0.2 s measured for one digits net)
