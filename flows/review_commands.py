@@ -31,15 +31,16 @@ from stages.trust.identities import identity_signer
 def cmd_review_list(args: argparse.Namespace) -> int:
     from stages.monitoring.review import queue_names  # numpy: kept off the command line's start
     from stages.monitoring.review_labels import open_review, queue_status, verified_entries
-    from stages.monitoring.reviewers import decisions_not_counted
+    from stages.monitoring.reviewers import decisions_not_counted, policy_in_force
 
     ws = _ws()
     entries = verified_entries(ws)
+    policy = policy_in_force(ws)
     rows: list[dict[str, Any]] = []
     for name in queue_names(ws):
         try:
             review = open_review(ws, name, where="review list", entries=entries)
-            rows.append(queue_status(review.queue, review.final, entries, decisions_not_counted(ws, review.final.values())))
+            rows.append(queue_status(review.queue, review.final, entries, decisions_not_counted(policy, review.final.values())))
         except PipelineError as err:
             rows.append({"queue": name, "status": "integrity violation", "error": str(err)})
 
@@ -70,11 +71,11 @@ def _not_counted_text(r: dict[str, Any]) -> str:
 
 def cmd_review_show(args: argparse.Namespace) -> int:
     from stages.monitoring.review_labels import open_review, queue_status  # numpy: kept off the command line's start
-    from stages.monitoring.reviewers import decisions_not_counted
+    from stages.monitoring.reviewers import decisions_not_counted, policy_in_force
 
     ws = _ws()
     review = open_review(ws, args.queue, where="review show")
-    not_counted = decisions_not_counted(ws, review.final.values())
+    not_counted = decisions_not_counted(policy_in_force(ws), review.final.values())
     q = review.queue
     items = []
     for item in q.items:

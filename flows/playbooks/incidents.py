@@ -97,14 +97,14 @@ def _new_queue(ws: Workspace, model: str, reason: str, since_hours: float,
 def _version_preprocessing(model: str) -> Callable[[str], dict[str, Any] | None]:
     """``version -> the signed preprocessing of that verified version`` (None when it no
     longer verifies: revoked, or its package changed), each version loaded once."""
-    from stages.models.verify import load_verified_model
+    from stages.models.verify import verified_preprocessing
 
     specs: dict[str, dict[str, Any] | None] = {}
 
     def spec(version: str) -> dict[str, Any] | None:
         if version not in specs:
             try:
-                specs[version] = load_verified_model(f"models:/{model}/{version}").spec
+                specs[version] = verified_preprocessing(f"models:/{model}/{version}")
             except PipelineError:
                 specs[version] = None
         return specs[version]

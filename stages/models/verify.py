@@ -135,6 +135,18 @@ def load_verified_model(uri: str):
         return _with_preprocessing(evidence)
 
 
+def verified_preprocessing(uri: str) -> dict[str, Any] | None:
+    """The signed preprocessing spec of a registered version (``models:/NAME/VERSION``), after
+    the same verification as :func:`load_verified_model`, without building the network; None
+    for a version trained before specs existed. Refuses as ``load_verified_model`` does."""
+    ws = Workspace.from_env()
+    with tempfile.TemporaryDirectory(prefix="mlsec-spec-") as tmp:
+        evidence = verify_version(ws, resolve(ws, uri), Path(tmp))
+    if not evidence["verdict"].get("passed"):
+        raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to use it")
+    return evidence["preprocessing"]
+
+
 def verify_version(ws: Workspace, mv, dest: Path) -> dict[str, Any]:
     """Download ``mv`` into ``dest`` and verify it against its signature and the ledger."""
     evidence = verify_model_tree(_download(f"models:/{mv.name}/{mv.version}", dest))

@@ -77,15 +77,22 @@ def _refused(policy: SignedPolicy, decisions: Iterable[Any]) -> list[tuple[Any, 
     return refused
 
 
-def decisions_not_counted(ws: Workspace, decisions: Iterable[Any]) -> dict[str, str]:
-    """Which decisions a retraining would refuse under the signed policy in force now, by input
-    digest, with why (what ``review list`` and ``review show`` mark); empty when all count.
-    Read-only: nothing is written to the ledger. A missing or changed policy counts none."""
-    decisions = list(decisions)
+def policy_in_force(ws: Workspace) -> SignedPolicy | PipelineError:
+    """The signed policy a retraining would check labels against now, or why there is none
+    (read once by a command that marks many queues' decisions)."""
     try:
-        policy = reviewing_policy(ws)
+        return reviewing_policy(ws)
     except (GateRejected, IntegrityError) as err:
-        return {d.input_sha256: str(err) for d in decisions}
+        return err
+
+
+def decisions_not_counted(policy: SignedPolicy | PipelineError, decisions: Iterable[Any]) -> dict[str, str]:
+    """Which decisions a retraining would refuse under ``policy`` (:func:`policy_in_force`),
+    by input digest, with why (what ``review list`` and ``review show`` mark); empty when all
+    count. Read-only: nothing is written to the ledger. A missing or changed policy counts none."""
+    decisions = list(decisions)
+    if isinstance(policy, PipelineError):
+        return {d.input_sha256: str(policy) for d in decisions}
     return {d.input_sha256: str(err) for d, err in _refused(policy, decisions)}
 
 
