@@ -3,6 +3,7 @@ shared by the detectors."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -121,21 +122,31 @@ class ScreenContext:
     # ---- out-of-sample probabilities
     def model_probs(self, exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Each screening model's K-fold out-of-sample probabilities; rows in ``exclude``
-        (a mask) are never trained on. Cached only without ``exclude``."""
+        (a mask) are never trained on. Cached per mask."""
         if exclude is not None:
-            return self._oos(exclude)
+            return self.cached(self.refit_key(exclude), lambda: self._oos(exclude))
         return self.cached("model_probs", lambda: self._oos(None))
+
+    @staticmethod
+    def refit_key(exclude: np.ndarray) -> str:
+        """The cache key of the probabilities refitted without the rows in ``exclude``."""
+        return "model_probs-without-" + hashlib.sha256(np.packbits(exclude.astype(bool)).tobytes()).hexdigest() + f"-{len(exclude)}"
 
     def _oos(self, exclude: np.ndarray | None) -> dict[str, np.ndarray]:
         if self.mapper is None:
             return _oos_probs(*self.view, self.labels, self.num_classes, self.params, exclude=exclude)
         # the refits without doubted rows (label issues, shortcuts) are most of a screen's time: the
         # same seeded folds as the serial path, one item per fold
+        folds, jobs = self.fold_jobs(exclude)
+        return combine_folds(self.mapper(fold_job, jobs, label="screen-refit"), folds, len(self.X), self.num_classes)
+
+    def fold_jobs(self, exclude: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[Any, ...]]]:
+        """The seeded K folds and, per fold, the arguments of ``fold_probs``: one mapper item
+        each (``combine_folds`` puts the results back in row order)."""
         folds = oos_folds(self.labels, self.num_classes, self.params)
         X_view, features = self.view
-        jobs = [(X_view, features, self.labels, tr, te, self.num_classes, self.params, i, exclude)
-                for i, (tr, te) in enumerate(folds)]
-        return combine_folds(self.mapper(fold_job, jobs, label="screen-refit"), folds, len(self.X), self.num_classes)
+        return folds, [(X_view, features, self.labels, tr, te, self.num_classes, self.params, i, exclude)
+                       for i, (tr, te) in enumerate(folds)]
 
     def pred_probs(self) -> np.ndarray:
         """The models' mean out-of-sample probabilities (N x K)."""

@@ -48,13 +48,19 @@ LOST_PAIR_MASS = 0.5  # a row of the lost class's mode puts most of its probabil
 LOST_ABSORBER_CONFIDENT = 0.9
 
 
+def refit_mask(ctx: ScreenContext) -> np.ndarray | None:
+    """The rows the first fit flags, which the second is fitted without (None: no refit)."""
+    first = ctx.pred_probs()
+    flagged = first[np.arange(len(first)), ctx.labels] < label_threshold(ctx)
+    return flagged if flagged.any() else None
+
+
 def label_probs(ctx: ScreenContext) -> np.ndarray:
     """Out-of-sample probabilities of the second fit (without the rows the first one flags)."""
 
     def make() -> np.ndarray:
-        first = ctx.pred_probs()
-        flagged = first[np.arange(len(first)), ctx.labels] < label_threshold(ctx)
-        return ensemble(ctx.model_probs(exclude=flagged)) if flagged.any() else first
+        flagged = refit_mask(ctx)
+        return ensemble(ctx.model_probs(exclude=flagged)) if flagged is not None else ctx.pred_probs()
 
     return ctx.cached("label_probs", make)
 

@@ -1,9 +1,15 @@
-"""The heavy evidence of a screen, computed at once through a mapper: the K folds of the
-out-of-sample probabilities, the screening network, and the trigger-group search. These are
-independent of each other, so a mapper backed by several workers (local processes, a Dask
-cluster) runs them side by side; each item is a module-level call on its own inputs, seeded
-as the lazy path seeds it, so the detectors then find in the context exactly what they would
-have computed one after another.
+"""The heavy evidence of a screen, computed at once through a mapper, in two waves:
+
+1. the K folds of the out-of-sample probabilities, the screening network, and the
+   trigger-group search, which are independent of each other;
+2. the first refits without doubted rows (``label_issues``' second fit, ``shortcuts``' first
+   round), whose masks need only the first wave: their 2K folds go out as one batch, so
+   that two workers are not left with one idle for the last of each detector's K folds.
+
+A mapper backed by several workers (local processes, a Dask cluster) runs each wave's items
+side by side; each item is a module-level call on its own inputs, seeded as the lazy path
+seeds it, so the detectors then find in the context exactly what they would have computed
+one after another.
 
 Only evidence that a configured detector uses is computed; whatever is already in the
 context (the annotator analysis may have asked for the probabilities) is left as it is.
@@ -11,18 +17,28 @@ context (the annotator analysis may have asked for the probabilities) is left as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from stages.core.fanout import Mapper
+from stages.screening import labels
+from stages.screening.backdoor import shortcuts
 from stages.screening.backdoor.trigger_groups import _trigger_groups
 from stages.screening.context import ScreenContext
-from stages.screening.evidence import _train_screening_net, combine_folds, fold_probs, oos_folds
+from stages.screening.evidence import _train_screening_net, combine_folds, fold_job, fold_probs
 
 # evidence -> the detectors that read it (a detector not listed computes what it needs itself)
 USERS = {
     "model_probs": {"label_issues", "annotators", "shortcuts"},
     "net": {"loss_isolation"},
     "trigger_groups": {"spectral"},
+}
+# detector -> the mask of rows its first refit leaves out (None: no refit), from the first wave
+REFITS: dict[str, Callable[[ScreenContext], np.ndarray | None]] = {
+    "label_issues": labels.refit_mask,
+    "shortcuts": shortcuts.refit_mask,
 }
 
 
@@ -42,13 +58,38 @@ def evidence_item(job: tuple[Any, ...]) -> Any:
 def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
     """Compute the evidence the named detectors will read, through ``mapper``; return what
     was computed (in the order of the items)."""
+    return _first_wave(ctx, detectors, mapper) + _refits(ctx, detectors, mapper)
+
+
+def _refits(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
+    masks: dict[str, np.ndarray] = {}
+    for name, mask_of in REFITS.items():
+        mask = mask_of(ctx) if name in detectors else None
+        if mask is not None and ctx.refit_key(mask) not in ctx._cache:
+            masks[ctx.refit_key(mask)] = mask   # two detectors leaving out the same rows share one refit
+    jobs: list[tuple[Any, ...]] = []
+    split: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
+    for key, mask in masks.items():
+        folds, fold_args = ctx.fold_jobs(mask)
+        jobs += fold_args
+        split.append((key, folds))
+    if not jobs:
+        return []
+    results = mapper(fold_job, jobs, label="screen-refit")
+    start = 0
+    for key, folds in split:
+        ctx._cache[key] = combine_folds(results[start:start + len(folds)], folds, len(ctx.X), ctx.num_classes)
+        start += len(folds)
+    return ["refit"] * len(jobs)
+
+
+def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
     wanted = {key for key, users in USERS.items() if users & set(detectors) and key not in ctx._cache}
     jobs: list[tuple[Any, ...]] = []
     folds = None
     if "model_probs" in wanted:
-        folds = oos_folds(ctx.labels, ctx.num_classes, ctx.params)
-        X_view, features = ctx.view
-        jobs += [("fold", X_view, features, ctx.labels, tr, te, ctx.num_classes, ctx.params, i) for i, (tr, te) in enumerate(folds)]
+        folds, fold_args = ctx.fold_jobs()
+        jobs += [("fold", *args) for args in fold_args]
     if "net" in wanted:
         jobs.append(("net", ctx.view[0], ctx.labels, ctx.num_classes, ctx.params))
     if "trigger_groups" in wanted:

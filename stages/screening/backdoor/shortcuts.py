@@ -51,6 +51,16 @@ def _refit_leaves_every_class(ctx: ScreenContext, doubted: np.ndarray) -> bool:
     return bool((kept[present] >= 2 * ctx.params.folds).all())
 
 
+def refit_mask(ctx: ScreenContext) -> np.ndarray | None:
+    """The rows doubted by any screening model or by the trimmed neighbours, which the first
+    refit leaves out; None when leaving them out would leave a class too few rows to refit."""
+    rows = np.arange(len(ctx.labels))
+    doubted = ctx.trimmed()[0] < SHORTCUT_DOUBT
+    for probs in ctx.model_probs().values():
+        doubted |= probs[rows, ctx.labels] < SHORTCUT_DOUBT
+    return doubted if _refit_leaves_every_class(ctx, doubted) else None
+
+
 def shortcut_probs(ctx: ScreenContext) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-sample probabilities without the doubted rows (N x K), and the doubted-row mask.
 
@@ -61,12 +71,9 @@ def shortcut_probs(ctx: ScreenContext) -> tuple[np.ndarray, np.ndarray]:
 
     def make() -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(len(ctx.labels))
-        doubted = ctx.trimmed()[0] < SHORTCUT_DOUBT
-        for probs in ctx.model_probs().values():
-            doubted |= probs[rows, ctx.labels] < SHORTCUT_DOUBT
-        probs = ctx.pred_probs()
-        if not _refit_leaves_every_class(ctx, doubted):
-            return probs, np.zeros(len(rows), dtype=bool)
+        doubted = refit_mask(ctx)
+        if doubted is None:
+            return ctx.pred_probs(), np.zeros(len(rows), dtype=bool)
         for _ in range(SHORTCUT_ROUNDS):
             probs = ensemble(ctx.model_probs(exclude=doubted))
             grown = doubted | (probs[rows, ctx.labels] < SHORTCUT_DOUBT)
