@@ -85,15 +85,17 @@ def _refits(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[st
 
 def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
     wanted = {key for key, users in USERS.items() if users & set(detectors) and key not in ctx._cache}
+    # the longest item first, so that it does not start last and leave the other workers idle:
+    # the network trains on every row, a fold on (K-1)/K of them
     jobs: list[tuple[Any, ...]] = []
     folds = None
-    if "model_probs" in wanted:
-        folds, fold_args = ctx.fold_jobs()
-        jobs += [("fold", *args) for args in fold_args]
     if "net" in wanted:
         jobs.append(("net", ctx.view[0], ctx.labels, ctx.num_classes, ctx.params))
     if "trigger_groups" in wanted:
         jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(), "table" if ctx.is_table else "image"))
+    if "model_probs" in wanted:
+        folds, fold_args = ctx.fold_jobs()
+        jobs += [("fold", *args) for args in fold_args]
     if not jobs:
         return []
     results = mapper(evidence_item, jobs, label="screen-evidence")
