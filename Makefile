@@ -35,8 +35,12 @@ setup: $(STAMP)
 run: setup
 	@$(BIN)/mlsec run
 
+# Two pytest-xdist workers: most tests keep one core busy or wait on a server. Tests that share a
+# costly fixture stay on one worker (tests/conftest.py); TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	@$(BIN)/python -m pytest
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup
 	@$(BIN)/python -m pytest -m "not slow"

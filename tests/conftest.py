@@ -24,6 +24,24 @@ for _k, _v in TELEMETRY_OFF.items():
     os.environ.setdefault(_k, _v)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # the session server stops before the last log flush
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # two workers share the cores: one intra-op thread each (and in the commands they start),
+    # rather than two spinning OpenMP pools per core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# Tests sharing a costly session fixture run on one pytest-xdist worker (``make test`` runs two,
+# ``--dist loadgroup``), which builds it once; any other module stays on one worker as a whole,
+# for its module fixtures.
+SHARED_BUILDS = {"digits_champion": "digits-champion", "quick_champion": "quick-champion", "two_versions": "quick-champion"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        group = next((g for f, g in SHARED_BUILDS.items() if f in item.fixturenames), item.module.__name__)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,9 +64,11 @@ def _free_port() -> int:
 
 
 # Prefect reads its settings once, at import: name the session server's address now, so the
-# flows run in this process and the commands run as subprocesses share one server.
-os.environ.setdefault("MLSEC_TEST_PREFECT_PORT", str(_free_port()))
-_PORT = int(os.environ["MLSEC_TEST_PREFECT_PORT"])
+# flows run in this process and the commands run as subprocesses share one server. Each
+# pytest-xdist worker has a session, and a server, of its own.
+_PORT_VAR = "MLSEC_TEST_PREFECT_PORT" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
+os.environ.setdefault(_PORT_VAR, str(_free_port()))
+_PORT = int(os.environ[_PORT_VAR])
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 
 
