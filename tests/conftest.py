@@ -37,11 +37,14 @@ SHARED_BUILDS = {"digits_champion": "digits-champion", "quick_champion": "quick-
 
 
 def pytest_collection_modifyitems(items):
+    # by module: a module's tests share its module fixtures and may build on each other's state
+    group: dict[str, str] = {}
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = next((g for f, g in SHARED_BUILDS.items() if f in item.fixturenames), item.module.__name__)
-        item.add_marker(pytest.mark.xdist_group(group))
+        shared = next((g for f, g in SHARED_BUILDS.items() if f in item.fixturenames), None)
+        if shared or item.module.__name__ not in group:
+            group[item.module.__name__] = shared or group.get(item.module.__name__) or item.module.__name__
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item.module.__name__]))
 
 
 @pytest.fixture(scope="session", autouse=True)
