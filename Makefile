@@ -35,12 +35,13 @@ setup: $(STAMP)
 run: setup
 	@$(BIN)/mlsec run
 
-# Two pytest-xdist workers: most tests keep one core busy or wait on a server. Tests that share a
-# costly fixture stay on one worker (tests/conftest.py); TEST_WORKERS=0 runs everything in one process.
+# Two pytest-xdist workers: most tests keep one core busy or wait on a server. Each module runs
+# whole on one worker (its tests share module fixtures and build on each other's state); a session
+# fixture is built once per worker that needs it. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	@$(BIN)/python -m pytest -m "not slow"

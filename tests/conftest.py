@@ -30,23 +30,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# Tests sharing a costly session fixture run on one pytest-xdist worker (``make test`` runs two,
-# ``--dist loadgroup``), which builds it once; any other module stays on one worker as a whole,
-# for its module fixtures.
-SHARED_BUILDS = {"digits_champion": "digits-champion", "quick_champion": "quick-champion", "two_versions": "quick-champion"}
-
-
-def pytest_collection_modifyitems(items):
-    # by module: a module's tests share its module fixtures and may build on each other's state
-    group: dict[str, str] = {}
-    for item in items:
-        shared = next((g for f, g in SHARED_BUILDS.items() if f in item.fixturenames), None)
-        if shared or item.module.__name__ not in group:
-            group[item.module.__name__] = shared or group.get(item.module.__name__) or item.module.__name__
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.module.__name__]))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _session_keys(tmp_path_factory):
     """Signing keys for the test session only (never the user's)."""
