@@ -129,9 +129,7 @@ def load_verified_model(uri: str):
         assert_alias_recorded(ws, name, alias)
     mv = resolve(ws, uri)
     with tempfile.TemporaryDirectory(prefix="mlsec-model-") as tmp:
-        evidence = verify_version(ws, mv, Path(tmp))
-        if not evidence["verdict"].get("passed"):
-            raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to load it")
+        evidence = _blessed(verify_version(ws, mv, Path(tmp)))
         return _with_preprocessing(evidence)
 
 
@@ -141,10 +139,15 @@ def verified_preprocessing(uri: str) -> dict[str, Any] | None:
     for a version trained before specs existed. Refuses as ``load_verified_model`` does."""
     ws = Workspace.from_env()
     with tempfile.TemporaryDirectory(prefix="mlsec-spec-") as tmp:
-        evidence = verify_version(ws, resolve(ws, uri), Path(tmp))
-    if not evidence["verdict"].get("passed"):
-        raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to use it")
+        evidence = _blessed(verify_version(ws, resolve(ws, uri), Path(tmp)))
     return evidence["preprocessing"]
+
+
+def _blessed(evidence: dict[str, Any]) -> dict[str, Any]:
+    """``evidence`` of a verified version whose signed verdict passed the gate; else IntegrityError."""
+    if not evidence["verdict"].get("passed"):
+        raise IntegrityError("the model's verdict is NOT_BLESSED: refusing to load it")
+    return evidence
 
 
 def verify_version(ws: Workspace, mv, dest: Path) -> dict[str, Any]:

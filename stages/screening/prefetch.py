@@ -65,8 +65,9 @@ def _refits(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[st
     masks: dict[str, np.ndarray] = {}
     for name, mask_of in REFITS.items():
         mask = mask_of(ctx) if name in detectors else None
-        if mask is not None and ctx.refit_key(mask) not in ctx._cache:
-            masks[ctx.refit_key(mask)] = mask   # two detectors leaving out the same rows share one refit
+        key = None if mask is None else ctx.refit_key(mask)
+        if key is not None and key not in ctx._cache:
+            masks[key] = mask   # two detectors leaving out the same rows share one refit
     jobs: list[tuple[Any, ...]] = []
     split: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
     for key, mask in masks.items():
