@@ -192,7 +192,7 @@ def test_output_hardening_and_metrics(served):
 def test_every_prediction_is_logged_with_what_the_issue_lists(served):
     X, _ = _digits(8, seed=3)
     assert _post(served, "alice", X).status_code == 200
-    served["service"].store.flush()
+    served["service"].flush()
     rows = httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "alice", "limit": 8},
                      headers=_h(served, "admin")).json()["predictions"]
     from stages.monitoring.inputs import row_digest
@@ -211,7 +211,7 @@ def test_adversarial_traffic_is_flagged_and_raises_an_attack_alert_and_event(ser
     X, y = _digits(80, seed=5)
     adv = attack_pgd(model, torch.from_numpy(X), torch.from_numpy(y), epsilon=0.3, alpha=0.03, steps=20, restarts=1).numpy()
     assert _post(served, "mallory", adv).status_code == 200
-    served["service"].store.flush()
+    served["service"].flush()
     rows = httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "mallory", "limit": 80},
                      headers=_h(served, "admin")).json()["predictions"]
     assert np.mean([r["flagged"] for r in rows]) >= 0.9
@@ -229,7 +229,7 @@ def test_drifted_traffic_raises_drift_and_the_retraining_event(served):
     shifted = X[np.isin(y, [0, 1])][:240]            # the population changed: only 0s and 1s, each a real digit
     for i, start in enumerate(range(0, 240, 40)):    # from several clients, as a population change arrives
         assert _post(served, ["dave", "alice"][i % 2], shifted[start:start + 40]).status_code == 200
-    served["service"].store.flush()
+    served["service"].flush()
     rows = httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "dave", "limit": 120},
                      headers=_h(served, "admin")).json()["predictions"]
     assert np.mean([r["flagged"] for r in rows]) <= 0.15          # plausible inputs: the attack detector stays quiet
@@ -268,7 +268,7 @@ def test_evasion_drill_reports_detection_block_and_evasion_rates(served):
 
 def test_a_locked_telemetry_database_loses_nothing(served):
     store = served["service"].store
-    store.flush()
+    served["service"].flush()
     before = store.rows_since(0)
     db = served["ws"] / "serving" / "telemetry.db"
     blocker = sqlite3.connect(db, timeout=0)
@@ -281,10 +281,85 @@ def test_a_locked_telemetry_database_loses_nothing(served):
     finally:
         blocker.rollback()
         blocker.close()
-    assert store.flush(timeout=60)
+    assert served["service"].flush(timeout=60)
     assert store.rows_since(0) == before + 20
     kinds = [e["payload"]["payload"].get("healthy") for e in _ledger_events(served["ws"], "serving.alert.telemetry")]
     assert False in kinds and True in kinds
+
+
+def test_nothing_is_answered_that_cannot_be_logged(served):
+    """The monitor logs a request after it is answered, so the room for its rows is taken
+    before: with the database locked and room for 10 rows, requests past the room are refused
+    (503), and every answered row is written once the lock goes."""
+    db = served["ws"] / "serving" / "telemetry.db"
+    served["service"].flush()
+    with running_service(served["ws"], SETTINGS + ["serving.telemetry.queue_max=10"]) as (url, service):
+        before = service.store.rows_since(0)
+        X, _ = _digits(24, seed=19)
+        blocker = sqlite3.connect(db, timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")
+        codes = []
+        try:
+            for start in range(0, 24, 4):
+                r = httpx.post(f"{url}/v1/predict", json={"inputs": X[start:start + 4].tolist()},
+                               headers=_h(served, "alice"), timeout=60)
+                codes.append(r.status_code)
+                if r.status_code == 503:
+                    assert r.json()["error"] == "telemetry_unavailable"
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert service.flush(timeout=60)
+        assert codes == [200, 200, 503, 503, 503, 503], codes      # 4 + 4 rows fit in 10; a third 4 does not
+        assert service.store.rows_since(0) == before + 8
+
+
+def test_scores_made_after_the_answer_are_the_detectors_own(served):
+    """Requests arriving together are scored in one pass of the monitor: the logged score and
+    alarm of every row are those the detector gives the row on its own."""
+    service = served["service"]
+    X, _ = _digits(12, seed=23)
+    rows = np.concatenate([X.reshape(12, -1), np.random.default_rng(23).random((4, 64), dtype=np.float32)])
+    threads = [threading.Thread(target=_post, args=(served, "alice", rows[k::4])) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert service.flush()
+    logged = httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "alice", "limit": 16},
+                       headers=_h(served, "admin")).json()["predictions"]
+    from stages.monitoring.inputs import row_digests
+
+    current = service.host.current
+    with torch.no_grad():
+        _, score, flagged = current.detector.score(current.model, torch.from_numpy(rows.reshape(-1, *current.input_shape)))
+    by_digest = {r["input_sha256"]: r for r in logged}
+    for digest, s, f in zip(row_digests(rows), score.tolist(), flagged.tolist()):
+        assert abs(by_digest[digest]["detector_score"] - s) < 1e-4 and by_digest[digest]["flagged"] == f
+    assert any(flagged.tolist())                                   # the noise rows raised the alarm
+
+
+def test_a_monitoring_pass_that_fails_loses_no_row_and_says_so(served, monkeypatch):
+    service = served["service"]
+    service.flush()
+    before, failures = service.store.rows_since(0), service.monitor.failures
+
+    def broken(*_a, **_k):
+        raise RuntimeError("detector state corrupted")
+
+    monkeypatch.setattr(service.host.current.detector, "score_features", broken)
+    r = _post(served, "alice", _digits(3, seed=29)[0])
+    assert r.status_code == 200
+    assert service.flush()
+    monkeypatch.undo()
+    assert service.monitor.failures == failures + 1
+    assert service.store.rows_since(0) == before + 3
+    rows = httpx.get(f"{served['url']}/v1/admin/predictions", params={"client": "alice", "limit": 3},
+                     headers=_h(served, "admin")).json()["predictions"]
+    assert all(row["detector_score"] is None and not row["flagged"] for row in rows)
+    alerts = [e["payload"] for e in _ledger_events(served["ws"], "serving.alert.telemetry")]
+    assert any("monitoring failed" in a["message"] and a["severity"] == "critical" for a in alerts)
+    assert _post(served, "alice", _digits(2, seed=31)[0]).status_code == 200       # still serving
 
 
 def test_alias_moved_through_the_pipeline_is_followed_without_dropped_requests(served):

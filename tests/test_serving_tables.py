@@ -332,7 +332,7 @@ def test_flagged_raw_rows_are_reviewed_by_column_name_and_retrained_on_as_labell
     sent = _records(rows)
     sent[0]["clinic"] = " north "                        # kept as sent; ingest strips it as it strips a CSV cell
     assert _post(served, sent).status_code == 200
-    assert served["service"].store.flush()
+    assert served["service"].flush()
     proc = run_cli(["playbook", "evasion-response", "--model", model, "--reason", "tripled rows", "--since-hours", "0.1",
                     "--json"], cwd=ws)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -61,7 +61,7 @@ def test_status_page_shows_the_champion_traffic_drift_detectors_and_alerts(two_v
         noise = np.random.default_rng(0).random((30, 64)).tolist()       # noise: flagged, and an evasion alert
         assert httpx.post(f"{url}/v1/predict", json={"inputs": noise}, headers={"Authorization": f"Bearer {viewer}"},
                           timeout=60).status_code == 200
-        service.store.flush()
+        service.flush()
         browser.get(f"{url}/status")
         assert browser.find_element(By.ID, "content").get_attribute("hidden") is not None
         _show(browser, viewer)

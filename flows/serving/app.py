@@ -185,13 +185,14 @@ def create_app(service: PredictionService, *, manage: bool = True) -> FastAPI:
         service.authenticate(_token(request), admin=True)
         if service.store is None:
             raise Refusal(404, "telemetry_off", "telemetry is off (serving.telemetry.enabled)")
-        service.store.flush(timeout=5)
+        service.flush(timeout=5)
         return {"predictions": service.store.predictions(since=since, client=client, limit=limit)}
 
     @app.get("/v1/admin/clients", summary="Per-client extraction state and budget use (administrators)",
              responses={401: ERRORS[401], 403: ERRORS[403]})
     def clients(request: Request) -> dict[str, Any]:
         service.authenticate(_token(request), admin=True)
+        service.monitor.flush(timeout=5)
         states = service.extraction.clients() if service.extraction else {}
         return {"clients": {name: {**state, "budget_used": service.budgets.used(name)} for name, state in states.items()}}
 
@@ -213,9 +214,9 @@ def service_status(service: PredictionService) -> dict[str, Any]:
     served = service.host.current
     store = service.store
     traffic: dict[str, Any] = {"since_start_s": round(time.time() - service.started, 1)}
+    service.flush(timeout=2)
     alerts = service.sink.recent[:50]
     if store is not None:
-        store.flush(timeout=2)
         traffic.update(store.summary(since=time.time() - 3600))
         alerts = [{k: a[k] for k in ("time", "kind", "severity", "message")} for a in store.alerts(limit=50)]
     last = served.drift.last if served else None
@@ -228,5 +229,6 @@ def service_status(service: PredictionService) -> dict[str, Any]:
                                       if service.extraction else []),
             "telemetry": {"enabled": store is not None, "healthy": store.healthy if store else True,
                           "error": store.last_error if store and not store.healthy else None,
-                          "backlog": store.backlog() if store else 0},
+                          "backlog": store.backlog() if store else 0, "monitor_backlog": service.monitor.backlog(),
+                          "monitor_failures": service.monitor.failures},
             "alerts": alerts}

@@ -26,10 +26,9 @@ class Metrics:
     def request(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
 
-    def observe(self, rows: int, flagged: int, seconds: float, outcome: str) -> None:
+    def observe(self, rows: int, seconds: float, outcome: str) -> None:
         self.requests.labels(outcome).inc()
         self.rows.inc(rows)
-        self.flagged.inc(flagged)
         self.latency.observe(seconds)
 
     def alert(self, kind: str) -> None:

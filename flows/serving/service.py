@@ -1,18 +1,16 @@
 """One prediction, from API key to response, without the web framework.
 
 Order of checks: key (401), extraction block (403), rate limit (429), inputs (422), query
-budget (429), then the model with the detectors; the prediction is logged before it is
-answered, and a prediction that cannot be logged (telemetry queue full) is refused (503).
-Bad input never reaches the model and never costs budget.
+budget (429), then the model; the prediction's monitoring (detector, extraction, alerts,
+drift, telemetry) is handed to the monitor (``flows.serving.monitor``) with room reserved for
+its rows before it is answered, and a prediction that cannot be logged (telemetry queue full)
+is refused (503). Bad input never reaches the model and never costs budget.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +25,15 @@ from stages.core.params import Params
 from stages.core.workspace import Workspace
 from stages.monitoring.access import Budgets, Client, KeyStore, keys_path
 from stages.monitoring.alerts import Alert, RateRules
+from stages.monitoring.detector import features_and_logits
 from stages.monitoring.extraction import ExtractionDetector
-from stages.monitoring.inputs import check_inputs, row_digests, row_summary, table_request
+from stages.monitoring.inputs import check_inputs, table_request
 from stages.monitoring.store import TelemetryStore, default_url
 
 from flows.serving.alerting import AlertSink
 from flows.serving.host import ModelHost, Served
 from flows.serving.metrics import Metrics
+from flows.serving.monitor import Monitor, Observation
 
 
 class _LimiterStorage(MemoryStorage):
@@ -94,24 +94,31 @@ class PredictionService:
         self.rules = RateRules(window=sp.alerts.window, low_confidence=sp.alerts.low_confidence,
                                max_low_confidence_rate=sp.alerts.max_low_confidence_rate,
                                max_detector_rate=sp.alerts.max_detector_rate)
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitor")
-        self._flagged_clients: set[str] = set()
-        self._lock = threading.Lock()
+        self.monitor = Monitor(sp=sp, store=self.store, sink=self.sink, metrics=self.metrics, rules=self.rules,
+                               extraction=self.extraction, queue_max=sp.telemetry.queue_max)
         self.started = time.time()
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
         if self.store is not None:
             self.store.start()
+        self.monitor.start()
         served = self.host.start()
         self.metrics.served(served.version)
         self.host.watch()
 
     def stop(self) -> None:
         self.host.stop()
-        self._background.shutdown(wait=True, cancel_futures=False)
+        self.monitor.stop()
         if self.store is not None:
             self.store.close()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every prediction answered so far is monitored and written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        if not self.monitor.flush(timeout):
+            return False
+        return self.store is None or self.store.flush(max(0.0, deadline - time.monotonic()))
 
     def _telemetry_health(self, healthy: bool, error: str | None) -> None:
         served = self.host.current
@@ -131,8 +138,9 @@ class PredictionService:
         return client
 
     def _limit(self, client: Client) -> None:
-        throttled = client.name in self._flagged_clients and self.sp.extraction.action == "throttle"
-        if client.name in self._flagged_clients and self.sp.extraction.action == "block":
+        flagged = client.name in self.monitor.flagged_clients
+        throttled = flagged and self.sp.extraction.action == "throttle"
+        if flagged and self.sp.extraction.action == "block":
             raise Refusal(403, "blocked", "this key is blocked: its queries look like a model-extraction sweep")
         item = self._throttled_rate if throttled else (parse(client.rate) if client.rate else self._rate)
         if not self._limiter.hit(item, "rate", client.name):
@@ -164,108 +172,34 @@ class PredictionService:
         if not ok:
             self.metrics.request("budget")
             raise Refusal(429, "budget_exhausted", f"this key has {left} rows left in its query budget; the request has {len(X)}")
-        logits, score, flagged = self._run(served, X)
+        reject = self.sp.detectors.action == "reject" and served.detector is not None
+        with torch.no_grad():
+            Xt = torch.from_numpy(X)
+            if reject:      # the detector decides the answer: scored here
+                logits, score_t, flagged_t = served.detector.score(served.model, Xt)
+                feats, score, flagged = None, score_t.numpy(), flagged_t.numpy()
+            elif served.detector is not None:   # scored by the monitor, in batches
+                feats, logits = features_and_logits(served.model, Xt)
+                score = flagged = None
+            else:
+                feats, logits, score, flagged = None, served.model(Xt), None, None
         probs = torch.softmax(logits.float(), dim=1).numpy()
         pred = probs.argmax(axis=1)
         conf = probs[np.arange(len(pred)), pred]
-        was_flagged = client.name in self._flagged_clients
-        now_flagged = self._extraction(client, X, pred, flagged, served)
-        rejected = self.sp.detectors.action == "reject" and bool(flagged.any())
+        rejected = reject and bool(flagged.any())
         latency_ms = (time.perf_counter() - started) * 1000
-        self._log(client, served, X, pred, conf, score, flagged, now_flagged or was_flagged, latency_ms, rejected, raw)
-        self._monitor(served, X, conf, flagged)
-        self.metrics.observe(len(X), int(flagged.sum()), latency_ms / 1000, "rejected" if rejected else "answered")
+        obs = Observation(client=client.name, is_admin=client.is_admin, served=served, X=X, feats=feats, logits=logits,
+                          pred=pred, conf=conf, score=score, flagged=flagged, rejected=rejected, latency_ms=latency_ms,
+                          raw=raw, time=time.time(), request_id=secrets.token_hex(8))
+        if not self.monitor.submit(obs):
+            self.metrics.request("unlogged")
+            raise Refusal(503, "telemetry_unavailable", "the telemetry store is unavailable and its queue is full: "
+                          "a prediction that cannot be logged is not answered; retry later", {"Retry-After": "5"})
+        self.metrics.observe(len(X), latency_ms / 1000, "rejected" if rejected else "answered")
         if rejected:
             rows = [int(i) for i in np.flatnonzero(flagged)]
             raise Refusal(422, "input_rejected", f"rows {rows[:20]} look adversarial or out of distribution; not answered")
         return self._response(served, probs, pred, conf)
-
-    def _run(self, served: Served, X: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
-        Xt = torch.from_numpy(X)
-        with torch.no_grad():
-            if served.detector is not None:
-                logits, score, flagged = served.detector.score(served.model, Xt)
-                return logits, score.numpy(), flagged.numpy()
-            return served.model(Xt), None, np.zeros(len(X), dtype=bool)
-
-    def _extraction(self, client: Client, X: np.ndarray, pred: np.ndarray, flagged: np.ndarray, served: Served) -> bool:
-        if self.extraction is None or client.is_admin:
-            return False
-        hit = self.extraction.observe(client.name, X, pred, flagged)
-        if hit and client.name not in self._flagged_clients:
-            with self._lock:
-                self._flagged_clients.add(client.name)
-            state = self.extraction.state(client.name)
-            prada = "Shapiro" in (state["reason"] or "") and state.get("w") is not None
-            score = state["w"] if prada else state["ood_share"]
-            threshold = self.sp.extraction.prada_delta if prada else self.sp.extraction.ood_fraction
-            self.sink(Alert("extraction", "critical",
-                            f"client {client.name!r} looks like a model-extraction sweep after {state['flagged_at']} queries: "
-                            f"{state['reason']}; action: {self.sp.extraction.action}",
-                            {"client": client.name, "score": score, "threshold": threshold, "queries": state["flagged_at"],
-                             "action": self.sp.extraction.action}), served.version)
-        return hit
-
-    def _log(self, client: Client, served: Served, X: np.ndarray, pred: np.ndarray, conf: np.ndarray,
-             score: np.ndarray | None, flagged: np.ndarray, extraction_flagged: bool, latency_ms: float,
-             rejected: bool, raw: list[dict[str, Any]] | None = None) -> None:
-        if self.store is None:
-            return
-        now, request_id = time.time(), secrets.token_hex(8)
-        summary = row_summary(X)
-        digests = row_digests(X)
-        # one conversion per column, not per cell (float(array[i]) per cell cost more than the insert)
-        scores = [None] * len(X) if score is None else score.astype(np.float64).tolist()
-        outcome = "rejected" if rejected else "answered"
-        rows = [{"time": now, "client": client.name, "model_version": served.version, "request_id": request_id,
-                 "input_sha256": digest, "input_mean": mean, "input_std": std, "input_min": low, "input_max": high,
-                 "prediction": label, "confidence": c, "latency_ms": latency_ms, "detector_score": s, "flagged": f,
-                 "extraction_flagged": extraction_flagged, "outcome": outcome}
-                for digest, mean, std, low, high, label, c, s, f in zip(
-                    digests, *(summary[k].astype(np.float64).tolist() for k in ("mean", "std", "min", "max")),
-                    pred.tolist(), conf.astype(np.float64).tolist(), scores, flagged.tolist())]
-        if not self.store.submit("predictions", rows):
-            self.metrics.request("unlogged")
-            raise Refusal(503, "telemetry_unavailable", "the telemetry store is unavailable and its queue is full: "
-                          "a prediction that cannot be logged is not answered; retry later", {"Retry-After": "5"})
-        if flagged.any():
-            self.store.submit("flagged_inputs", [
-                {"input_sha256": digests[i], "time": now, "client": client.name, "model_version": served.version,
-                 "prediction": int(pred[i]), "detector_score": float(score[i]) if score is not None else 0.0,
-                 "shape": str(list(X.shape[1:])), "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
-                 "raw_row": json.dumps(raw[i]) if raw is not None else None}
-                for i in np.flatnonzero(flagged)])
-
-    def _monitor(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:
-        for alert in self.rules.observe(conf.tolist(), flagged.tolist()):
-            alert.payload["threshold"] = (self.sp.alerts.max_detector_rate if alert.kind == "evasion"
-                                          else self.sp.alerts.max_low_confidence_rate)
-            self.sink(alert, served.version)
-        window = served.drift.add(X)
-        if window is not None:
-            self._background.submit(self._drift, served, window)
-
-    def _drift(self, served: Served, window: np.ndarray) -> None:
-        try:
-            result = served.drift.evaluate(window)
-        except Exception as err:  # noqa: BLE001 - a check that cannot run counts as failed: say so
-            if self.rules.allow("drift", f"error:{served.version}"):
-                self.sink(Alert("drift", "critical", f"the drift test could not run on version {served.version}: {err}",
-                                {"statistic": "error", "value": 0.0, "threshold": 0.0, "window": len(window)}),
-                          served.version)
-            return
-        self.metrics.drift(result)
-        if result.drifted and self.rules.allow("drift", served.version):
-            d = self.sp.drift
-            statistic, value, threshold = (("mean_z", result.max_mean_z, d.max_mean_z) if result.mean_z_features
-                                           else ("ks_drifted_features", float(result.drifted_features), 0.0))
-            self.sink(Alert("drift", "warning",
-                            f"inputs drifted from the training data of version {served.version}: {result.mean_z_features} "
-                            f"features past {d.max_mean_z} standard errors, {result.drifted_features} failing KS at "
-                            f"p < {d.p_value} (corrected), over the last {result.n} inputs",
-                            {"statistic": statistic, "value": value if np.isfinite(value) else 1e9, "threshold": threshold,
-                             "window": result.n, "features": result.mean_z_features + result.drifted_features,
-                             "retrain": d.retrain, **result.to_dict()}), served.version)
 
     def _response(self, served: Served, probs: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> dict[str, Any]:
         out = self.sp.output

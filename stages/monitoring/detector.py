@@ -73,13 +73,17 @@ class AdversarialDetector:
     def raw_scores(self, model: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
         """(logits N x K, log-scores N x S) as differentiable functions of ``X``."""
         feats, logits = features_and_logits(model, X)
+        return logits, self.log_scores(feats, logits, X)
+
+    def log_scores(self, feats: Tensor, logits: Tensor, X: Tensor) -> Tensor:
+        """Log-scores N x S of inputs ``X`` from their penultimate features and logits."""
         maha = torch.cdist(feats @ self._whiten, self._means_w).min(dim=1).values.pow(2)
         probs = F.softmax(logits, dim=1)
         centred = X.reshape(len(X), -1) - self.pca_mean
         residual = (centred - (centred @ self.pca_basis) @ self.pca_basis.T).pow(2).sum(dim=1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
         raw = torch.stack([maha.clamp_min(0), residual, entropy], dim=1)
-        return logits, torch.log1p(raw)
+        return torch.log1p(raw)
 
     def combine(self, log_scores: Tensor) -> Tensor:
         return ((log_scores - self.score_mean) / self.score_std) @ self.coef + self.intercept
@@ -90,6 +94,13 @@ class AdversarialDetector:
         logits, log_scores = self.raw_scores(model, X)
         combined = self.combine(log_scores)
         return logits, combined, combined > self.threshold
+
+    @torch.no_grad()
+    def score_features(self, feats: Tensor, logits: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+        """(combined score N, flagged N bool) from a forward pass already made
+        (``features_and_logits``): the same figures as ``score``, computed later and in batches."""
+        combined = self.combine(self.log_scores(feats, logits, X))
+        return combined, combined > self.threshold
 
 
 def _fit_statistics(model: nn.Module, X_train: Tensor, y_train: np.ndarray, num_classes: int):

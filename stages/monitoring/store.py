@@ -151,14 +151,28 @@ class TelemetryStore:
             self._thread.start()
         return self
 
-    def submit(self, table: str, rows: list[dict[str, Any]]) -> bool:
-        """Queue rows for writing; False (nothing queued) when the queue has no room for them."""
+    def reserve(self, n: int) -> bool:
+        """Hold room for ``n`` rows that ``submit(..., reserved=True)`` will bring later; False
+        (nothing held) when the queue has no room for them."""
+        with self._count_lock:
+            if self.queue_max - self._queued < n:   # rows being retried count against the room
+                return False
+            self._queued += n
+        self._idle.clear()
+        return True
+
+    def release(self, n: int) -> None:
+        """Give back room held by ``reserve`` for rows that will not come."""
+        with self._count_lock:
+            self._queued = max(0, self._queued - n)
+
+    def submit(self, table: str, rows: list[dict[str, Any]], *, reserved: bool = False) -> bool:
+        """Queue rows for writing; False (nothing queued) when the queue has no room for them.
+        ``reserved``: their room was held by ``reserve`` (always accepted)."""
         if table not in TABLES:
             raise ValueError(f"unknown telemetry table {table!r}")
-        with self._count_lock:
-            if self.queue_max - self._queued < len(rows):   # rows being retried count against the room
-                return False
-            self._queued += len(rows)
+        if not reserved and not self.reserve(len(rows)):
+            return False
         self._idle.clear()
         optional = {c: None for c in ADDED_COLUMNS.get(table, ())}   # one INSERT takes every row of a batch
         self._queue.put_nowait((table, [{**optional, **r} for r in rows] if optional else rows))   # one item per request
