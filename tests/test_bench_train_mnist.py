@@ -85,3 +85,26 @@ def test_a_run_writes_results_and_the_same_command_resumes(tiny_mnist, tmp_path)
     changed = _bench(*args)
     assert changed.returncode == 2 and "measured with another recipe" in changed.stderr
     assert changed.stderr.strip().splitlines() == [changed.stderr.strip()]
+
+
+def test_an_interrupted_autoattack_goes_on_from_the_rows_it_saved(tiny_mnist, tmp_path):
+    """AutoAttack is saved batch by batch: a run stopped inside it attacks only the rows left.
+    Played by leaving a saved first part whose outcomes are the opposite of those measured, so
+    the final per-row outcomes show whether that part was kept rather than attacked again."""
+    out = tmp_path / "out"
+    args = ["--quick", "--data", str(tiny_mnist), "--out", str(out), "--modes", "standard", "--attack-rows", "8"]
+    assert _bench(*args).returncode == 0
+    state = json.loads((out / "results.json").read_text())
+    ev = state["rows"]["standard"]["evaluation"]
+    measured = ev.pop("autoattack")["per_row_ok"]
+    assert "autoattack_partial" not in ev and len(measured) == 8
+    saved = [not ok for ok in measured[:4]]
+    ev["autoattack_partial"] = {"per_row_ok": saved, "seconds": 1.0}
+    state["rows"]["standard"]["done"] = False
+    (out / "results.json").write_text(json.dumps(state))
+    again = _bench(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "AutoAttack 8/8 rows" in again.stderr
+    aa = json.loads((out / "results.json").read_text())["rows"]["standard"]["evaluation"]["autoattack"]
+    assert aa["n"] == 8 and aa["per_row_ok"][:4] == saved and aa["seconds"] > 1.0
+    assert aa["accuracy"] == sum(aa["per_row_ok"]) / 8
