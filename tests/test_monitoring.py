@@ -225,6 +225,57 @@ def test_prada_flags_a_synthetic_sweep_but_not_natural_clients(digits_model):
     assert ex.state("noisy")["flagged"] and "input detector" in ex.state("noisy")["reason"]
 
 
+def _prada_by_definition(flat: np.ndarray, labels: np.ndarray) -> list[float]:
+    """PRADA's distances as the paper defines them, one query at a time: the distance to the
+    nearest earlier query of the same class in the class's set, which grows with queries
+    farther than the mean minus one standard deviation of the distances that grew it."""
+    sets: dict[int, list[np.ndarray]] = {}
+    grew: dict[int, list[float]] = {}
+    out = []
+    for x, c in zip(flat.astype(np.float64), labels.tolist()):
+        members = sets.setdefault(c, [])
+        if not members:
+            members.append(x)
+            continue
+        d = min(float(np.linalg.norm(m - x)) for m in members)
+        out.append(d)
+        g = grew.setdefault(c, [])
+        if d > (np.mean(g) - np.std(g) if g else 0.0):
+            members.append(x)
+            g.append(d)
+    return out
+
+
+@pytest.mark.parametrize("one_product_work", [10**12, 0], ids=["one-product", "class-by-class"])
+def test_prada_sees_the_same_distances_however_a_client_batches_its_queries(digits_model, monkeypatch,
+                                                                            one_product_work):
+    """An extraction client may send its sweep one query at a time or in batches of any size;
+    the distances the normality test reads must be those of the paper's definition either way,
+    so batching buys it nothing. The stream is long enough that the oldest distances are dropped."""
+    import stages.monitoring.extraction as extraction
+
+    monkeypatch.setattr(extraction, "ONE_PRODUCT_WORK", one_product_work)
+    model, X, y, train, held = digits_model
+    rng = np.random.default_rng(5)
+    Q = X[rng.choice(len(X), size=2300)]
+    Q[1000:1300] = np.clip(Q[1000:1300] + rng.normal(0, 0.02, Q[1000:1300].shape), 0, 1)   # near-duplicates too
+    with torch.no_grad():
+        labels = model(torch.from_numpy(Q)).argmax(1).numpy()
+    expected = np.sort(_prada_by_definition(Q.reshape(len(Q), -1), labels)[-extraction.MAX_DISTANCES:])
+    states = []
+    for sizes in ([1], [32], [7, 1, 50, 3]):
+        ex = ExtractionDetector(min_queries=60, delta=0.0, ood_fraction=1.0)    # never flags: the whole stream counts
+        start, k = 0, 0
+        while start < len(Q):
+            n = sizes[k % len(sizes)]
+            ex.observe("c", Q[start:start + n], labels[start:start + n], np.zeros(len(Q[start:start + n]), bool))
+            start, k = start + n, k + 1
+        seen = np.sort(ex._streams["c"].distances.values())
+        assert seen == pytest.approx(expected, abs=1e-5), sizes
+        states.append({c: m.n for c, m in ex._streams["c"].sets.items()})
+    assert states[0] == states[1] == states[2]
+
+
 def test_shapiro_w_is_scipys_statistic():
     from scipy.stats import shapiro
 
