@@ -143,6 +143,32 @@ def test_store_keeps_rows_when_the_database_is_full_and_refuses_only_when_its_qu
     store._thread.join(timeout=5)
 
 
+def test_rows_given_by_column_are_stored_as_the_same_rows_and_a_malformed_batch_queues_nothing(tmp_path):
+    store = TelemetryStore(f"sqlite:///{tmp_path / 'c.db'}", queue_max=100, retention_s=3600).start()
+    by_row = [_row(i, client="alice") for i in range(3)]
+    by_column = [_row(10 + i, client="bob") for i in range(3)]
+    assert store.submit("predictions", by_row)
+    assert store.submit_columns("predictions", {c: [r[c] for r in by_column] for c in by_column[0]})
+    assert store.submit_columns("flagged_inputs", {      # a column added later (raw_row) may be left out
+        "input_sha256": ["f" * 64], "time": [time.time()], "client": ["bob"], "model_version": ["1"], "prediction": [3],
+        "detector_score": [2.5], "shape": ["[64]"], "data": [b"\0" * 4]})
+    lacking = {k: v for k, v in _row(20).items() if k != "confidence"}
+    with pytest.raises(ValueError, match="confidence"):
+        store.submit("predictions", [_row(21), lacking])
+    with pytest.raises(ValueError, match="confidence"):
+        store.submit_columns("predictions", {c: [v] for c, v in lacking.items()})
+    with pytest.raises(ValueError, match="unequal"):
+        store.submit_columns("predictions", {c: [v] * (2 if c == "client" else 1) for c, v in _row(22).items()})
+    assert store.backlog() == 7 and store.flush()
+    with store.engine.connect() as conn:
+        got = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM predictions ORDER BY id"))]
+        flagged = [dict(r._mapping) for r in conn.execute(sa.text("SELECT * FROM flagged_inputs"))]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in got] == [
+        {**r, "flagged": 0, "extraction_flagged": 0} for r in by_row + by_column]
+    assert len(flagged) == 1 and flagged[0]["raw_row"] is None and flagged[0]["prediction"] == 3
+    store.close()
+
+
 def test_the_store_does_not_index_digests_and_drops_an_older_stores_index(tmp_path):
     url = f"sqlite:///{tmp_path / 't.db'}"
     with sqlite3.connect(tmp_path / "t.db") as con:          # a store from before: the digest indexed

@@ -166,24 +166,27 @@ class Monitor:
             X = np.concatenate([o.X for o in group])
             pred = np.concatenate([o.pred for o in group])
             conf = np.concatenate([o.conf for o in group])
-            score, flagged = self._scores(served, group)
+            score, flagged = self._scores(served, group, X)
             if flagged.any():
                 self.metrics.flagged.inc(int(flagged.sum()))
-            extraction = self._extraction(group, pred, flagged)
+            extraction = self._extraction(group, X, pred, flagged)
             self._log(group, X, pred, conf, score, flagged, extraction)
             self._rules(served, X, conf, flagged)
 
-    def _scores(self, served: Served, group: list[Observation]) -> tuple[np.ndarray | None, np.ndarray]:
-        """Detector scores and alarms of the group's rows, scored in one pass where deferred."""
-        n = sum(len(o.X) for o in group)
+    def _scores(self, served: Served, group: list[Observation], X: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Detector scores and alarms of the group's rows (``X``, joined), scored in one pass
+        where deferred."""
+        n = len(X)
         if served.detector is None:
             return None, np.zeros(n, dtype=bool)
         score, flagged = np.empty(n, dtype=np.float32), np.zeros(n, dtype=bool)
         later = [o for o in group if o.score is None]
         if later:
-            X = torch.from_numpy(np.concatenate([o.X for o in later]))
+            # the action is one setting, so the deferred rows are the whole group or none of it
+            rows = X if len(later) == len(group) else np.concatenate([o.X for o in later])
             combined, alarm = served.detector.score_features(torch.cat([o.feats for o in later]),
-                                                             torch.cat([o.logits for o in later]), X)
+                                                             torch.cat([o.logits for o in later]),
+                                                             torch.from_numpy(rows))
             combined, alarm = combined.numpy(), alarm.numpy()
         start, used = 0, 0
         for o in group:
@@ -195,7 +198,7 @@ class Monitor:
             start += m
         return score, flagged
 
-    def _extraction(self, group: list[Observation], pred: np.ndarray, flagged: np.ndarray) -> list[bool]:
+    def _extraction(self, group: list[Observation], X: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> list[bool]:
         """Feed each client's queries in order; per observation, whether its client was flagged
         once its queries were seen."""
         out: list[bool] = []
@@ -206,8 +209,7 @@ class Monitor:
                 out += [first.client in self.flagged_clients] * len(run)
                 continue
             lo, hi = offsets[run[0]], offsets[run[-1] + 1]
-            X = np.concatenate([group[i].X for i in run])
-            hit = self.extraction.observe(first.client, X, pred[lo:hi], flagged[lo:hi])
+            hit = self.extraction.observe(first.client, X[lo:hi], pred[lo:hi], flagged[lo:hi])
             if hit and first.client not in self.flagged_clients:
                 self.flagged_clients.add(first.client)
                 self._extraction_alert(first)
@@ -229,33 +231,39 @@ class Monitor:
              score: np.ndarray | None, flagged: np.ndarray, extraction: list[bool]) -> None:
         if self.store is None:
             return
+        counts = [len(o.X) for o in group]
+
+        def each_row(values: list[Any]) -> list[Any]:      # one value per observation, repeated for its rows
+            return [v for v, c in zip(values, counts) for _ in range(c)]
+
         summary = row_summary(X)
         digests = row_digests(X)
-        # one conversion per column, not per cell (float(array[i]) per cell cost more than the insert)
-        columns = [summary[k].astype(np.float64).tolist() for k in ("mean", "std", "min", "max")]
         scores = [None] * len(X) if score is None else score.astype(np.float64).tolist()
-        preds, confs, flags = pred.tolist(), conf.astype(np.float64).tolist(), flagged.tolist()
-        rows, kept, i = [], [], 0
-        for o, extracted in zip(group, extraction):
-            head = {"time": o.time, "client": o.client, "model_version": o.served.version, "request_id": o.request_id,
-                    "latency_ms": o.latency_ms, "extraction_flagged": extracted,
-                    "outcome": "rejected" if o.rejected else "answered"}
-            for j in range(len(o.X)):
-                rows.append({**head, "input_sha256": digests[i], "input_mean": columns[0][i], "input_std": columns[1][i],
-                             "input_min": columns[2][i], "input_max": columns[3][i], "prediction": preds[i],
-                             "confidence": confs[i], "detector_score": scores[i], "flagged": flags[i]})
-                if flags[i]:
-                    kept.append({"input_sha256": digests[i], "time": o.time, "client": o.client,
-                                 "model_version": o.served.version, "prediction": preds[i],
-                                 "detector_score": scores[i] if scores[i] is not None else 0.0,
-                                 "shape": str(list(X.shape[1:])),
-                                 "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
-                                 "raw_row": json.dumps(o.raw[j]) if o.raw is not None else None})
-                i += 1
-        self.store.submit("predictions", rows, reserved=True)
+        # column by column, one conversion per column: a dict per row cost more than its insert
+        self.store.submit_columns("predictions", {
+            "time": each_row([o.time for o in group]), "client": each_row([o.client for o in group]),
+            "model_version": each_row([o.served.version for o in group]),
+            "request_id": each_row([o.request_id for o in group]),
+            "latency_ms": each_row([o.latency_ms for o in group]), "extraction_flagged": each_row(extraction),
+            "outcome": each_row(["rejected" if o.rejected else "answered" for o in group]),
+            "input_sha256": digests, "prediction": pred.tolist(), "confidence": conf.astype(np.float64).tolist(),
+            "detector_score": scores, "flagged": flagged.tolist(),
+            **{f"input_{k}": summary[k].astype(np.float64).tolist() for k in ("mean", "std", "min", "max")},
+        }, reserved=True)
         for o in group:
             o.logged = True
-        if kept:
+        if flagged.any():
+            owner = np.repeat(np.arange(len(group)), counts)
+            starts = np.cumsum([0] + counts)
+            kept = []
+            for i in np.flatnonzero(flagged).tolist():
+                o = group[int(owner[i])]
+                kept.append({"input_sha256": digests[i], "time": o.time, "client": o.client,
+                             "model_version": o.served.version, "prediction": int(pred[i]),
+                             "detector_score": scores[i] if scores[i] is not None else 0.0,
+                             "shape": str(list(X.shape[1:])),
+                             "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
+                             "raw_row": json.dumps(o.raw[i - starts[owner[i]]]) if o.raw is not None else None})
             self.store.submit("flagged_inputs", kept)
 
     def _rules(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:
