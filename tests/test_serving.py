@@ -287,18 +287,33 @@ def test_a_locked_telemetry_database_loses_nothing(served):
     assert False in kinds and True in kinds
 
 
+def _flags(service, X: np.ndarray) -> np.ndarray:
+    """The detector's alarms for rows ``X``, as the served version gives them."""
+    current = service.host.current
+    with torch.no_grad():
+        _, _, flagged = current.detector.score(current.model, torch.from_numpy(X.reshape(-1, *current.input_shape)))
+    return flagged.numpy()
+
+
+def _flagged_count(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*) FROM flagged_inputs").fetchone()[0]
+
+
 def test_nothing_is_answered_that_cannot_be_logged(served):
     """The monitor logs a request after it is answered, so the room for its rows is taken
-    before: with the database locked and room for 10 rows, requests past the room are refused
-    (503), and every answered row is written once the lock goes."""
+    before: twice its rows with the detector on (any row may be flagged, and a flagged row's
+    input is kept for review besides its prediction). With the database locked, requests past
+    the room are refused (503), and every answered row is written once the lock goes."""
     db = served["ws"] / "serving" / "telemetry.db"
     served["service"].flush()
-    with running_service(served["ws"], SETTINGS + ["serving.telemetry.queue_max=10"]) as (url, service):
+    with running_service(served["ws"], SETTINGS + ["serving.telemetry.queue_max=16"]) as (url, service):
         before = service.store.rows_since(0)
         X, _ = _digits(24, seed=19)
+        flags = _flags(service, X)
         blocker = sqlite3.connect(db, timeout=0)
         blocker.execute("BEGIN EXCLUSIVE")
-        codes = []
+        codes, expected, used = [], [], 0
         try:
             for start in range(0, 24, 4):
                 r = httpx.post(f"{url}/v1/predict", json={"inputs": X[start:start + 4].tolist()},
@@ -306,12 +321,51 @@ def test_nothing_is_answered_that_cannot_be_logged(served):
                 codes.append(r.status_code)
                 if r.status_code == 503:
                     assert r.json()["error"] == "telemetry_unavailable"
+                assert service.monitor.flush()       # the pass has ended: its unused room is back
+                fits = used + 8 <= 16
+                expected.append(200 if fits else 503)
+                used += (4 + int(flags[start:start + 4].sum())) if fits else 0
         finally:
             blocker.rollback()
             blocker.close()
         assert service.flush(timeout=60)
-        assert codes == [200, 200, 503, 503, 503, 503], codes      # 4 + 4 rows fit in 10; a third 4 does not
-        assert service.store.rows_since(0) == before + 8
+        assert codes == expected and codes[:2] == [200, 200] and codes[-1] == 503, codes
+        assert service.store.rows_since(0) == before + 4 * codes.count(200)
+
+
+def test_a_flood_of_flagged_inputs_keeps_every_answered_ones_review_copy(served):
+    """An attacker sends noise at once, every row of it flagged, while the database is locked:
+    what is answered has both its prediction rows and its inputs in the review queue once the
+    lock goes; what could not be kept was refused, not answered and dropped from review."""
+    db = served["ws"] / "serving" / "telemetry.db"
+    served["service"].flush()
+    served["keys"]["flooder"] = add_client(served["ws"], "flooder")
+    with running_service(served["ws"], SETTINGS + ["serving.telemetry.queue_max=20"]) as (url, service):
+        noise = np.random.default_rng(31).random((24, 64), dtype=np.float32)
+        assert _flags(service, noise).all()
+        before, flagged_before = service.store.rows_since(0), _flagged_count(db)
+        blocker = sqlite3.connect(db, timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")
+        codes: list[int] = []
+        try:
+            def send(k: int) -> None:
+                r = httpx.post(f"{url}/v1/predict", json={"inputs": noise[4 * k:4 * k + 4].tolist()},
+                               headers=_h(served, "flooder"), timeout=60)
+                codes.append(r.status_code)
+
+            threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert service.flush(timeout=60)
+        answered = codes.count(200)
+        assert answered == 20 // 8 and set(codes) == {200, 503}, codes    # 8 rows of room each: 4 + 4 copies
+        assert service.store.rows_since(0) == before + 4 * answered
+        assert _flagged_count(db) == flagged_before + 4 * answered
 
 
 def test_scores_made_after_the_answer_are_the_detectors_own(served):

@@ -73,6 +73,7 @@ class Observation:
     time: float
     request_id: str
     logged: bool = False                # its telemetry rows are queued
+    held: int = 0                       # telemetry rows of room still held for it
 
 
 class Monitor:
@@ -116,11 +117,17 @@ class Monitor:
 
     # -- the request side -------------------------------------------------------------
     def submit(self, obs: Observation) -> bool:
-        """Take one request's observation; False (nothing taken) when its rows cannot be logged."""
+        """Take one request's observation; False (nothing taken) when its rows cannot be logged.
+
+        With the input detector on, room is held for twice its rows: any of them may be flagged,
+        and a flagged row's input goes to the review queue (``flagged_inputs``) besides its
+        prediction row; the room a pass does not use is given back when it ends."""
         n = len(obs.X)
         if self.store is not None:
-            if not self.store.reserve(n):
+            room = 2 * n if obs.served.detector is not None else n
+            if not self.store.reserve(room):
                 return False
+            obs.held = room
         elif self._rows + n > self.queue_max:
             return False
         with self._lock:
@@ -150,11 +157,12 @@ class Monitor:
             except Exception as err:  # noqa: BLE001 - never lose the rows; say the monitoring failed
                 try:
                     self._failed(batch, err)
-                except Exception:  # noqa: BLE001 - the thread must live on; give back the room held
+                except Exception:  # noqa: BLE001 - the thread must live on
                     traceback.print_exc(file=sys.stderr)
-                    if self.store is not None:
-                        self.store.release(sum(len(o.X) for o in batch if not o.logged))
             finally:
+                unused = sum(o.held for o in batch)       # room for rows that did not come: given back
+                if unused and self.store is not None:
+                    self.store.release(unused)
                 with self._idle:
                     self._rows -= rows
                     self._handled += len(batch)
@@ -251,20 +259,21 @@ class Monitor:
             **{f"input_{k}": summary[k].astype(np.float64).tolist() for k in ("mean", "std", "min", "max")},
         }, reserved=True)
         for o in group:
-            o.logged = True
+            o.logged, o.held = True, o.held - len(o.X)
         if flagged.any():
             owner = np.repeat(np.arange(len(group)), counts)
             starts = np.cumsum([0] + counts)
             kept = []
             for i in np.flatnonzero(flagged).tolist():
                 o = group[int(owner[i])]
+                o.held -= 1
                 kept.append({"input_sha256": digests[i], "time": o.time, "client": o.client,
                              "model_version": o.served.version, "prediction": int(pred[i]),
                              "detector_score": scores[i] if scores[i] is not None else 0.0,
                              "shape": str(list(X.shape[1:])),
                              "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
                              "raw_row": json.dumps(o.raw[i - starts[owner[i]]]) if o.raw is not None else None})
-            self.store.submit("flagged_inputs", kept)
+            self.store.submit("flagged_inputs", kept, reserved=True)
 
     def _rules(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:
         for alert in self.rules.observe(conf.tolist(), flagged.tolist()):
