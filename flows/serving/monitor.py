@@ -172,13 +172,14 @@ class Monitor:
         for group in _runs(batch, key=lambda o: id(o.served)):
             served = group[0].served
             X = np.concatenate([o.X for o in group])
+            offsets = np.cumsum([0] + [len(o.X) for o in group]).tolist()   # where each observation's rows start
             pred = np.concatenate([o.pred for o in group])
             conf = np.concatenate([o.conf for o in group])
             score, flagged = self._scores(served, group, X)
             if flagged.any():
                 self.metrics.flagged.inc(int(flagged.sum()))
-            extraction = self._extraction(group, X, pred, flagged)
-            self._log(group, X, pred, conf, score, flagged, extraction)
+            extraction = self._extraction(group, offsets, X, pred, flagged)
+            self._log(group, offsets, X, pred, conf, score, flagged, extraction)
             self._rules(served, X, conf, flagged)
 
     def _scores(self, served: Served, group: list[Observation], X: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
@@ -206,11 +207,11 @@ class Monitor:
             start += m
         return score, flagged
 
-    def _extraction(self, group: list[Observation], X: np.ndarray, pred: np.ndarray, flagged: np.ndarray) -> list[bool]:
+    def _extraction(self, group: list[Observation], offsets: list[int], X: np.ndarray, pred: np.ndarray,
+                    flagged: np.ndarray) -> list[bool]:
         """Feed each client's queries in order; per observation, whether its client was flagged
         once its queries were seen."""
         out: list[bool] = []
-        offsets = np.cumsum([0] + [len(o.X) for o in group])
         for run in _runs(list(range(len(group))), key=lambda i: group[i].client):
             first = group[run[0]]
             if self.extraction is None or first.is_admin:
@@ -235,11 +236,11 @@ class Monitor:
                         {"client": obs.client, "score": score, "threshold": threshold, "queries": state["flagged_at"],
                          "action": self.sp.extraction.action}), obs.served.version)
 
-    def _log(self, group: list[Observation], X: np.ndarray, pred: np.ndarray, conf: np.ndarray,
+    def _log(self, group: list[Observation], offsets: list[int], X: np.ndarray, pred: np.ndarray, conf: np.ndarray,
              score: np.ndarray | None, flagged: np.ndarray, extraction: list[bool]) -> None:
         if self.store is None:
             return
-        counts = [len(o.X) for o in group]
+        counts = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
 
         def each_row(values: list[Any]) -> list[Any]:      # one value per observation, repeated for its rows
             return [v for v, c in zip(values, counts) for _ in range(c)]
@@ -262,7 +263,6 @@ class Monitor:
             o.logged, o.held = True, o.held - len(o.X)
         if flagged.any():
             owner = np.repeat(np.arange(len(group)), counts)
-            starts = np.cumsum([0] + counts)
             kept = []
             for i in np.flatnonzero(flagged).tolist():
                 o = group[int(owner[i])]
@@ -272,7 +272,7 @@ class Monitor:
                              "detector_score": scores[i] if scores[i] is not None else 0.0,
                              "shape": str(list(X.shape[1:])),
                              "data": np.ascontiguousarray(X[i], dtype=np.float32).tobytes(),
-                             "raw_row": json.dumps(o.raw[i - starts[owner[i]]]) if o.raw is not None else None})
+                             "raw_row": json.dumps(o.raw[i - offsets[owner[i]]]) if o.raw is not None else None})
             self.store.submit("flagged_inputs", kept, reserved=True)
 
     def _rules(self, served: Served, X: np.ndarray, conf: np.ndarray, flagged: np.ndarray) -> None:
@@ -313,8 +313,9 @@ class Monitor:
         traceback.print_exception(err, file=sys.stderr)
         rest = [o for o in batch if not o.logged]
         if rest:
-            self._log(rest, np.concatenate([o.X for o in rest]), np.concatenate([o.pred for o in rest]),
-                      np.concatenate([o.conf for o in rest]), None, np.zeros(sum(len(o.X) for o in rest), dtype=bool),
+            offsets = np.cumsum([0] + [len(o.X) for o in rest]).tolist()
+            self._log(rest, offsets, np.concatenate([o.X for o in rest]), np.concatenate([o.pred for o in rest]),
+                      np.concatenate([o.conf for o in rest]), None, np.zeros(offsets[-1], dtype=bool),
                       [o.client in self.flagged_clients for o in rest])
         if self.rules.allow("telemetry", "monitor-failed"):
             self.sink(Alert("telemetry", "critical",
