@@ -177,7 +177,7 @@ def _evaluate(model, name: str, row: dict[str, Any], test, sample: np.ndarray, *
     if "pipeline" not in ev:
         start = time.perf_counter()
         report = evaluate_robustness(model, Xte[sample], yte[sample], epsilons=[EPSILON], pgd_steps=50, restarts=10,
-                                     attacks=["fgsm", "pgd", "apgd_ce", "apgd_dlr"], apgd_steps=100,
+                                     attacks=["fgsm", "pgd", "apgd_ce", "apgd_dlr", "apgd_t"], apgd_steps=100,
                                      batch_size=batch, seed=0, early_exit=False)  # each attack alone
         ev["pipeline"] = {**{a: report.attack_accuracy[a][EPSILON] for a in report.attacks},
                           "worst_case": report.robust_accuracy[EPSILON], "clean_on_sample": float(report.correct[:, 0].mean()),
@@ -217,15 +217,15 @@ def render(state: dict[str, Any]) -> str:
     rows = state["rows"]
     lines = [f"MNIST, {cfg['n_train']:,} training images, device {cfg['device']}; clean accuracy on {cfg['n_test']:,} "
              f"test images; attacks at eps {EPSILON} ([0, 1] scale) on a seeded sample of {cfg['attack_rows']:,} "
-             f"test images (seed 0). Pipeline = per-row worst case over FGSM, PGD-50x10, APGD-CE-100, APGD-DLR-100; "
+             f"test images (seed 0). Pipeline = per-row worst case over FGSM, PGD-50x10, APGD-CE-100, APGD-DLR-100, APGD-T-100; "
              f"AutoAttack = torchattacks standard (APGD-CE, APGD-T, FAB-T, Square).", "",
-             "| mode | epochs | clean acc | PGD-50x10 | APGD-CE | APGD-DLR | pipeline worst case | AutoAttack | "
+             "| mode | epochs | clean acc | PGD-50x10 | APGD-CE | APGD-DLR | APGD-T | pipeline worst case | AutoAttack | "
              "epsilon spent | epoch s | images/s | epoch vs standard (same net) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in cfg["modes"]:
         row = rows.get(name)
         if not row or "training" not in row:
-            lines.append(f"| {LABELS.get(name, name)} | not run yet | | | | | | | | | | |")
+            lines.append(f"| {LABELS.get(name, name)} | not run yet | | | | | | | | | | | |")
             continue
         t, ev = row["training"], row.get("evaluation", {})
         pipe, aa = ev.get("pipeline", {}), ev.get("autoattack", {})
@@ -246,7 +246,7 @@ def render(state: dict[str, Any]) -> str:
             parts.append(f"kept epoch {guard['selected_epoch']} of {guard['last_epoch']}")
         note = f" ({', '.join(parts)})" if parts else ""
         lines.append(f"| {LABELS.get(name, name)}{note} | {t['epochs']} | {f(ev.get('clean_accuracy'))} | "
-                     f"{f(pipe.get('pgd'))} | {f(pipe.get('apgd_ce'))} | {f(pipe.get('apgd_dlr'))} | "
+                     f"{f(pipe.get('pgd'))} | {f(pipe.get('apgd_ce'))} | {f(pipe.get('apgd_dlr'))} | {f(pipe.get('apgd_t'))} | "
                      f"{f(pipe.get('worst_case'))} | {f(aa.get('accuracy'))} | {spent} | {epoch_s:.1f} | "
                      f"{np.mean(t['images_per_s']):,.0f} | {ratio} |")
     lines += ["", "Epoch seconds include the collapse guard's per-epoch check (FGSM-RS, N-FGSM). "

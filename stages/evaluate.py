@@ -8,7 +8,7 @@ held-out rows screening left out (so a gate can tell when screening lifted the f
 Epsilons are on the [0, 1] input scale: the pixels of images, and for tables the features
 after the run's preprocessing (each numeric column's training range mapped onto [0, 1];
 ``stages.data.preprocessing``).
-Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE and APGD-DLR) run on every evaluated
+Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE, APGD-DLR and APGD-T) run on every evaluated
 row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
 every attack at that epsilon. Per-sample results (``per_sample.npz``: which attacks each
@@ -42,6 +42,7 @@ STAGE = "evaluate"
 
 def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dict[str, Any]:
     # torch: slow to import, kept off the command line's start
+    from stages.ml.autoattack import MIN_CLASSES
     from stages.ml.privacy import membership_inference_audit
     from stages.ml.robustness import evaluate_robustness, plot_robustness_curve
     from stages.ml.runtime import predict_logits
@@ -57,8 +58,8 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
         raise ValidationFailed("no held-out test row is left after screening: nothing to evaluate the model on")
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
-    # APGD-DLR compares the top three logits: it is not defined for two classes (APGD-CE runs there)
-    attacks = [a for a in ev.attacks if not (a == "apgd_dlr" and int(meta["num_classes"]) < 3)]
+    # the DLR losses read the top three (APGD-T: four) logits: not defined for fewer classes (APGD-CE runs there)
+    attacks = [a for a in ev.attacks if int(meta["num_classes"]) >= MIN_CLASSES.get(a, 2)]
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,

