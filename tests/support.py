@@ -31,6 +31,11 @@ REVIEWERS = ("rita", "sam")
 QUICK_POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null",
                 f"promotion.approvers=[{', '.join(APPROVERS)}]", f"promotion.reviewers=[{', '.join(REVIEWERS)}]"]
 
+# The honesty audits' gate (tests/test_honesty*.py), in the signed policy (a --set would be a
+# weakening, never auto-promoted): the figures they check are measured whatever the gate says.
+AUDIT_POLICY = ["gate.no_regression=null", "gate.max_mia_auc=null", "gate.min_robust_accuracy={}",
+                "gate.min_clean_accuracy=0.5", "gate.min_clean_accuracy_all_test=0.5"]
+
 
 def identity(name: str) -> str:
     """``name``, with an identity key in the session's key folder (created once)."""
@@ -154,6 +159,49 @@ def run_cli(args: list[str], *, cwd: Path, env_extra: dict[str, str] | None = No
     env = {**os.environ, "MLSEC_ROOT": str(cwd), **(env_extra or {})}
     exe = shutil.which("mlsec", path=str(Path(sys.executable).parent)) or "mlsec"
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def independent_robust_accuracy(model, X, y, *, epsilon: float) -> dict:
+    """Per-row survival under torchattacks' PGD-50 x 10 restarts and AutoAttack (standard: APGD-CE,
+    APGD-T, FAB-T, Square): what an auditor runs against a registered model, apart from the
+    pipeline's own attack code."""
+    import numpy as np
+    import torch
+    import torchattacks
+
+    torch.manual_seed(0)
+    pgd_ok = np.ones(len(X), dtype=bool)
+    pgd = torchattacks.PGD(model, eps=epsilon, alpha=2.5 * epsilon / 50, steps=50, random_start=True)
+    for _ in range(10):
+        adv = pgd(X, y)
+        with torch.no_grad():
+            pgd_ok &= (model(adv).argmax(1) == y).numpy()
+    auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=10, seed=0)
+    adv = auto(X, y)
+    with torch.no_grad():
+        clean_ok = (model(X).argmax(1) == y).numpy()
+        aa_ok = (model(adv).argmax(1) == y).numpy()
+    return {"pgd": pgd_ok & clean_ok, "autoattack": aa_ok & clean_ok}
+
+
+def mlflow_run(ws, run_id: str):
+    """The MLflow run of pipeline run ``run_id`` in workspace ``ws``, read from its tracking store."""
+    import mlflow
+
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("mlsec-digits").experiment_id],
+                              filter_string=f"tags.`mlsec.run_id` = '{run_id}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def mnist_folder() -> Path | None:
+    """The MNIST IDX folder the benchmarks use (``MNIST_DIR``, or ``shared/data/mnist`` beside or
+    above the project), or None: the MNIST tests skip without it, the project never needs it."""
+    candidates = [Path(os.environ["MNIST_DIR"])] if os.environ.get("MNIST_DIR") else [
+        ROOT.parent / "shared" / "data" / "mnist", ROOT.parents[1] / "shared" / "data" / "mnist"]
+    return next((c for c in candidates if list(c.glob("train-images-idx3-ubyte*"))), None)
 
 
 def briefly_trained_digits_model():

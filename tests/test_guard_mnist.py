@@ -6,9 +6,7 @@ Skips without MNIST (``MNIST_DIR`` or ``../shared/data/mnist``)."""
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +15,8 @@ import torch
 from stages.core.params import TrainParams
 from stages.ml.attacks import attack_fgsm, attack_pgd
 from stages.ml.training import fit
+from tests.support import ROOT, mnist_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-CANDIDATES = [Path(os.environ["MNIST_DIR"])] if os.environ.get("MNIST_DIR") else [
-    ROOT.parent / "shared" / "data" / "mnist", ROOT.parents[1] / "shared" / "data" / "mnist"]
 EPSILON = 0.3
 
 pytestmark = pytest.mark.slow
@@ -28,9 +24,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mnist():
-    folder = next((c for c in CANDIDATES if list(c.glob("train-images-idx3-ubyte*"))), None)
+    folder = mnist_folder()
     if folder is None:
-        pytest.skip(f"MNIST not found in {', '.join(map(str, CANDIDATES))}")
+        pytest.skip("MNIST not found (MNIST_DIR, or shared/data/mnist beside the project)")
     sys.path.insert(0, str(ROOT))
     from bench.train_mnist import load_mnist
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support import make_workspace, run_cli
+from tests.support import AUDIT_POLICY, independent_robust_accuracy, make_workspace, mlflow_run, run_cli
 
 # the independent attacks run here, on 8x8 digits: one intra-op thread (two threads took ten
 # times as long on a busy machine, with the same figures)
@@ -23,10 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 QUICK = ["screen.detectors=[label_issues]", "evaluate.epsilons=[0.1]", "evaluate.pgd_steps=10", "evaluate.restarts=1",
          "evaluate.membership_inference=false"]
-# the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted);
-# the figures these tests check are measured whatever the gate says
-POLICY = ["gate.no_regression=null", "gate.max_mia_auc=null", "gate.min_robust_accuracy={}", "gate.min_clean_accuracy=0.5",
-          "gate.min_clean_accuracy_all_test=0.5"]
 
 
 def _run(ws, overrides: list[str]) -> dict:
@@ -40,39 +36,9 @@ def _run(ws, overrides: list[str]) -> dict:
     return summary
 
 
-def _mlflow_run(ws, run_id: str):
-    import mlflow
-
-    uri = f"sqlite:///{ws / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("mlsec-digits").experiment_id],
-                              filter_string=f"tags.`mlsec.run_id` = '{run_id}'")
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _independent_robust_accuracy(model, X: torch.Tensor, y: torch.Tensor, *, epsilon: float) -> dict[str, np.ndarray]:
-    """Per-row survival under torchattacks' PGD-50 x 10 restarts and AutoAttack (standard)."""
-    import torchattacks
-
-    torch.manual_seed(0)
-    pgd_ok = np.ones(len(X), dtype=bool)
-    pgd = torchattacks.PGD(model, eps=epsilon, alpha=2.5 * epsilon / 50, steps=50, random_start=True)
-    for _ in range(10):
-        adv = pgd(X, y)
-        with torch.no_grad():
-            pgd_ok &= (model(adv).argmax(1) == y).numpy()
-    auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=10, seed=0)
-    adv = auto(X, y)
-    with torch.no_grad():
-        clean_ok = (model(X).argmax(1) == y).numpy()
-        aa_ok = (model(adv).argmax(1) == y).numpy()
-    return {"pgd": pgd_ok & clean_ok, "autoattack": aa_ok & clean_ok}
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, prefect_server):
-    return make_workspace(tmp_path_factory.mktemp("honesty") / "ws", policy=POLICY)
+    return make_workspace(tmp_path_factory.mktemp("honesty") / "ws", policy=AUDIT_POLICY)
 
 
 def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(digits_champion, monkeypatch):
@@ -80,7 +46,7 @@ def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(digits_ch
     attacks by default (every attack, default strength) on a seeded sample of 200 rows."""
     ws, summary = digits_champion
     logged = summary["metrics"]["robust_accuracy"]
-    assert {"apgd_ce_accuracy_eps_0.1", "apgd_dlr_accuracy_eps_0.1"} <= set(summary["metrics"])
+    assert {"apgd_ce_accuracy_eps_0.1", "apgd_dlr_accuracy_eps_0.1", "apgd_t_accuracy_eps_0.1"} <= set(summary["metrics"])
     monkeypatch.setenv("MLSEC_ROOT", str(ws))
     from stages.data.io import load_source
     from stages.models.verify import load_verified_model
@@ -94,7 +60,7 @@ def test_logged_robust_accuracy_matches_independent_pgd_and_autoattack(digits_ch
     X = torch.from_numpy(load_source("sklearn:digits").X[eval_idx[attacked]]).float()
     y = torch.from_numpy(eval_labels[attacked]).long()
     assert summary["metrics"]["attacked_rows"] == len(X) == 200
-    independent = _independent_robust_accuracy(model, X, y, epsilon=0.1)
+    independent = independent_robust_accuracy(model, X, y, epsilon=0.1)
     for name, ok in independent.items():
         assert abs(ok.mean() - logged) <= 0.02, (name, float(ok.mean()), logged)
     # the logged figure is a per-row worst case: it is never above what a single independent attack leaves
@@ -105,7 +71,7 @@ def test_dp_epsilon_recomputes_from_mlflow_params_and_shows_on_the_card(ws):
     from stages.ml.dp_audit import recompute_epsilon
 
     summary = _run(ws, ["train.mode=dp", "train.epochs=3", "gate.max_dp_epsilon=3.0", "evaluate.attacks=[fgsm]"])
-    run = _mlflow_run(ws, summary["run_id"])
+    run = mlflow_run(ws, summary["run_id"])
     params, metrics = run.data.params, run.data.metrics
     assert {"dp.noise_multiplier", "dp.sample_rate", "dp.steps", "dp.accountant", "dp.delta"} <= set(params)
     assert params["dp.accountant"] == "prv" and int(params["dp.steps"]) > 0
