@@ -29,6 +29,32 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # rather than two spinning OpenMP pools per core
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Modules that share a session fixture run as one unit under ``make test`` (pytest-xdist,
+# --dist loadfile): one worker, in file order. The serving workspace (``two_versions``): the
+# playbooks and the review queue read the traffic the serving tests left in it, so a worker that
+# took them alone would build a second workspace with no traffic in it. The digits champion
+# (``digits_champion``): two minutes or more to build, once rather than once per worker.
+SHARED_FIXTURE_UNITS = {
+    "serving-workspace": ("test_serving.py", "test_serving_playbooks.py", "test_serving_review.py", "test_status_page.py"),
+    "digits-champion": ("test_pipeline_e2e.py", "test_honesty.py"),
+}
+_UNIT_OF = {module: unit for unit, modules in SHARED_FIXTURE_UNITS.items() for module in modules}
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # plain pytest: one process runs every module in file order
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class _SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            unit = _UNIT_OF.get(path.rsplit("/", 1)[-1])
+            return f"tests/{unit}" if unit else path
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _SharedFixtureScheduling(config, log) if config.getoption("dist") == "loadfile" else None
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_keys(tmp_path_factory):
