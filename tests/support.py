@@ -176,7 +176,9 @@ def independent_robust_accuracy(model, X, y, *, epsilon: float) -> dict:
         adv = pgd(X, y)
         with torch.no_grad():
             pgd_ok &= (model(adv).argmax(1) == y).numpy()
-    auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=10, seed=0)
+    with torch.no_grad():
+        classes = model(X[:1]).shape[1]
+    auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=classes, seed=0)
     adv = auto(X, y)
     with torch.no_grad():
         clean_ok = (model(X).argmax(1) == y).numpy()
