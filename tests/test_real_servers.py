@@ -37,6 +37,20 @@ def _small_digits(path: Path, *, seed: int, n: int = 400) -> Path:
     return path
 
 
+class _RetryingClient(httpx.Client):
+    """The REST API as Prefect's own client uses it: a 408, 429, 502 or 503 (the server busy,
+    as under a full test run) is sent again after a pause, up to four times."""
+
+    def send(self, request, **kwargs):
+        for pause in (1, 2, 4, 8):
+            response = super().send(request, **kwargs)
+            if response.status_code not in (408, 429, 502, 503):
+                return response
+            response.close()
+            time.sleep(pause)
+        return super().send(request, **kwargs)
+
+
 class Stack:
     """The servers, the workspace and helpers to talk to them."""
 
@@ -44,7 +58,7 @@ class Stack:
         self.root, self.api, self.mlflow_url = root, api, mlflow_url
         self.ws = make_workspace(root / "ws", policy=POLICY)
         self.env = {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url}
-        self.http = httpx.Client(base_url=api, timeout=30)
+        self.http = _RetryingClient(base_url=api, timeout=30)
         self.worker: object = None
 
     def cli(self, *args: str, timeout: int = 600):
