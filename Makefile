@@ -37,7 +37,8 @@ run: setup
 
 # Two pytest-xdist workers: most tests keep one core busy or wait on a server. Each module runs
 # whole on one worker (its tests share module fixtures and build on each other's state); a session
-# fixture is built once per worker that needs it. TEST_WORKERS=0 runs everything in one process.
+# fixture is built once per worker that needs it, and the modules that share one run together
+# (SHARED_FIXTURE_UNITS in tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 test: setup
