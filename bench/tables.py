@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.data.io import load_source
     from stages.data.prepared import data_schema, split_indices
     from stages.data.preprocessing import fit_model_preprocessing, model_inputs
-    from stages.ml.autoattack import MIN_CLASSES
-    from stages.ml.robustness import evaluate_robustness
+    from stages.ml.robustness import applicable_attacks, evaluate_robustness
     from stages.ml.runtime import predict_logits
     from stages.ml.training import fit
 
@@ -87,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - started
                 report = evaluate_robustness(model, X_test, d.y[te], epsilons=[ev.epsilon], pgd_steps=ev.pgd_steps,
                                              restarts=ev.restarts, apgd_steps=ev.apgd_steps,
-                                             attacks=[a for a in ev.attacks if d.num_classes >= MIN_CLASSES.get(a, 2)],
+                                             attacks=applicable_attacks(ev.attacks, d.num_classes),
                                              sample=None, seed=ev.seed)
                 row[label] = float((predict_logits(model, X_test).argmax(1) == d.y[te]).mean())
                 row[f"{label}_robust"] = float(report.robust_accuracy[ev.epsilon])
                 row[f"{label}_seconds"] = round(seconds, 2)
             rows.append(row)
         results[name] = rows
-        attacks = [a for a in ev.attacks if d.num_classes >= MIN_CLASSES.get(a, 2)]
+        attacks = applicable_attacks(ev.attacks, d.num_classes)
         print(f"\n### {name}: {len(d.y)} rows, {d.X.shape[1]} columns, classes {list(d.classes)}; "
               f"default = {train.mode} {train.model}; robust at eps {ev.epsilon:g} on the scaled features "
               f"(worst case per row over {', '.join(attacks)})\n")

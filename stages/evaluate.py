@@ -42,9 +42,8 @@ STAGE = "evaluate"
 
 def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dict[str, Any]:
     # torch: slow to import, kept off the command line's start
-    from stages.ml.autoattack import MIN_CLASSES
     from stages.ml.privacy import membership_inference_audit
-    from stages.ml.robustness import evaluate_robustness, plot_robustness_curve
+    from stages.ml.robustness import applicable_attacks, evaluate_robustness, plot_robustness_curve
     from stages.ml.runtime import predict_logits
 
     files, manifest = ctx.dataset_bytes(where=STAGE)
@@ -58,8 +57,7 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
         raise ValidationFailed("no held-out test row is left after screening: nothing to evaluate the model on")
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
-    # the DLR losses read the top three (APGD-T: four) logits: not defined for fewer classes (APGD-CE runs there)
-    attacks = [a for a in ev.attacks if int(meta["num_classes"]) >= MIN_CLASSES.get(a, 2)]
+    attacks = applicable_attacks(ev.attacks, int(meta["num_classes"]))
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,

@@ -63,7 +63,7 @@ def _torchattacks():
     return torchattacks
 
 
-def _apgd(model: nn.Module, X: Tensor, y: Tensor, *, loss: str, epsilon: float, steps: int, restarts: int,
+def _apgd(model: nn.Module, X: Tensor, y: Tensor, *, name: str, epsilon: float, steps: int, restarts: int,
           seed: int) -> Tensor:
     check_attack_inputs(X, y, epsilon=epsilon)
     if not (isinstance(steps, int) and steps >= 1 and isinstance(restarts, int) and restarts >= 1):
@@ -75,18 +75,19 @@ def _apgd(model: nn.Module, X: Tensor, y: Tensor, *, loss: str, epsilon: float, 
     wrapped = _AsImages(model, shape)
     devices = [X.device] if X.device.type == "cuda" else []
     with eval_mode(model), torch.random.fork_rng(devices=devices):
-        with torch.no_grad():
-            classes = model(X[:1]).shape[1]
-        name = {"ce": "apgd_ce", "dlr": "apgd_dlr", "targeted": "apgd_t"}[loss]
-        if classes < MIN_CLASSES.get(name, 2):
-            raise InvalidInput(f"{name} needs at least {MIN_CLASSES[name]} classes (its loss reads the top "
-                               f"{MIN_CLASSES[name]} logits), got {classes}")
-        if loss == "targeted":
+        if name in MIN_CLASSES:  # only the DLR losses depend on the number of classes
+            with torch.no_grad():
+                classes = model(X[:1]).shape[1]
+            if classes < MIN_CLASSES[name]:
+                raise InvalidInput(f"{name} needs at least {MIN_CLASSES[name]} classes (its loss reads the top "
+                                   f"{MIN_CLASSES[name]} logits), got {classes}")
+        if name == "apgd_t":
             attack = torchattacks.APGDT(wrapped, norm="Linf", eps=float(epsilon), steps=steps, n_restarts=restarts,
                                         seed=int(seed), rho=0.75, verbose=False, n_classes=min(classes, APGD_T_TARGETS + 1))
         else:
             attack = torchattacks.APGD(wrapped, norm="Linf", eps=float(epsilon), steps=steps, n_restarts=restarts,
-                                       seed=int(seed), loss=loss, rho=0.75, verbose=False)
+                                       seed=int(seed), loss={"apgd_ce": "ce", "apgd_dlr": "dlr"}[name], rho=0.75,
+                                       verbose=False)
         adv = attack(X.reshape(len(X), 1, 1, math.prod(shape)), y)
     return adv.reshape(X.shape).detach()
 
@@ -99,7 +100,7 @@ def attack_apgd_ce(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, st
     ``steps`` iterations (AutoAttack uses 100) from ``restarts`` random starts seeded by
     ``seed``; a sample fooled by one restart keeps that perturbation. Returns ``X + delta``.
     """
-    return _apgd(model, X, y, loss="ce", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
+    return _apgd(model, X, y, name="apgd_ce", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
 
 
 @register_attack("apgd_dlr")
@@ -110,7 +111,7 @@ def attack_apgd_dlr(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, s
     The DLR loss is invariant to shifting and rescaling the logits, so it is not fooled by
     models whose cross-entropy gradients vanish (gradient masking). Needs >= 3 classes.
     """
-    return _apgd(model, X, y, loss="dlr", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
+    return _apgd(model, X, y, name="apgd_dlr", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
 
 
 @register_attack("apgd_t")
@@ -121,4 +122,4 @@ def attack_apgd_t(model: nn.Module, X: Tensor, y: Tensor, *, epsilon: float, ste
     iterations from ``restarts`` random starts towards that class, on the rows not yet fooled.
     Costs up to nine times APGD-CE. Needs >= 4 classes.
     """
-    return _apgd(model, X, y, loss="targeted", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)
+    return _apgd(model, X, y, name="apgd_t", epsilon=epsilon, steps=steps, restarts=restarts, seed=seed)

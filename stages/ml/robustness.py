@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.fanout import Mapper
 from stages.ml.attacks import attack_fgsm, attack_pgd
-from stages.ml.autoattack import attack_apgd_ce, attack_apgd_dlr, attack_apgd_t
+from stages.ml.autoattack import MIN_CLASSES, attack_apgd_ce, attack_apgd_dlr, attack_apgd_t
 from stages.ml.runtime import check_eval_inputs, eval_mode, small_model_threads
 
 
@@ -55,6 +55,12 @@ def check_attack_names(names: list[str]) -> list[str]:
     if unknown or not names:
         raise InvalidInput(f"evaluate.attacks must be a non-empty list of {sorted(EVAL_ATTACKS)}, got {names!r}")
     return list(dict.fromkeys(names))
+
+
+def applicable_attacks(names: list[str], num_classes: int) -> list[str]:
+    """The attacks of ``names`` defined for ``num_classes`` classes: the DLR losses read the top
+    three (APGD-T: four) logits, so they are left out on fewer (APGD-CE runs there)."""
+    return [n for n in names if int(num_classes) >= MIN_CLASSES.get(n, 2)]
 
 
 @dataclass(frozen=True)
