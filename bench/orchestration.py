@@ -119,7 +119,9 @@ def overhead_rows(tmp: Path, mnist: Path | None, *, digits: bool = True) -> list
 
 
 def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, threads: bool = True) -> list[str]:
-    from flows.fanout import TaskRunnerMapper, make_runner
+    from concurrent.futures import wait
+
+    from flows.fanout import TaskRunnerMapper, make_runner, running, start_workers
     from stages.core.params import OrchestrationParams, load_params
     from stages.ml.robustness import evaluate_robustness
     from stages.screening import screen_dataset
@@ -142,9 +144,12 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
     for name, orch in runners:
         runner = make_runner(orch) if orch else None
         t = {}
-        if runner is not None:
-            runner.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            if runner is not None:
+                # as a run does: the workers start with the run and are ready by its screen
+                # (they start while ingest and validation run); here the clock waits for them
+                runner = stack.enter_context(running(runner))
+                wait(start_workers(runner))
             mapper = TaskRunnerMapper(runner) if runner is not None else None
             start, cpu = time.perf_counter(), cpu_seconds()
             screen_dataset(X, y, params=params.screen, mapper=mapper)
@@ -154,9 +159,6 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
                                 restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps, seed=ev.seed,
                                 early_exit=ev.early_exit, mapper=mapper)
             t["evaluate"] = time.perf_counter() - start
-        finally:
-            if runner is not None:
-                runner.__exit__(None, None, None)
         t["evaluate_cpu"] = cpu_seconds() - cpu  # the workers' CPU time counts once they have exited
         base = base or t
         lines.append(f"| {label} | {name} | {t['screen']:.1f} | {t['screen_cpu']:.0f} | {base['screen'] / t['screen']:.2f}x | "
@@ -167,7 +169,9 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
 
 def full_rows(mnist_dir: Path) -> list[str]:
     """Screening + evaluation (2 workers) on full MNIST against 5 FGSM-RS epochs."""
-    from flows.fanout import TaskRunnerMapper, make_runner
+    from concurrent.futures import wait
+
+    from flows.fanout import TaskRunnerMapper, make_runner, running, start_workers
     from stages.core.params import OrchestrationParams, load_params
     from stages.data.io import load_source
     from stages.data.prepared import split_indices
@@ -182,7 +186,8 @@ def full_rows(mnist_dir: Path) -> list[str]:
     result = fit(d.X[tr], d.y[tr], params=params.train, num_classes=10)
     epoch = time.perf_counter() - start
     runner = make_runner(OrchestrationParams(task_runner="processes", workers=2))
-    with runner:
+    with running(runner):
+        wait(start_workers(runner))  # started with the run, as in fanout_rows
         mapper = TaskRunnerMapper(runner)
         start = time.perf_counter()
         screen_dataset(d.X, d.y, params=params.screen, mapper=mapper)

@@ -90,14 +90,41 @@ def test_screen_on_worker_processes_matches_serial(serial_findings, prefect_serv
     with runner:
         findings = _screen_with(TaskRunnerMapper(runner, Recorder("screen")))
     _same(findings, serial_findings)
-    # 3 folds + the screening net + the trigger-group search, each reported when done
-    assert [s for s in seen if s[1] and s[0] == "screen-evidence"] == [("screen-evidence", i, 5) for i in range(1, 6)]
+    # 3 folds + the screening net + the trimmed neighbours, the cross-class residuals and the
+    # Datalab audit, each reported when done
+    assert [s for s in seen if s[1] and s[0] == "screen-evidence"] == [("screen-evidence", i, 7) for i in range(1, 8)]
     # the refits without the doubted rows ran their folds on the workers too, label issues' second
-    # fit and shortcuts' first round in one batch (3 folds each), later shortcut rounds on their own
+    # fit and shortcuts' first round in one batch (3 folds each) with the trigger-group search,
+    # later shortcut rounds on their own
     refits = [s[2] for s in seen if s[0] == "screen-refit" and s[1] == s[2]]
-    assert refits and refits[0] == 6 and all(n == 3 for n in refits[1:]), seen
+    assert refits and refits[0] == 7 and all(n == 3 for n in refits[1:]), seen
     detectors = _fast_screen().detectors
     assert [s for s in seen if s[0] == "detectors"][-1] == ("detectors", len(detectors), len(detectors))
+
+
+def _threads(_: int) -> tuple[int, tuple[int, ...]]:
+    import torch
+    from threadpoolctl import threadpool_info
+
+    return torch.get_num_threads(), tuple(sorted({pool["num_threads"] for pool in threadpool_info()}))
+
+
+def test_local_workers_start_with_the_run_on_one_thread_each(prefect_server):
+    """Workers start when the run enters the pool, not at its first fan-out, and each runs
+    torch, BLAS and OpenMP on one thread: a worker per core that started a thread per core
+    would spin-wait against the others."""
+    from concurrent.futures import wait
+
+    from flows.fanout import TaskRunnerMapper, make_runner, running, start_workers
+
+    with running(make_runner(OrchestrationParams(task_runner="processes", workers=2))) as runner:
+        ready = start_workers(runner)  # the futures running() started
+        assert len(ready) == 2
+        wait(ready, timeout=120)
+        assert all(f.done() and f.exception() is None for f in ready)
+        assert len(runner._executor._processes) == 2, "the workers should be up before any item"
+        seen = TaskRunnerMapper(runner)(_threads, [0, 1, 2, 3], label="threads")
+    assert set(seen) == {(1, (1,))}, seen
 
 
 def test_screen_on_a_dask_cluster_matches_serial(serial_findings, prefect_server):

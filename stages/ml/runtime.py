@@ -48,21 +48,35 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block; the setting is restored after.
+
+    For small networks, and for work that runs beside other work on the same cores (a
+    fan-out worker process starts with one intra-op thread per core, and two such workers on
+    two cores spin-wait on each other)."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def small_model_threads(device: torch.device, input_shape: tuple[int, ...]) -> Iterator[None]:
     """Run tiny CPU workloads (inputs of at most ``SMALL_INPUT`` values) on one intra-op thread.
 
     Batches of 8x8 digits gain little from intra-op threads, and on a busy machine the
     threads' spin-waits make each step up to 100 times slower; the setting is restored after.
     """
-    if device.type != "cpu" or math.prod(input_shape) > SMALL_INPUT or torch.get_num_threads() == 1:
+    if device.type != "cpu" or math.prod(input_shape) > SMALL_INPUT:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intra_op_thread():
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> None:

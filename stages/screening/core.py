@@ -12,11 +12,11 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.fanout import Mapper
 from stages.core.params import ScreenParams
+from stages.ml.runtime import one_intra_op_thread
 
 # importing the detector modules registers them
 from stages.screening import datalab, labels  # noqa: F401
@@ -57,14 +57,11 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
         raise InvalidInput("screen.detectors is empty: screening that checks nothing would pass everything")
     X, y, annotator_labels, k = check_screen_inputs(X, y, annotator_labels)
     ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels, mapper=mapper)
-    threads = torch.get_num_threads()
     # the screening nets are tiny: one intra-op thread is much faster than several
-    # competing for a small, shared CPU (17 s vs 0.2 s measured for one digits net)
-    torch.set_num_threads(1)
-    try:
+    # competing for a small, shared CPU (17 s vs 0.2 s measured for one digits net); the
+    # items a mapper runs elsewhere set the same for themselves
+    with one_intra_op_thread():
         return _screen(ctx, params, annotator_labels, progress, start, mapper)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _screen(ctx: ScreenContext, params: ScreenParams, annotator_labels: np.ndarray | None, progress: bool, start: float,

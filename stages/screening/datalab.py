@@ -27,29 +27,29 @@ TABLE_OUTLIER_LOG_IQR = 10.0
 DUPLICATE_RELATIVE_DISTANCE = 0.02  # of the median nearest-neighbour distance
 
 
-def _datalab(ctx: ScreenContext) -> Any:
-    """One cleanlab ``Datalab`` audit of the inputs (Euclidean kNN graph shared by the
-    outlier and near-duplicate checks); its scores are read by ``outliers`` and
-    ``near_duplicates``, which apply this module's thresholds."""
+def datalab_issues(features: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """One cleanlab ``Datalab`` audit of the rows (a Euclidean kNN graph shared by the outlier
+    and near-duplicate checks): its ``outlier`` and ``near_duplicate`` issue tables, which
+    ``outliers`` and ``near_duplicates`` read with this module's thresholds. Pure, so that a
+    fan-out worker can compute it beside the other evidence."""
+    k = int(min(10, len(features) - 1))
+    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
+    lab.find_issues(features=features, issue_types={
+        "outlier": {"k": k, "metric": "euclidean"},
+        "near_duplicate": {"k": k, "metric": "euclidean", "threshold": DUPLICATE_RELATIVE_DISTANCE},
+    })
+    return {name: lab.get_issues(name) for name in ("outlier", "near_duplicate")}
 
-    def make() -> Any:
 
-        k = int(min(10, len(ctx.X) - 1))
-        lab = Datalab(data={"label": ctx.labels}, label_name="label", verbosity=0)
-        lab.find_issues(features=ctx.features, issue_types={
-            "outlier": {"k": k, "metric": "euclidean"},
-            "near_duplicate": {"k": k, "metric": "euclidean", "threshold": DUPLICATE_RELATIVE_DISTANCE},
-        })
-        return lab
-
-    return ctx.cached("datalab", make)
+def _datalab(ctx: ScreenContext) -> dict[str, Any]:
+    return ctx.cached("datalab", lambda: datalab_issues(ctx.features, ctx.labels))
 
 
 @register_detector("outliers")
 def detect_outliers(ctx: ScreenContext) -> DetectorResult:
     """Datalab's kNN outlier score; only extreme outliers (see the module docstring) are
     flagged: Datalab's own threshold flags about 2% of clean digits."""
-    scores = _datalab(ctx).get_issues("outlier")["outlier_score"].to_numpy()
+    scores = _datalab(ctx)["outlier"]["outlier_score"].to_numpy()
     if ctx.is_table:
         logs = np.log(np.clip(scores, 1e-300, None))
         q1, q3 = np.quantile(logs, [0.25, 0.75])
@@ -66,7 +66,7 @@ def detect_outliers(ctx: ScreenContext) -> DetectorResult:
 def detect_near_duplicates(ctx: ScreenContext) -> DetectorResult:
     """Datalab's near-duplicate sets (distance below ``DUPLICATE_RELATIVE_DISTANCE`` of the
     median nearest-neighbour distance); the first row of each set is kept."""
-    issues = _datalab(ctx).get_issues("near_duplicate")
+    issues = _datalab(ctx)["near_duplicate"]
     sets = issues["near_duplicate_sets"].tolist()
     flat = ctx.features
     idx, scores, reasons = [], [], []

@@ -21,7 +21,7 @@ from sklearn.svm import SVC
 from stages.core.errors import InvalidInput
 from stages.core.params import ScreenParams
 from stages.ml.nets import build_model
-from stages.ml.runtime import resolve_device
+from stages.ml.runtime import one_intra_op_thread, resolve_device
 
 SVC_MAX_ROWS = 10_000  # rows an RBF SVC is fitted on (a seeded random subset above this)
 KNN_NEIGHBOURS = 10
@@ -151,14 +151,15 @@ def fold_probs(X: np.ndarray, features: np.ndarray, y: np.ndarray, tr: np.ndarra
     """Each screening model's probabilities (len(te) x K) for the held-out rows ``te`` of one
     fold, fitted on ``tr`` less the rows in ``exclude`` (a mask). Seeded by ``params.seed +
     fold``, so any process (a fan-out worker) gives the same answer."""
-    torch.set_num_threads(1)  # tiny networks: one intra-op thread (see screen_dataset)
     if exclude is not None:
         tr = tr[~exclude[tr]]
     names = TABLE_MODELS if X.ndim == 2 else IMAGE_MODELS
     epochs = max(2, min(params.backdoor_epochs, 5))
     device = resolve_device(params.device, "screen.device")
-    return {name: _fit_predict(name, X, features, y, tr, te, num_classes, epochs=epochs, seed=params.seed + fold, device=device)
-            for name in names}
+    with one_intra_op_thread():  # tiny networks, and a fan-out worker shares the cores (see screen_dataset)
+        return {name: _fit_predict(name, X, features, y, tr, te, num_classes, epochs=epochs, seed=params.seed + fold,
+                                   device=device)
+                for name in names}
 
 
 def fold_job(args: tuple[Any, ...]) -> dict[str, np.ndarray]:
@@ -195,6 +196,9 @@ def ensemble(parts: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _train_screening_net(X: np.ndarray, y: np.ndarray, num_classes: int, params: ScreenParams) -> dict[str, np.ndarray]:
-    model, losses = _train_net(X, y, num_classes, epochs=params.backdoor_epochs, seed=params.seed, track_loss=True,
-                               device=resolve_device(params.device, "screen.device"))
+    # one intra-op thread, as in the folds: in a fan-out worker, torch's default of one thread per
+    # core made this net and the folds beside it 1.5 to 3 times slower (10,000 MNIST rows)
+    with one_intra_op_thread():
+        model, losses = _train_net(X, y, num_classes, epochs=params.backdoor_epochs, seed=params.seed, track_loss=True,
+                                   device=resolve_device(params.device, "screen.device"))
     return {"losses": losses}

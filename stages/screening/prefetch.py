@@ -1,10 +1,12 @@
 """The heavy evidence of a screen, computed at once through a mapper, in two waves:
 
-1. the K folds of the out-of-sample probabilities, the screening network, and the
-   trigger-group search, which are independent of each other;
-2. the first refits without doubted rows (``label_issues``' second fit, ``shortcuts``' first
-   round), whose masks need only the first wave: their 2K folds go out as one batch, so
-   that two workers are not left with one idle for the last of each detector's K folds.
+1. the K folds of the out-of-sample probabilities, the screening network, the trimmed
+   nearest neighbours, the cross-class residuals and the Datalab audit, which are
+   independent of each other;
+2. what needs only the first wave: the first refits without doubted rows (``label_issues``'
+   second fit, ``shortcuts``' first round; their 2K folds go out as one batch, so that two
+   workers are not left with one idle for the last of each detector's K folds) and the
+   trigger-group search (on the trimmed neighbours).
 
 A mapper backed by several workers (local processes, a Dask cluster) runs each wave's items
 side by side; each item is a module-level call on its own inputs, seeded as the lazy path
@@ -27,12 +29,17 @@ from stages.screening import labels
 from stages.screening.backdoor import shortcuts
 from stages.screening.backdoor.trigger_groups import _trigger_groups
 from stages.screening.context import ScreenContext
-from stages.screening.evidence import _train_screening_net, combine_folds, fold_job, fold_probs
+from stages.screening.evidence import _train_screening_net, combine_folds, fold_probs
+from stages.screening.datalab import datalab_issues
+from stages.screening.neighbours import _cross_class_residuals, _trimmed_neighbours
 
 # evidence -> the detectors that read it (a detector not listed computes what it needs itself)
 USERS = {
     "model_probs": {"label_issues", "annotators", "shortcuts"},
     "net": {"loss_isolation"},
+    "trimmed": {"shortcuts", "stamps", "spectral"},
+    "residuals": {"spectral"},
+    "datalab": {"outliers", "near_duplicates"},
     "trigger_groups": {"spectral"},
 }
 # detector -> the mask of rows its first refit leaves out (None: no refit), from the first wave
@@ -43,12 +50,19 @@ REFITS: dict[str, Callable[[ScreenContext], np.ndarray | None]] = {
 
 
 def evidence_item(job: tuple[Any, ...]) -> Any:
-    """One piece of evidence; ``job[0]`` says which (``fold``, ``net`` or ``trigger_groups``)."""
+    """One piece of evidence; ``job[0]`` says which (``fold``, ``net``, ``trimmed``,
+    ``residuals``, ``datalab`` or ``trigger_groups``)."""
     kind, args = job[0], job[1:]
     if kind == "fold":
         return fold_probs(*args)
     if kind == "net":
         return _train_screening_net(*args)
+    if kind == "trimmed":
+        return _trimmed_neighbours(*args)
+    if kind == "residuals":
+        return _cross_class_residuals(*args)
+    if kind == "datalab":
+        return datalab_issues(*args)
     if kind == "trigger_groups":
         *positional, data_kind = args
         return _trigger_groups(*positional, kind=data_kind)
@@ -58,45 +72,59 @@ def evidence_item(job: tuple[Any, ...]) -> Any:
 def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
     """Compute the evidence the named detectors will read, through ``mapper``; return what
     was computed (in the order of the items)."""
-    return _first_wave(ctx, detectors, mapper) + _refits(ctx, detectors, mapper)
+    return _first_wave(ctx, detectors, mapper) + _second_wave(ctx, detectors, mapper)
 
 
-def _refits(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
+def _wanted(ctx: ScreenContext, detectors: list[str]) -> set[str]:
+    return {key for key, users in USERS.items() if users & set(detectors) and key not in ctx._cache}
+
+
+def _second_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
+    jobs: list[tuple[Any, ...]] = []
+    if "trigger_groups" in _wanted(ctx, detectors):
+        # first: on poisoned data it searches again without the rows found so far
+        jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(), "table" if ctx.is_table else "image"))
     masks: dict[str, np.ndarray] = {}
     for name, mask_of in REFITS.items():
         mask = mask_of(ctx) if name in detectors else None
         key = None if mask is None else ctx.refit_key(mask)
         if key is not None and key not in ctx._cache:
             masks[key] = mask   # two detectors leaving out the same rows share one refit
-    jobs: list[tuple[Any, ...]] = []
     split: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
     for key, mask in masks.items():
         folds, fold_args = ctx.fold_jobs(mask)
-        jobs += fold_args
+        jobs += [("fold", *args) for args in fold_args]
         split.append((key, folds))
     if not jobs:
         return []
-    results = mapper(fold_job, jobs, label="screen-refit")
+    results = mapper(evidence_item, jobs, label="screen-refit")
+    if jobs[0][0] == "trigger_groups":
+        ctx._cache["trigger_groups"] = results.pop(0)
     start = 0
     for key, folds in split:
         ctx._cache[key] = combine_folds(results[start:start + len(folds)], folds, len(ctx.X), ctx.num_classes)
         start += len(folds)
-    return ["refit"] * len(jobs)
+    return [job[0] if job[0] != "fold" else "refit" for job in jobs]
 
 
 def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
-    wanted = {key for key, users in USERS.items() if users & set(detectors) and key not in ctx._cache}
-    # the longest item first, so that it does not start last and leave the other workers idle:
-    # the network trains on every row, a fold on (K-1)/K of them
+    wanted = _wanted(ctx, detectors)
+    # the longest items first, so that none starts last and leaves the other workers idle: the
+    # network trains on every row, a fold on (K-1)/K of them; then the nearest-neighbour
+    # searches (10,000 MNIST rows: trimmed 9 s, before the wave on this process, alone)
     jobs: list[tuple[Any, ...]] = []
     folds = None
     if "net" in wanted:
         jobs.append(("net", ctx.view[0], ctx.labels, ctx.num_classes, ctx.params))
-    if "trigger_groups" in wanted:
-        jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(), "table" if ctx.is_table else "image"))
     if "model_probs" in wanted:
         folds, fold_args = ctx.fold_jobs()
         jobs += [("fold", *args) for args in fold_args]
+    if "trimmed" in wanted:
+        jobs.append(("trimmed", ctx.features, ctx.labels))
+    if "datalab" in wanted:
+        jobs.append(("datalab", ctx.features, ctx.labels))
+    if "residuals" in wanted:
+        jobs.append(("residuals", ctx.flat, ctx.labels))
     if not jobs:
         return []
     results = mapper(evidence_item, jobs, label="screen-evidence")
@@ -105,8 +133,7 @@ def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> lis
         by_kind.setdefault(job[0], []).append(result)
     if folds is not None:
         ctx._cache["model_probs"] = combine_folds(by_kind["fold"], folds, len(ctx.X), ctx.num_classes)
-    if "net" in by_kind:
-        ctx._cache["net"] = by_kind["net"][0]
-    if "trigger_groups" in by_kind:
-        ctx._cache["trigger_groups"] = by_kind["trigger_groups"][0]
+    for key in ("net", "trimmed", "datalab", "residuals"):
+        if key in by_kind:
+            ctx._cache[key] = by_kind[key][0]
     return [job[0] for job in jobs]
