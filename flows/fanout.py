@@ -70,8 +70,9 @@ def prepare_worker() -> None:
       than in its first fan-out.
     * One thread for torch and for the BLAS and OpenMP pools: the pool has a worker per
       core, and a worker that starts a thread per core spin-waits against the others. On
-      10,000 MNIST rows, the trimmed neighbours (one large matrix product) in one worker
-      beside folds in the other made the first wave of a screen take 62 s instead of 45 s.
+      10,000 MNIST rows, the screening network took 85 s instead of 28.5 s beside the folds
+      with torch's default threads; with BLAS's default threads for the nearest-neighbour
+      search, the first wave of a screen took 62 s, with one 52 to 58 s.
     """
     import torch
     from threadpoolctl import threadpool_limits
