@@ -27,7 +27,8 @@ Tables (N x F) are screened like images, on standardised columns wherever rows a
 (neighbours, outliers, the table models: logistic regression, an RBF SVC, nearest neighbours).
 
 Shared evidence: ``evidence.py`` (out-of-sample probabilities, the screening network),
-``neighbours.py`` (cross-class and trimmed nearest rows), ``context.py`` (inputs and cache).
+``neighbours.py`` (cross-class and trimmed nearest rows, the Datalab audit), ``context.py``
+(inputs, and the one recipe of each piece of shared evidence and its cache).
 """
 
 from stages.screening.core import screen_dataset

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from stages.screening.evidence import (
     screening_view,
     standardised,
 )
-from stages.screening.neighbours import _trimmed_neighbours
+from stages.screening.backdoor.trigger_groups import _trigger_groups
+from stages.screening.neighbours import _cross_class_residuals, _trimmed_neighbours, datalab_issues
 
 
 def check_screen_inputs(X: np.ndarray, y: np.ndarray, annotator_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -157,10 +159,53 @@ class ScreenContext:
         """The median row (per feature), the reference for unusual pixel values."""
         return self.cached("typical", lambda: np.median(self.flat, axis=0))
 
-    # ---- trimmed nearest neighbours in input space (share agreeing with each row's label, residuals)
-    def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.cached("trimmed", lambda: _trimmed_neighbours(self.features, self.labels))
+    # ---- evidence with a recipe (``RECIPES``): computed here on first use, or ahead of the
+    # detectors on a fan-out worker (``prefetch``), from the same function and arguments
+    def evidence(self, key: str) -> Any:
+        recipe = RECIPES[key]
+        return self.cached(key, lambda: recipe.compute(*recipe.inputs(self)))
 
-    # ---- a briefly trained network on all rows: its loss curves
+    def evidence_job(self, key: str) -> tuple[Any, ...]:
+        """``(key, *arguments)``: one fan-out item that computes the evidence ``key``
+        (``compute_evidence`` runs it)."""
+        return (key, *RECIPES[key].inputs(self))
+
+    def trimmed(self) -> tuple[np.ndarray, np.ndarray]:
+        """Trimmed nearest neighbours in input space: the share agreeing with each row's
+        label, and the residuals."""
+        return self.evidence("trimmed")
+
     def screening_net(self) -> dict[str, np.ndarray]:
-        return self.cached("net", lambda: _train_screening_net(self.view[0], self.labels, self.num_classes, self.params))
+        """A briefly trained network on all rows: its loss curves."""
+        return self.evidence("net")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one piece of shared evidence is computed: a module-level function (so that a
+    worker process or a Dask cluster can run it) and the context's inputs it takes."""
+
+    compute: Callable[..., Any]
+    inputs: Callable[[ScreenContext], tuple[Any, ...]]
+
+
+# evidence key -> its recipe; the one description of each, read by ``ScreenContext.evidence``
+# (serial, on first use) and by ``prefetch`` (ahead, through a mapper); the K-fold
+# probabilities have their own path (``fold_jobs``), shared the same way
+RECIPES: dict[str, Recipe] = {
+    "net": Recipe(_train_screening_net, lambda ctx: (ctx.view[0], ctx.labels, ctx.num_classes, ctx.params)),
+    "trimmed": Recipe(_trimmed_neighbours, lambda ctx: (ctx.features, ctx.labels)),
+    "residuals": Recipe(_cross_class_residuals, lambda ctx: (ctx.flat, ctx.labels)),
+    "datalab": Recipe(datalab_issues, lambda ctx: (ctx.features, ctx.labels)),
+    # on the trimmed neighbours: after them, in a second wave
+    "trigger_groups": Recipe(_trigger_groups, lambda ctx: (ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(),
+                                                           "table" if ctx.is_table else "image")),
+}
+
+
+def compute_evidence(job: tuple[Any, ...]) -> Any:
+    """Run one ``evidence_job`` item: the recipe named by ``job[0]`` on the arguments after it."""
+    key, args = job[0], job[1:]
+    if key not in RECIPES:
+        raise ValueError(f"unknown evidence {key!r}")
+    return RECIPES[key].compute(*args)

@@ -1,4 +1,5 @@
-"""Detectors ``outliers`` and ``near_duplicates``, on one cleanlab ``Datalab`` audit.
+"""Detectors ``outliers`` and ``near_duplicates``, on one cleanlab ``Datalab`` audit
+(``datalab_issues`` in ``neighbours.py``).
 
 ``outliers``: cleanlab ``Datalab`` outlier (kNN) scores on the inputs; only extreme
 outliers are flagged: images below Q1 - ``OUTLIER_IQR`` IQR of the score; tables below
@@ -11,12 +12,10 @@ earlier row; the first copy is kept.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from cleanlab import Datalab
 
 from stages.screening.context import ScreenContext
+from stages.screening.neighbours import DUPLICATE_RELATIVE_DISTANCE
 from stages.screening.registry import register_detector
 from stages.screening.results import DetectorResult
 
@@ -24,32 +23,13 @@ OUTLIER_IQR = 2.0  # clean digits and MNIST: none below; a uniform-noise image i
 # tables: on log scores; clean breast cancer and wine (seeds 100-104) reach 9.5 IQR at most,
 # a row with half its columns pushed to their maximum lies 14 IQR out
 TABLE_OUTLIER_LOG_IQR = 10.0
-DUPLICATE_RELATIVE_DISTANCE = 0.02  # of the median nearest-neighbour distance
-
-
-def datalab_issues(features: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """One cleanlab ``Datalab`` audit of the rows (a Euclidean kNN graph shared by the outlier
-    and near-duplicate checks): its ``outlier`` and ``near_duplicate`` issue tables, which
-    ``outliers`` and ``near_duplicates`` read with this module's thresholds. Pure, so that a
-    fan-out worker can compute it beside the other evidence."""
-    k = int(min(10, len(features) - 1))
-    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
-    lab.find_issues(features=features, issue_types={
-        "outlier": {"k": k, "metric": "euclidean"},
-        "near_duplicate": {"k": k, "metric": "euclidean", "threshold": DUPLICATE_RELATIVE_DISTANCE},
-    })
-    return {name: lab.get_issues(name) for name in ("outlier", "near_duplicate")}
-
-
-def _datalab(ctx: ScreenContext) -> dict[str, Any]:
-    return ctx.cached("datalab", lambda: datalab_issues(ctx.features, ctx.labels))
 
 
 @register_detector("outliers")
 def detect_outliers(ctx: ScreenContext) -> DetectorResult:
     """Datalab's kNN outlier score; only extreme outliers (see the module docstring) are
     flagged: Datalab's own threshold flags about 2% of clean digits."""
-    scores = _datalab(ctx)["outlier"]["outlier_score"].to_numpy()
+    scores = ctx.evidence("datalab")["outlier"]["outlier_score"].to_numpy()
     if ctx.is_table:
         logs = np.log(np.clip(scores, 1e-300, None))
         q1, q3 = np.quantile(logs, [0.25, 0.75])
@@ -66,7 +46,7 @@ def detect_outliers(ctx: ScreenContext) -> DetectorResult:
 def detect_near_duplicates(ctx: ScreenContext) -> DetectorResult:
     """Datalab's near-duplicate sets (distance below ``DUPLICATE_RELATIVE_DISTANCE`` of the
     median nearest-neighbour distance); the first row of each set is kept."""
-    issues = _datalab(ctx)["near_duplicate"]
+    issues = ctx.evidence("datalab")["near_duplicate"]
     sets = issues["near_duplicate_sets"].tolist()
     flat = ctx.features
     idx, scores, reasons = [], [], []

@@ -1,15 +1,20 @@
 """Nearest rows in input space: each class's nearest rows of other classes (cross-class
-residuals), and *trimmed* neighbours that ignore the pixels where two rows differ most, so a
-local trigger does not decide whose content a row shows."""
+residuals), *trimmed* neighbours that ignore the pixels where two rows differ most, so a
+local trigger does not decide whose content a row shows, and cleanlab's ``Datalab`` audit on
+the kNN graph (outlier scores and near-duplicate sets)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from cleanlab import Datalab
 from sklearn.neighbors import NearestNeighbors
 
 RESIDUAL_NEIGHBOURS = 5
 TRIM_FRACTION = 0.15  # pixels left out of trimmed distances; a local trigger hides in them
 TRIM_CANDIDATES = 50  # Euclidean nearest rows re-ranked by trimmed distance
+DUPLICATE_RELATIVE_DISTANCE = 0.02  # near duplicates: of the median nearest-neighbour distance
 TRIM_VOTERS = 10  # trimmed nearest rows that vote on whose content a row shows
 
 
@@ -65,3 +70,17 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarr
             if len(other):
                 residual[i] = Z[i] - Z[other].mean(0)
     return agree, residual
+
+
+def datalab_issues(features: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """One cleanlab ``Datalab`` audit of the rows (a Euclidean kNN graph shared by the outlier
+    and near-duplicate checks): its ``outlier`` and ``near_duplicate`` issue tables, which
+    ``outliers`` and ``near_duplicates`` (``datalab.py``) read with their thresholds. Pure,
+    so that a fan-out worker can compute it beside the other evidence."""
+    k = int(min(10, len(features) - 1))
+    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
+    lab.find_issues(features=features, issue_types={
+        "outlier": {"k": k, "metric": "euclidean"},
+        "near_duplicate": {"k": k, "metric": "euclidean", "threshold": DUPLICATE_RELATIVE_DISTANCE},
+    })
+    return {name: lab.get_issues(name) for name in ("outlier", "near_duplicate")}

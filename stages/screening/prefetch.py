@@ -9,9 +9,9 @@
    trigger-group search (on the trimmed neighbours).
 
 A mapper backed by several workers (local processes, a Dask cluster) runs each wave's items
-side by side; each item is a module-level call on its own inputs, seeded as the lazy path
-seeds it, so the detectors then find in the context exactly what they would have computed
-one after another.
+side by side. Each item is the context's own recipe for that evidence (``RECIPES`` and
+``fold_jobs`` in ``context.py``): the function and arguments the lazy path would call, so the
+detectors then find in the context exactly what they would have computed one after another.
 
 Only evidence that a configured detector uses is computed; whatever is already in the
 context (the annotator analysis may have asked for the probabilities) is left as it is.
@@ -27,11 +27,8 @@ import numpy as np
 from stages.core.fanout import Mapper
 from stages.screening import labels
 from stages.screening.backdoor import shortcuts
-from stages.screening.backdoor.trigger_groups import _trigger_groups
-from stages.screening.context import ScreenContext
-from stages.screening.evidence import _train_screening_net, combine_folds, fold_probs
-from stages.screening.datalab import datalab_issues
-from stages.screening.neighbours import _cross_class_residuals, _trimmed_neighbours
+from stages.screening.context import ScreenContext, compute_evidence
+from stages.screening.evidence import combine_folds, fold_probs
 
 # evidence -> the detectors that read it (a detector not listed computes what it needs itself)
 USERS = {
@@ -50,23 +47,11 @@ REFITS: dict[str, Callable[[ScreenContext], np.ndarray | None]] = {
 
 
 def evidence_item(job: tuple[Any, ...]) -> Any:
-    """One piece of evidence; ``job[0]`` says which (``fold``, ``net``, ``trimmed``,
-    ``residuals``, ``datalab`` or ``trigger_groups``)."""
-    kind, args = job[0], job[1:]
-    if kind == "fold":
-        return fold_probs(*args)
-    if kind == "net":
-        return _train_screening_net(*args)
-    if kind == "trimmed":
-        return _trimmed_neighbours(*args)
-    if kind == "residuals":
-        return _cross_class_residuals(*args)
-    if kind == "datalab":
-        return datalab_issues(*args)
-    if kind == "trigger_groups":
-        *positional, data_kind = args
-        return _trigger_groups(*positional, kind=data_kind)
-    raise ValueError(f"unknown evidence {kind!r}")
+    """One piece of evidence: a fold of the out-of-sample probabilities (``("fold", ...)``)
+    or an ``evidence_job`` of the context (its recipe's key and arguments)."""
+    if job[0] == "fold":
+        return fold_probs(*job[1:])
+    return compute_evidence(job)
 
 
 def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
@@ -83,7 +68,7 @@ def _second_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> li
     jobs: list[tuple[Any, ...]] = []
     if "trigger_groups" in _wanted(ctx, detectors):
         # first: on poisoned data it searches again without the rows found so far
-        jobs.append(("trigger_groups", ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(), "table" if ctx.is_table else "image"))
+        jobs.append(ctx.evidence_job("trigger_groups"))
     masks: dict[str, np.ndarray] = {}
     for name, mask_of in REFITS.items():
         mask = mask_of(ctx) if name in detectors else None
@@ -115,16 +100,13 @@ def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> lis
     jobs: list[tuple[Any, ...]] = []
     folds = None
     if "net" in wanted:
-        jobs.append(("net", ctx.view[0], ctx.labels, ctx.num_classes, ctx.params))
+        jobs.append(ctx.evidence_job("net"))
     if "model_probs" in wanted:
         folds, fold_args = ctx.fold_jobs()
         jobs += [("fold", *args) for args in fold_args]
-    if "trimmed" in wanted:
-        jobs.append(("trimmed", ctx.features, ctx.labels))
-    if "datalab" in wanted:
-        jobs.append(("datalab", ctx.features, ctx.labels))
-    if "residuals" in wanted:
-        jobs.append(("residuals", ctx.flat, ctx.labels))
+    for key in ("trimmed", "datalab", "residuals"):
+        if key in wanted:
+            jobs.append(ctx.evidence_job(key))
     if not jobs:
         return []
     results = mapper(evidence_item, jobs, label="screen-evidence")

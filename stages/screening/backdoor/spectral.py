@@ -36,9 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.screening.backdoor.trigger_groups import _trigger_groups
 from stages.screening.context import ScreenContext
-from stages.screening.neighbours import _cross_class_residuals
 from stages.screening.registry import register_detector
 from stages.screening.results import DetectorResult
 
@@ -111,10 +109,9 @@ def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], v
 
 @register_detector("spectral")
 def detect_spectral(ctx: ScreenContext) -> DetectorResult:
-    residuals = ctx.cached("residuals", lambda: _cross_class_residuals(ctx.flat, ctx.labels))
+    residuals = ctx.evidence("residuals")
     idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
-    groups = ctx.cached("trigger_groups", lambda: _trigger_groups(ctx.flat, ctx.labels, ctx.typical, ctx.trimmed(),
-                                                                      kind="table" if ctx.is_table else "image"))
+    groups = ctx.evidence("trigger_groups")
     seen = set(idx)
     for g in groups:
         for r in g["carriers"]:

@@ -31,7 +31,7 @@ TRIGGER_MAX_OTHER_CLASS = 0.01  # share of other-class rows carrying a foreign t
 TRIGGER_PASSES = 3
 
 
-def _trigger_groups(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None = None, *,
+def _trigger_groups(flat: np.ndarray, labels: np.ndarray, typical: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None = None,
                     kind: str = "image") -> list[dict[str, Any]]:
     """Small groups of rows per class that share a trigger; see the module docstring.
     ``kind`` (``image`` or ``table``) picks ``TRIGGER_MAX_SPREAD``.
