@@ -102,6 +102,38 @@ def test_screen_on_worker_processes_matches_serial(serial_findings, prefect_serv
     assert [s for s in seen if s[0] == "detectors"][-1] == ("detectors", len(detectors), len(detectors))
 
 
+@pytest.mark.parametrize("kind", ["image", "table"])
+def test_fan_out_items_are_the_contexts_own_recipes(monkeypatch, kind):
+    """Each piece of shared evidence has one recipe: a screen that computes it on first use
+    and one that fans it out ahead of the detectors call the same function on the same
+    arguments, so a recipe changed in one place changes both paths."""
+    import hashlib
+    import pickle
+
+    from stages.screening import context
+    from stages.screening.context import Recipe, ScreenContext, check_screen_inputs
+    from stages.screening.prefetch import prefetch_evidence
+
+    def stand_in(key):
+        return lambda *args: (key, hashlib.sha256(pickle.dumps(args)).hexdigest())
+
+    keys = list(context.RECIPES)
+    for key in keys:
+        monkeypatch.setitem(context.RECIPES, key, Recipe(stand_in(key), context.RECIPES[key].inputs))
+    X, y = _digits(120)
+    X, y, _, k = check_screen_inputs(X if kind == "image" else X.reshape(len(X), -1), y, None)
+
+    def ctx():
+        return ScreenContext(X, y, params=_fast_screen(), num_classes=k, annotator_labels=None)
+
+    lazy, ahead = ctx(), ctx()
+    # the detectors that read these pieces, none that needs the K-fold probabilities
+    computed = prefetch_evidence(ahead, ["loss_isolation", "stamps", "spectral", "outliers"], serial_map)
+    assert sorted(computed) == sorted(keys)
+    for key in keys:
+        assert ahead._cache[key] == lazy.evidence(key), key
+
+
 def _threads(_: int) -> tuple[int, tuple[int, ...]]:
     import torch
     from threadpoolctl import threadpool_info
