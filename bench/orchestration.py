@@ -45,11 +45,18 @@ def load() -> str:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (worker processes)."""
-    import resource
+    """CPU seconds of this process and of every process under it: the live ones (a pool's
+    worker processes, read while they run) and those that have exited."""
+    import psutil
 
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    me = psutil.Process()
+    mine = me.cpu_times()  # children_*: the exited (reaped) children
+    total = mine.user + mine.system + mine.children_user + mine.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = child.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def trained_model(X: np.ndarray, y: np.ndarray):
@@ -159,7 +166,7 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
                                 restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps, seed=ev.seed,
                                 early_exit=ev.early_exit, mapper=mapper)
             t["evaluate"] = time.perf_counter() - start
-        t["evaluate_cpu"] = cpu_seconds() - cpu  # the workers' CPU time counts once they have exited
+            t["evaluate_cpu"] = cpu_seconds() - cpu
         base = base or t
         lines.append(f"| {label} | {name} | {t['screen']:.1f} | {t['screen_cpu']:.0f} | {base['screen'] / t['screen']:.2f}x | "
                      f"{t['evaluate']:.1f} | {t['evaluate_cpu']:.0f} | {base['evaluate'] / t['evaluate']:.2f}x |")
