@@ -158,6 +158,20 @@ def configured_server() -> _Starting:
     return _Starting(None, os.environ.get("PREFECT_API_URL", ""), None, 0)
 
 
+def _send_what_prefect_holds(timeout_s: float = 10.0) -> None:
+    """Let Prefect's background senders (run logs, events) deliver what they still hold while
+    the server is up: once it has stopped, each would retry against the closed port at
+    interpreter exit, a minute or more after the run has printed its result."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # best effort: what is not delivered is lost either way
+            service.drain_all(timeout=timeout_s)
+
+
 @contextlib.contextmanager
 def temporary_server(home: Path, *, timeout_s: float = 120.0) -> Iterator[_Starting]:
     """A Prefect server on loopback owned by this process. ``PREFECT_API_URL`` points at it as
@@ -183,6 +197,7 @@ def temporary_server(home: Path, *, timeout_s: float = 120.0) -> Iterator[_Start
         os.environ[TEMPORARY_ENV] = "1"
         yield _Starting(proc, url, log_path, timeout_s)
     finally:
+        _send_what_prefect_holds()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

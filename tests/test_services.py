@@ -3,6 +3,8 @@ Prefect server of a one-off run, which must never outlive it (signals included).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +123,35 @@ def test_mlsec_run_killed_by_sigterm_mid_screen_leaves_no_process(workspace):
         assert not [p for p in servers + workers if _alive(p)], "a process outlived 'mlsec run'"
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_mlsec_run_delivers_its_logs_before_stopping_its_temporary_server(workspace):
+    """As a user runs it (no PREFECT_API_URL, run logs sent to the API): every log line of the
+    run reaches its temporary server, the last one included, before the server stops. A line
+    still queued when it stops would be retried against the closed port at exit, for a minute
+    or more after the result was printed ("Error logging to API"), and then lost."""
+    import sqlite3
+
+    import numpy as np
+
+    from stages.data.io import load_source
+
+    d = load_source("sklearn:digits")
+    rows = np.random.default_rng(0).choice(len(d.y), 400, replace=False)
+    np.savez(workspace / "small.npz", X=d.X[rows].astype(np.float32), y=d.y[rows])
+    fast = ["train.mode=standard", "train.model=mlp", "train.epochs=5", "evaluate.pgd_steps=2", "evaluate.restarts=1",
+            "evaluate.apgd_steps=5", "screen.folds=2", "screen.backdoor_epochs=1"]
+    env = _env_without_prefect(MLSEC_ROOT=str(workspace), PREFECT_LOGGING_TO_API_ENABLED="true")
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlsec"), "run", "--json", "--data", "small.npz",
+                           *[a for item in fast for a in ("--set", item)]],
+                          cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: this weakened run is not promoted
+    assert "Error logging to API" not in proc.stderr, proc.stderr[-3000:]
+    flow_run_id = json.loads(proc.stdout)["flow_run_id"]
+    with contextlib.closing(sqlite3.connect(f"file:{workspace / '.prefect/temporary/prefect.db'}?mode=ro", uri=True)) as db:
+        lines = [m for (m,) in db.execute("SELECT message FROM log WHERE flow_run_id = ? ORDER BY timestamp", (flow_run_id,))]
+    assert lines and lines[-1].startswith("Finished in state"), lines[-3:]
 
 
 def test_scheduling_an_undeployed_flow_says_to_deploy_first(workspace, prefect_server):
