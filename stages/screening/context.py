@@ -18,7 +18,7 @@ from stages.screening.evidence import (
     _train_screening_net,
     combine_folds,
     ensemble,
-    fold_job,
+    fold_probs,
     oos_folds,
     screening_view,
     standardised,
@@ -140,14 +140,15 @@ class ScreenContext:
         # the refits without doubted rows (label issues, shortcuts) are most of a screen's time: the
         # same seeded folds as the serial path, one item per fold
         folds, jobs = self.fold_jobs(exclude)
-        return combine_folds(self.mapper(fold_job, jobs, label="screen-refit"), folds, len(self.X), self.num_classes)
+        return combine_folds(self.mapper(compute_evidence, jobs, label="screen-refit"), folds, len(self.X), self.num_classes)
 
     def fold_jobs(self, exclude: np.ndarray | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[Any, ...]]]:
-        """The seeded K folds and, per fold, the arguments of ``fold_probs``: one mapper item
-        each (``combine_folds`` puts the results back in row order)."""
+        """The seeded K folds and, per fold, one fan-out item ``("fold", *arguments of
+        fold_probs)`` that ``compute_evidence`` runs (``combine_folds`` puts the results back
+        in row order)."""
         folds = oos_folds(self.labels, self.num_classes, self.params)
         X_view, features = self.view
-        return folds, [(X_view, features, self.labels, tr, te, self.num_classes, self.params, i, exclude)
+        return folds, [("fold", X_view, features, self.labels, tr, te, self.num_classes, self.params, i, exclude)
                        for i, (tr, te) in enumerate(folds)]
 
     def pred_probs(self) -> np.ndarray:
@@ -204,8 +205,12 @@ RECIPES: dict[str, Recipe] = {
 
 
 def compute_evidence(job: tuple[Any, ...]) -> Any:
-    """Run one ``evidence_job`` item: the recipe named by ``job[0]`` on the arguments after it."""
+    """Run one fan-out item of a screen: a fold of the out-of-sample probabilities
+    (``fold_jobs``) or the recipe named by ``job[0]`` (``evidence_job``), on the arguments
+    after it."""
     key, args = job[0], job[1:]
+    if key == "fold":
+        return fold_probs(*args)
     if key not in RECIPES:
         raise ValueError(f"unknown evidence {key!r}")
     return RECIPES[key].compute(*args)

@@ -8,7 +8,6 @@ The data stay on the CPU; the networks run on ``screen.device`` (CUDA when prese
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -160,11 +159,6 @@ def fold_probs(X: np.ndarray, features: np.ndarray, y: np.ndarray, tr: np.ndarra
         return {name: _fit_predict(name, X, features, y, tr, te, num_classes, epochs=epochs, seed=params.seed + fold,
                                    device=device)
                 for name in names}
-
-
-def fold_job(args: tuple[Any, ...]) -> dict[str, np.ndarray]:
-    """:func:`fold_probs` of one fold from one tuple of its arguments: a mapper's item."""
-    return fold_probs(*args)
 
 
 def combine_folds(parts: list[dict[str, np.ndarray]], folds: list[tuple[np.ndarray, np.ndarray]], n: int,

@@ -28,7 +28,7 @@ from stages.core.fanout import Mapper
 from stages.screening import labels
 from stages.screening.backdoor import shortcuts
 from stages.screening.context import ScreenContext, compute_evidence
-from stages.screening.evidence import combine_folds, fold_probs
+from stages.screening.evidence import combine_folds
 
 # evidence -> the detectors that read it (a detector not listed computes what it needs itself)
 USERS = {
@@ -44,14 +44,6 @@ REFITS: dict[str, Callable[[ScreenContext], np.ndarray | None]] = {
     "label_issues": labels.refit_mask,
     "shortcuts": shortcuts.refit_mask,
 }
-
-
-def evidence_item(job: tuple[Any, ...]) -> Any:
-    """One piece of evidence: a fold of the out-of-sample probabilities (``("fold", ...)``)
-    or an ``evidence_job`` of the context (its recipe's key and arguments)."""
-    if job[0] == "fold":
-        return fold_probs(*job[1:])
-    return compute_evidence(job)
 
 
 def prefetch_evidence(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> list[str]:
@@ -77,12 +69,12 @@ def _second_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> li
             masks[key] = mask   # two detectors leaving out the same rows share one refit
     split: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
     for key, mask in masks.items():
-        folds, fold_args = ctx.fold_jobs(mask)
-        jobs += [("fold", *args) for args in fold_args]
+        folds, fold_jobs = ctx.fold_jobs(mask)
+        jobs += fold_jobs
         split.append((key, folds))
     if not jobs:
         return []
-    results = mapper(evidence_item, jobs, label="screen-refit")
+    results = mapper(compute_evidence, jobs, label="screen-refit")
     if jobs[0][0] == "trigger_groups":
         ctx._cache["trigger_groups"] = results.pop(0)
     start = 0
@@ -102,14 +94,14 @@ def _first_wave(ctx: ScreenContext, detectors: list[str], mapper: Mapper) -> lis
     if "net" in wanted:
         jobs.append(ctx.evidence_job("net"))
     if "model_probs" in wanted:
-        folds, fold_args = ctx.fold_jobs()
-        jobs += [("fold", *args) for args in fold_args]
+        folds, fold_jobs = ctx.fold_jobs()
+        jobs += fold_jobs
     for key in ("trimmed", "datalab", "residuals"):
         if key in wanted:
             jobs.append(ctx.evidence_job(key))
     if not jobs:
         return []
-    results = mapper(evidence_item, jobs, label="screen-evidence")
+    results = mapper(compute_evidence, jobs, label="screen-evidence")
     by_kind: dict[str, list[Any]] = {}
     for job, result in zip(jobs, results):
         by_kind.setdefault(job[0], []).append(result)
