@@ -31,10 +31,27 @@ REVIEWERS = ("rita", "sam")
 QUICK_POLICY = ["gate.min_robust_accuracy={0.1: 0.05}", "gate.no_regression=null",
                 f"promotion.approvers=[{', '.join(APPROVERS)}]", f"promotion.reviewers=[{', '.join(REVIEWERS)}]"]
 
+# Short standard-mode runs on a few hundred digits rows (``small_digits``), for what is checked
+# around the pipeline rather than in it: the real servers, the temporary server's logs.
+STANDARD_RUN = ["train.mode=standard", "train.model=mlp", "train.epochs=15", "evaluate.pgd_steps=2", "evaluate.restarts=1",
+                "evaluate.apgd_steps=5", "screen.folds=2", "screen.backdoor_epochs=1", "orchestration.heartbeat_s=30"]
+
 # The honesty audits' gate (tests/test_honesty*.py), in the signed policy (a --set would be a
 # weakening, never auto-promoted): the figures they check are measured whatever the gate says.
 AUDIT_POLICY = ["gate.no_regression=null", "gate.max_mia_auc=null", "gate.min_robust_accuracy={}",
                 "gate.min_clean_accuracy=0.5", "gate.min_clean_accuracy_all_test=0.5"]
+
+
+def small_digits(path: Path, *, seed: int, n: int = 400) -> Path:
+    """``n`` seeded rows of scikit-learn's digits as an NPZ at ``path`` (8x8 images)."""
+    import numpy as np
+
+    from stages.data.io import load_source
+
+    d = load_source("sklearn:digits")
+    idx = np.sort(np.random.default_rng(seed).choice(len(d.y), n, replace=False))
+    np.savez(path, X=d.X[idx].reshape(n, 8, 8).astype(np.float32), y=d.y[idx])
+    return path
 
 
 def identity(name: str) -> str:

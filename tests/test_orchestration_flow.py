@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.support import make_workspace, run_cli
+from tests.support import make_workspace, run_cli, small_digits
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,8 @@ def _versions(ws) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reruns(tmp_path_factory, prefect_server):
-    import numpy as np
-
-    from stages.data.io import load_source
-
     ws = make_workspace(tmp_path_factory.mktemp("orch") / "ws", policy=POLICY)
-    d = load_source("sklearn:digits")
-    idx = np.sort(np.random.default_rng(0).choice(len(d.y), 500, replace=False))
-    np.savez(ws / "small.npz", X=d.X[idx].reshape(-1, 8, 8).astype(np.float32), y=d.y[idx])
+    small_digits(ws / "small.npz", seed=0, n=500)
     first = run_cli(["run", "--json", *FAST], cwd=ws)
     assert first.returncode == 0, first.stderr[-3000:]
     (ws / "first-run.stderr").write_text(first.stderr)  # the terminal: progress lines are read from it

@@ -11,30 +11,19 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from tests import servers
-from tests.support import make_workspace, run_cli
+from tests.support import STANDARD_RUN, make_workspace, run_cli, small_digits
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.mode=standard", "train.model=mlp", "train.epochs=15", "evaluate.pgd_steps=2", "evaluate.restarts=1", "evaluate.apgd_steps=5", "screen.folds=2", "screen.backdoor_epochs=1",
-        "orchestration.heartbeat_s=30"]
+FAST = STANDARD_RUN
 # the short runs' gate, in the signed policy (a --set would be a weakening, never auto-promoted)
 POLICY = ["gate.min_robust_accuracy={}", "gate.min_clean_accuracy=0.3", "gate.min_clean_accuracy_all_test=0.3",
           "gate.no_regression=null", "gate.max_mia_auc=null"]
 SETS = [a for item in FAST for a in ("--set", item)]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _small_digits(path: Path, *, seed: int, n: int = 400) -> Path:
-    from stages.data.io import load_source
-
-    d = load_source("sklearn:digits")
-    idx = np.sort(np.random.default_rng(seed).choice(len(d.y), n, replace=False))
-    np.savez(path, X=d.X[idx].reshape(n, 8, 8).astype(np.float32), y=d.y[idx])
-    return path
 
 
 class _RetryingClient(httpx.Client):
@@ -120,7 +109,7 @@ def _stack(root: Path, *, backend: str):
             s = Stack(root, api, mlflow_url)
             if backend == "postgresql":
                 s.pg_user, s.pg_port = user, port
-            _small_digits(s.ws / "digits.npz", seed=0)
+            small_digits(s.ws / "digits.npz", seed=0)
             deployed = s.cli("deploy", "--create-pool", "--json", "--data", "digits.npz", *SETS)
             assert deployed.returncode == 0, deployed.stderr[-3000:]
             s.deployed = json.loads(deployed.stdout)
@@ -209,7 +198,7 @@ def test_a_schedule_fires_and_is_removed(stack):
 
 
 def test_changed_data_starts_a_run_and_unchanged_data_does_not(stack):
-    watched = _small_digits(stack.ws / "watched.npz", seed=1)
+    watched = small_digits(stack.ws / "watched.npz", seed=1)
     before = {r["id"] for r in stack.runs_of("secure-training")}
     created = stack.cli("schedule", "create", "--interval", "4", "--on-change", "--data", "watched.npz", "--json")
     assert created.returncode == 0, created.stderr
@@ -236,7 +225,7 @@ def test_changed_data_starts_a_run_and_unchanged_data_does_not(stack):
         assert len(watcher_runs()) >= seen + 3, "the watcher stopped running"
         assert len(started()) == 1, "an unchanged source started a run"
         # changed bytes: one more run
-        _small_digits(watched, seed=2)
+        small_digits(watched, seed=2)
         deadline = time.monotonic() + 120
         while len(started()) < 2 and time.monotonic() < deadline:
             time.sleep(2)

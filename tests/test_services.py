@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.server import LOCAL_API, free_port
-from tests.support import run_cli
+from tests.support import STANDARD_RUN, run_cli, small_digits
 
 
 def _children(pid: int, needle: str) -> list[int]:
@@ -133,18 +133,10 @@ def test_mlsec_run_delivers_its_logs_before_stopping_its_temporary_server(worksp
     or more after the result was printed ("Error logging to API"), and then lost."""
     import sqlite3
 
-    import numpy as np
-
-    from stages.data.io import load_source
-
-    d = load_source("sklearn:digits")
-    rows = np.random.default_rng(0).choice(len(d.y), 400, replace=False)
-    np.savez(workspace / "small.npz", X=d.X[rows].astype(np.float32), y=d.y[rows])
-    fast = ["train.mode=standard", "train.model=mlp", "train.epochs=5", "evaluate.pgd_steps=2", "evaluate.restarts=1",
-            "evaluate.apgd_steps=5", "screen.folds=2", "screen.backdoor_epochs=1"]
+    small_digits(workspace / "small.npz", seed=0)
     env = _env_without_prefect(MLSEC_ROOT=str(workspace), PREFECT_LOGGING_TO_API_ENABLED="true")
     proc = subprocess.run([str(Path(sys.executable).parent / "mlsec"), "run", "--json", "--data", "small.npz",
-                           *[a for item in fast for a in ("--set", item)]],
+                           *[a for item in STANDARD_RUN for a in ("--set", item)]],
                           cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: this weakened run is not promoted
     assert "Error logging to API" not in proc.stderr, proc.stderr[-3000:]
