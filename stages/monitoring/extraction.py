@@ -129,11 +129,15 @@ class ExtractionDetector:
         alarms = [bool(v) for v in np.asarray(ood).tolist()]
         with self._lock:
             s = self._streams.setdefault(client, ClientStream())
-            to_set, within, sq = self._batch_distances(s, flat, labels_l)
-            # Python floats for the row loop; the N x N distances are read only for the rows that
-            # have an earlier row of their class added in this batch (few, once a client's sets exist)
+            to_set, rows, sq = self._batch_distances(s, flat, labels_l)
+            # Python floats for the row loop. A row added to its class's set becomes a candidate for
+            # the later rows of its class in the batch: their distances to it are taken then, one
+            # product per added row, into ``nearer`` (few, once a client's sets exist; the whole
+            # N x N product cost 1 ms of a 256-row pass)
             to_set_l, sq_l = to_set.tolist(), sq.tolist()
-            added: dict[int, list[int]] = {}
+            lab = np.asarray(labels_l)
+            nearer: np.ndarray | None = None      # per row, distance to the nearest earlier row of its class added here
+            added: dict[int, bool] = {}
             distances: list[float] = []
             # the share test needs at least this many alarms in the window; below it, it cannot fire
             ood_floor = self.ood_fraction * min(OOD_WINDOW, self.min_queries)
@@ -144,21 +148,22 @@ class ExtractionDetector:
                 s.recent_ood.append(alarm)
                 s.ood_count += alarm
                 members = s.sets.get(label)
-                earlier = added.setdefault(label, [])
                 d = to_set_l[i]
-                if earlier:
-                    d = min(d, float(within[i, earlier].min()))
+                if label in added:
+                    d = min(d, float(nearer[i]))
                 if members is None:
                     s.sets[label] = members = _Rows(flat.shape[1])
                 if members.n == 0:
                     members.add(flat[i], sq_l[i])
-                    earlier.append(i)
+                    nearer = _candidate(nearer, rows, sq, lab, i)
+                    added[label] = True
                 else:
                     distances.append(d)
                     grown = s.grown.setdefault(label, [0, 0.0, 0.0, 0.0])
                     if d > grown[3] and members.n < MAX_SET:
                         members.add(flat[i], sq_l[i])
-                        earlier.append(i)
+                        nearer = _candidate(nearer, rows, sq, lab, i)
+                        added[label] = True
                         grown[0] += 1
                         grown[1] += d
                         grown[2] += d * d
@@ -173,7 +178,7 @@ class ExtractionDetector:
     @staticmethod
     def _batch_distances(s: ClientStream, flat: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distance of each row to its class set as it was before the batch (inf if empty),
-        distances between the batch's rows (N x N), squared norms of the rows (N)).
+        the rows as float64 (N x F), their squared norms (N)).
 
         While the batch and the sets of its classes are small, one product against all of them
         (rows of other classes masked out) replaces one per class: on 32-row digits batches the
@@ -181,12 +186,11 @@ class ExtractionDetector:
         Larger ones are searched class by class, so the work stays proportional to the sets."""
         rows = flat.astype(np.float64)
         sq = np.einsum("ij,ij->i", rows, rows)
-        within = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0.0))
         to_set = np.full(len(rows), np.inf)
         present = set(labels)
         sets = [(label, s.sets[label]) for label in sorted(present) if label in s.sets and s.sets[label].n]
         if not sets:
-            return to_set, within, sq
+            return to_set, rows, sq
         lab = np.asarray(labels) if len(present) > 1 else None
         if len(sets) > 1 and len(rows) * sum(m.n for _, m in sets) * rows.shape[1] <= ONE_PRODUCT_WORK:
             block = np.concatenate([m.data[: m.n] for _, m in sets]).astype(np.float64)
@@ -194,13 +198,13 @@ class ExtractionDetector:
             block_lab = np.repeat([label for label, _ in sets], [m.n for _, m in sets])
             d2 = sq[:, None] + block_sq[None, :] - 2 * rows @ block.T
             d2[lab[:, None] != block_lab[None, :]] = np.inf
-            return np.sqrt(np.maximum(d2.min(axis=1), 0.0)), within, sq
+            return np.sqrt(np.maximum(d2.min(axis=1), 0.0)), rows, sq
         for label, members in sets:
             idx = slice(None) if lab is None else np.flatnonzero(lab == label)
             block = members.data[: members.n].astype(np.float64)
             d2 = sq[idx, None] + members.sq[None, : members.n] - 2 * rows[idx] @ block.T
             to_set[idx] = np.sqrt(np.maximum(d2, 0.0).min(axis=1))
-        return to_set, within, sq
+        return to_set, rows, sq
 
     def _test_ood(self, s: ClientStream) -> None:
         if len(s.recent_ood) >= min(OOD_WINDOW, self.min_queries) and s.ood_count / len(s.recent_ood) >= self.ood_fraction:
@@ -228,6 +232,19 @@ class ExtractionDetector:
         with self._lock:
             names = list(self._streams)
         return {n: self.state(n) for n in names}
+
+
+def _candidate(nearer: np.ndarray | None, rows: np.ndarray, sq: np.ndarray, labels: np.ndarray, i: int) -> np.ndarray:
+    """``nearer`` (per row of the batch, the distance to the nearest earlier row of its class
+    added to the sets in this batch) once row ``i`` is added: the later rows of its class take
+    their distance to it where it is nearer."""
+    if nearer is None:
+        nearer = np.full(len(rows), np.inf)
+    later = i + 1 + np.flatnonzero(labels[i + 1:] == labels[i])
+    if len(later):
+        d = np.sqrt(np.maximum(sq[later] + sq[i] - 2 * (rows[later] @ rows[i]), 0.0))
+        nearer[later] = np.minimum(nearer[later], d)
+    return nearer
 
 
 # Royston (1995, algorithm AS R94) polynomial corrections of the two largest coefficients
