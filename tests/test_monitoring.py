@@ -251,10 +251,41 @@ def test_prada_flags_a_synthetic_sweep_but_not_natural_clients(digits_model):
     assert ex.state("noisy")["flagged"] and "input detector" in ex.state("noisy")["reason"]
 
 
+def test_a_client_repeating_its_queries_is_not_flagged_and_repeats_do_not_hide_a_sweep(digits_model):
+    """A client that polls the same few inputs learns nothing new; its zero distances must not
+    read as a sweep. An attacker who mixes repeats into a sweep must still be caught."""
+    model, X, y, train, held = digits_model
+    with torch.no_grad():
+        labels = model(torch.from_numpy(X)).argmax(1).numpy()
+    rng = np.random.default_rng(2)
+    a, b = rng.choice(np.flatnonzero(labels == 3), size=2, replace=False)   # two of one class: one real distance
+    c, d = np.flatnonzero(labels == 5)[0], np.flatnonzero(labels == 7)[0]
+    polled = X[[a, b, c, d]]
+    ex = ExtractionDetector(min_queries=60, delta=0.9, ood_fraction=0.5)
+    for _ in range(200):
+        ex.observe("poller", polled, labels[[a, b, c, d]], np.zeros(4, bool))
+    assert not ex.state("poller")["flagged"], ex.state("poller")
+    # the sweep of the test above, each batch followed by a repeat of the seeds it started from
+    seeds = X[rng.choice(len(X), size=20, replace=False)]
+    with torch.no_grad():
+        seed_labels = model(torch.from_numpy(seeds)).argmax(1).numpy()
+    batch = seeds
+    for _ in range(25):
+        batch = np.clip(batch + np.sign(rng.standard_normal(seeds.shape)).astype(np.float32) * 0.05, 0, 1)
+        with torch.no_grad():
+            q_labels = model(torch.from_numpy(batch)).argmax(1).numpy()
+        ex.observe("sweeper", batch, q_labels, np.zeros(20, bool))
+        if ex.observe("sweeper", seeds, seed_labels, np.zeros(20, bool)):
+            break
+    state = ex.state("sweeper")
+    assert state["flagged"] and state["flagged_at"] <= 1000, state
+
+
 def _prada_by_definition(flat: np.ndarray, labels: np.ndarray) -> list[float]:
     """PRADA's distances as the paper defines them, one query at a time: the distance to the
     nearest earlier query of the same class in the class's set, which grows with queries
-    farther than the mean minus one standard deviation of the distances that grew it."""
+    farther than the mean minus one standard deviation of the distances that grew it. A repeat
+    of an earlier query (distance zero) adds no distance."""
     sets: dict[int, list[np.ndarray]] = {}
     grew: dict[int, list[float]] = {}
     out = []
@@ -264,7 +295,8 @@ def _prada_by_definition(flat: np.ndarray, labels: np.ndarray) -> list[float]:
             members.append(x)
             continue
         d = min(float(np.linalg.norm(m - x)) for m in members)
-        out.append(d)
+        if d > 0:
+            out.append(d)
         g = grew.setdefault(c, [])
         if d > (np.mean(g) - np.std(g) if g else 0.0):
             members.append(x)
