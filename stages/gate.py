@@ -47,6 +47,35 @@ def _at_most(name: str, value: float | None, threshold: float) -> dict[str, Any]
     return _check(name, round(float(value), 6), threshold, ok, f"{value:.4f} {'<=' if ok else '>'} {threshold}")
 
 
+def sample_lower_bound(accuracy: float, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of an accuracy measured on ``n`` rows drawn at
+    random: the true figure is at least this with probability ``confidence``. Conservative
+    for rows drawn without replacement from a finite set (their count varies less)."""
+    from scipy.stats import beta  # SciPy: slow to import, only a sampled evaluation needs it
+
+    k = int(round(accuracy * n))
+    return 0.0 if k <= 0 else float(beta.ppf(1.0 - confidence, k, n - k + 1))
+
+
+def _robust_check(eps: float, metrics: dict[str, Any], evaluated_rows: int | None, threshold: float,
+                  confidence: float | None) -> dict[str, Any]:
+    """Robust accuracy at ``eps``: the figure itself when every evaluated row was attacked; when
+    the attacks ran on a sample (``evaluate.attack_rows``), its lower confidence bound, so that a
+    small sample cannot pass by luck. An evaluation that does not say how many rows it
+    evaluated is taken as a sample of the rows it attacked."""
+    name = f"robust_accuracy@{eps:g}"
+    value, n = metrics.get(f"robust_accuracy_eps_{eps:g}"), metrics.get("attacked_rows")
+    if value is None or n is None or confidence is None or (evaluated_rows is not None and n >= evaluated_rows):
+        return _at_least(name, value, threshold)
+    n = int(n)
+    bound = sample_lower_bound(float(value), n, confidence)
+    ok = bound >= threshold
+    of = f"{n} of {evaluated_rows}" if evaluated_rows is not None else f"{n}"
+    return _check(name, round(bound, 6), threshold, ok,
+                  f"lower {confidence:g} confidence bound {bound:.4f} {'>=' if ok else '<'} {threshold} "
+                  f"(measured {float(value):.4f} on a sample of {of} rows)")
+
+
 def _backdoor_check(value: float | None, scan: dict[str, Any] | None, threshold: float) -> dict[str, Any]:
     """The model-level backdoor scan: the largest anomaly index of any class's smallest trigger."""
     if value is None:
@@ -64,7 +93,7 @@ def _backdoor_check(value: float | None, scan: dict[str, Any] | None, threshold:
 def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, Any] | None) -> dict[str, Any]:
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
     integrity_verified, flagged_fraction, backdoor_scan (the scan's report, for the reason),
-    data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables). ``champion``:
+    evaluated_rows (held-out rows evaluated, of which ``metrics["attacked_rows"]`` were attacked), data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables). ``champion``:
     None or {"version", "metrics"} (from the champion's signed verdict; ``"revoked": True`` when
     it was revoked)."""
     policy = policy.for_kind(evidence.get("data_kind"))
@@ -78,7 +107,7 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     if policy.max_test_flagged_fraction is not None:
         checks.append(_at_most("test_flagged_fraction", metrics.get("test_flagged_fraction"), policy.max_test_flagged_fraction))
     for eps, threshold in sorted(policy.min_robust_accuracy.items()):
-        checks.append(_at_least(f"robust_accuracy@{eps:g}", metrics.get(f"robust_accuracy_eps_{eps:g}"), threshold))
+        checks.append(_robust_check(eps, metrics, evidence.get("evaluated_rows"), threshold, policy.min_sample_confidence))
     if policy.max_dp_epsilon is not None:
         checks.append(_at_most("dp_epsilon", metrics.get("dp_epsilon"), policy.max_dp_epsilon))
     if policy.max_mia_auc is not None:
@@ -144,6 +173,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         "flagged_fraction": json.loads(inputs["screen_report"]).get("flagged_fraction"),
         "data_kind": ctx.manifest(where=STAGE).get("kind"),
         "backdoor_scan": evaluation.get("backdoor_scan"),
+        "evaluated_rows": evaluation.get("n_test"),
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {

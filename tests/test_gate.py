@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stages.gate import decide
 from stages.core.params import GateParams, RegressionTolerance
 
@@ -71,3 +73,39 @@ def test_unscreened_accuracy_and_held_out_drop_are_gated():
 def test_a_revoked_champion_is_not_compared_against():
     verdict = decide(GOOD, policy(), champion={"version": "3", "revoked": True, "metrics": None})
     assert verdict["passed"] and "revoked" in next(c for c in verdict["checks"] if c["name"] == "no_regression")["reason"]
+
+
+def _robust(verdict):
+    return next(c for c in verdict["checks"] if c["name"] == "robust_accuracy@0.1")
+
+
+def test_a_robust_figure_measured_on_a_sample_must_clear_the_threshold_with_confidence():
+    """An attacker who controls how many rows are attacked (evaluate.attack_rows) cannot pass a
+    model on a lucky small sample: the gate judges the sample's lower confidence bound."""
+    from scipy.stats import binom
+
+    sampled = {**GOOD, "metrics": {**GOOD["metrics"], "robust_accuracy_eps_0.1": 0.55, "attacked_rows": 40.0},
+               "evaluated_rows": 10_000}
+    verdict = decide(sampled, policy(), champion=None)
+    check = _robust(verdict)
+    assert not verdict["passed"] and check["value"] < 0.5 and "sample of 40 of 10000" in check["reason"]
+    # the bound is Clopper-Pearson's: at it, 22 or more robust rows of 40 have probability 0.05
+    assert binom.sf(22 - 1, 40, check["value"]) == pytest.approx(0.05, abs=1e-6)
+    # the same figure on every evaluated row is the figure itself; on a large sample, its bound
+    assert decide({**sampled, "evaluated_rows": 40}, policy(), champion=None)["passed"]
+    big = {**sampled, "metrics": {**sampled["metrics"], "attacked_rows": 4000.0}}
+    assert decide(big, policy(), champion=None)["passed"]
+    # an evaluation that does not say how many rows it evaluated is taken as a sample (fail closed)
+    assert not decide({**sampled, "evaluated_rows": None}, policy(), champion=None)["passed"]
+    # the bound is the policy's: turned off, the sample's own figure is judged
+    assert decide(sampled, policy(min_sample_confidence=None), champion=None)["passed"]
+
+
+def test_a_run_that_lowers_the_sample_confidence_weakens_the_policy():
+    from stages.core.policy import policy_differences
+
+    signed = {"gate": GateParams(min_sample_confidence=0.95).model_dump(mode="json"), "promotion": {}}
+    for lowered in (0.5, None):
+        run = {"gate": GateParams(min_sample_confidence=lowered).model_dump(mode="json"), "promotion": {}}
+        assert policy_differences(signed, run) == [{"setting": "gate.min_sample_confidence", "signed": 0.95,
+                                                    "effective": lowered, "weaker": True}]

@@ -41,6 +41,9 @@ def test_run_promotes_and_reports_everything(promoted):
     for key in ("run_id", "data_sha256", "quarantined", "metrics", "gate", "model", "timings"):
         assert key in s
     assert s["gate"]["passed"] and all(c["passed"] for c in s["gate"]["checks"].values())
+    # the run attacks a 200-row sample (evaluate.attack_rows): the gate judged its lower confidence bound
+    robust = s["gate"]["checks"]["robust_accuracy@0.1"]
+    assert "sample of 200 of" in robust["reason"] and robust["value"] < s["metrics"]["robust_accuracy_eps_0.1"]
     assert Path(s["quarantined"]["path"]).exists()
     assert s["model"]["name"] == "mlsec-digits" and s["model"]["uri"].startswith("models:/")
     listed = json.loads(Path(s["quarantined"]["path"]).read_text())

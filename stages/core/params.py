@@ -241,6 +241,10 @@ class GateParams(_KindSection):
     # fraction of the held-out rows screening may leave out of the evaluation
     max_test_flagged_fraction: float | None = Field(default=None, ge=0, le=1)
     min_robust_accuracy: dict[float, float] = Field(default_factory=dict)
+    # when the attacks ran on a sample of the evaluated rows (evaluate.attack_rows), robust
+    # accuracy must clear its threshold with this confidence (a one-sided lower bound); null
+    # judges the sample's own figure
+    min_sample_confidence: float | None = Field(default=0.95, gt=0, lt=1)
     max_dp_epsilon: float | None = Field(default=None, gt=0)
     max_mia_auc: float | None = Field(default=None, ge=0, le=1)
     max_flagged_fraction: float | None = Field(default=None, ge=0, le=1)
