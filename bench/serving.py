@@ -217,7 +217,8 @@ def bench_detector(ws: Path) -> None:
     params = load_params(ws / "params.yaml")
     name = params.project.name
     mv = resolve(Workspace(ws), f"{name}@champion")
-    model = load_verified_model(f"models:/{name}/{mv.version}")
+    # the network behind the verified model's input handling: what the service serves and calibrates on
+    model = load_verified_model(f"models:/{name}/{mv.version}").net
     cfg = model.mlsec_config
     ref = served_reference(Workspace(ws), model=name, run_id=mv.tags["mlsec.run_id"], weights_sha256=mv.tags["mlsec.weights_sha256"],
                            input_shape=tuple(cfg["input_shape"]), most_rows=params.serving.detectors.calibration_rows)

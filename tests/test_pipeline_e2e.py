@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import CHAMPION_RUN, copy_workspace, make_workspace, run_cli
+from tests.support import CHAMPION_RUN, ROOT, copy_workspace, make_workspace, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -267,3 +267,15 @@ def test_targeted_flip_in_clean_model_out(tmp_path, prefect_server, monkeypatch)
     assert read_as_one >= 0.9  # the relabelled images, which it never trained on
     card = (ws / "runs" / summary["run_id"] / "card" / "model_card.md").read_text()
     assert "Class 1 was largely relabelled as 7" in card
+
+
+def test_the_serving_bench_measures_the_detector_on_a_promoted_champion(promoted, monkeypatch, capsys):
+    """``bench/serving.py``'s detector figures are read from the network the service serves
+    behind the verified model's input handling, on this workspace's champion."""
+    monkeypatch.setenv("MLSEC_ROOT", str(promoted[0]))
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.serving import bench_detector
+
+    bench_detector(promoted[0])
+    out = capsys.readouterr().out
+    assert "False positives on clean held-out rows" in out and "| PGD-50 knowing the detector | 0.3 |" in out
