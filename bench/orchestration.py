@@ -66,7 +66,7 @@ def trained_model(X: np.ndarray, y: np.ndarray):
     from stages.data.prepared import split_indices
     from stages.ml.training import fit
 
-    params = load_params(ROOT / "params.yaml", ["train.epochs=1"] + ([f"evaluate.attack_rows={attack_rows}"] if attack_rows else []))
+    params = load_params(ROOT / "params.yaml", ["train.epochs=1"])
     tr, te = split_indices(y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
     start, cpu = time.perf_counter(), cpu_seconds()
     model = fit(X[tr], y[tr], params=params.train, num_classes=10, progress=False).model
@@ -188,7 +188,7 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
     from stages.screening import screen_dataset
 
     d = load_source(str(mnist_dir))
-    params = load_params(ROOT / "params.yaml", ["train.epochs=1"])
+    params = load_params(ROOT / "params.yaml", ["train.epochs=1"] + ([f"evaluate.attack_rows={attack_rows}"] if attack_rows else []))
     tr, te = split_indices(d.y, test_fraction=params.evaluate.test_fraction, seed=params.evaluate.seed)
     start = time.perf_counter()
     result = fit(d.X[tr], d.y[tr], params=params.train, num_classes=10)
