@@ -221,7 +221,6 @@ def _log_and_register(ctx, params, pkg: Path, records, manifest, evaluation, ver
     import mlflow  # slow to import, kept off the command line's start
 
     name = params.project.name
-    verdict = verdict_doc["payload"]
     mlflow.log_artifacts(str(pkg), artifact_path="model")
     mv = mlflow.register_model(f"runs:/{mlflow_run_id}/model", name, tags={COMPLETE_TAG: "pending"})
     try:

@@ -148,7 +148,7 @@ class ExtractionDetector:
             to_set_l, sq_l = to_set.tolist(), sq.tolist()
             lab = np.asarray(labels_l)
             nearer: np.ndarray | None = None      # per row, distance to the nearest earlier row of its class added here
-            added: dict[int, bool] = {}
+            added: set[int] = set()              # classes with a row added to their set in this batch
             distances: list[float] = []
             # the share test needs at least this many alarms in the window; below it, it cannot fire
             ood_floor = self.ood_fraction * min(OOD_WINDOW, self.min_queries)
@@ -167,7 +167,7 @@ class ExtractionDetector:
                 if members.n == 0:
                     members.add(flat[i], sq_l[i])
                     nearer = _candidate(nearer, rows, sq, lab, i)
-                    added[label] = True
+                    added.add(label)
                 else:
                     if d * d > REPEAT_TOLERANCE * (1.0 + sq_l[i]):
                         distances.append(d)
@@ -175,7 +175,7 @@ class ExtractionDetector:
                     if d > grown[3] and members.n < MAX_SET:
                         members.add(flat[i], sq_l[i])
                         nearer = _candidate(nearer, rows, sq, lab, i)
-                        added[label] = True
+                        added.add(label)
                         grown[0] += 1
                         grown[1] += d
                         grown[2] += d * d
