@@ -292,3 +292,23 @@ def test_no_ink_stamp_on_clean_images(digits, digits_24):
         flat = X.reshape(len(X), -1)
         agree, _ = neighbours._trimmed_neighbours(flat, y)
         assert stamps._ink_stamps(flat, y, agree, np.abs(flat - np.median(flat, axis=0))) == []
+
+
+def test_a_fold_network_stops_at_its_sample_budget(digits):
+    """``max_samples`` trains on that many rows and no more: a budget of two epochs' rows gives
+    the network of two epochs, a few rows more a different one, and a budget the epochs never
+    reach changes nothing (so folds below ``FOLD_MAX_SAMPLES`` train as they always did)."""
+    X, y = digits
+
+    def weights(**kw) -> list[np.ndarray]:
+        model, _ = evidence._train_net(X, y, 10, seed=0, **kw)
+        return [p.detach().numpy().copy() for p in model.parameters()]
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(u, v) for u, v in zip(a, b))
+
+    two = weights(epochs=2)
+    assert same(weights(epochs=5, max_samples=2 * len(X)), two)
+    assert not same(weights(epochs=5, max_samples=2 * len(X) + 64), two)
+    assert same(weights(epochs=3, max_samples=10**9), weights(epochs=3))
+    assert evidence.FOLD_MAX_SAMPLES >= 5 * 8_000  # a 10,000-row sample's folds still train 5 epochs
