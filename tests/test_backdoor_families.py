@@ -104,15 +104,20 @@ def _defended_and_floor(X, y, truth, flagged, labels, parts, K):
     return _attack_success(defended, X, labels, held, parts), _attack_success(clean, X, labels, held, parts)
 
 
-# Known gaps, kept as strict expected failures so that closing one is noticed (measured on
-# this split): a moving patch at 5% leaves 5 of 45 poisoned rows (defended ASR 0.07, clean
-# floor 0.02); varied values at 1% leave 3 of 9 (defended ASR 0.28).
+# On this split a moving patch at 5% leaves 4 of 45 poisoned rows (defended ASR 0.05, clean
+# floor 0.02; 5 rows and 0.07 before ``shortcuts`` flagged labels left no chance without the
+# doubted rows), and varied values at 1% none of 9 (3 rows and 0.28 before). A known gap, kept
+# as a strict expected failure so that closing it is noticed: the moving patch at 10% leaves
+# 12 of 90 (defended ASR 0.19, floor 0.04; 17 and 0.25 before). 11 of the 12 keep p(label)
+# at 0.1 or more (up to 0.93) in the models fitted without the doubted rows, which leave out
+# 89 of the 90 poisoned rows: their content, patch included, passes for the target's.
 GAP = pytest.mark.xfail(strict=True, reason="known detection gap; see the comment above")
 
 
 @pytest.mark.parametrize("family,parts,rate", [
-    pytest.param("random position", [(random_position, 6)], 0.05, marks=GAP, id="random-position-5%"),
-    pytest.param("varied values", [(varied_values, 1)], 0.01, marks=GAP, id="varied-values-1%"),
+    pytest.param("random position", [(random_position, 6)], 0.05, id="random-position-5%"),
+    pytest.param("random position", [(random_position, 6)], 0.1, marks=GAP, id="random-position-10%"),
+    pytest.param("varied values", [(varied_values, 1)], 0.01, id="varied-values-1%"),
     pytest.param("varied values", [(varied_values, 1)], 0.05, id="varied-values-5%"),
     pytest.param("two at once", [(corner, 2), (sparse, 9)], 0.03, id="two-triggers-3%-each"),
 ])

@@ -6,8 +6,9 @@ detectors' own evidence (computed once per split with the thresholds in the code
 ``label_issues``  F1 of 10% random flips and the share of clean rows flagged, for each
                   ``LABEL_MAX_PROB`` in ``LABEL_GRID``.
 ``shortcuts``     poisoned rows caught and clean rows flagged for each (``SHORTCUT_MAX_PROB``,
-                  ``SHORTCUT_MIN_DROP``) in ``SHORTCUT_GRID``, on clean rows and on every
-                  trigger family at 1%, 5% and 10%.
+                  ``SHORTCUT_MIN_DROP``) in ``SHORTCUT_GRID``, and for each
+                  ``SHORTCUT_NO_CHANCE`` in ``NO_CHANCE_GRID`` beside the chosen pair, on clean
+                  rows and on every trigger family at 1%, 5% and 10%.
 
 ``pick`` then chooses, per threshold, the value with the best worst-case F1 (or recall)
 over every calibration split whose clean-row flags stay at or below 1%.
@@ -27,6 +28,7 @@ from stages.core.params import ScreenParams
 
 LABEL_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 SHORTCUT_GRID = tuple((p, d) for p in (0.05, 0.1, 0.2) for d in (0.2, 0.3, 0.4, 0.5))
+NO_CHANCE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05)  # 0: the (max prob, min drop) rule alone
 
 
 def _context(X: np.ndarray, y: np.ndarray, screen: ScreenParams) -> Any:
@@ -57,7 +59,7 @@ def label_grid(split: Split, screen: ScreenParams) -> dict[str, Any]:
 
 
 def shortcut_grid(split: Split, screen: ScreenParams, attacks: list[Attack], rates: list[float]) -> list[dict[str, Any]]:
-    from stages.screening.backdoor.shortcuts import shortcut_probs
+    from stages.screening.backdoor.shortcuts import SHORTCUT_MAX_PROB, SHORTCUT_MIN_DROP, shortcut_probs
 
     recs = []
     cases = [("clean", None, 0.0)] + [(a.name, a, r) for a in attacks for r in rates]
@@ -74,6 +76,10 @@ def shortcut_grid(split: Split, screen: ScreenParams, attacks: list[Attack], rat
         for p, d in SHORTCUT_GRID:
             hit = doubted & (after < p) & (before - after >= d)
             rec[f"{p}/{d}"] = [int((hit & truth).sum()), int((hit & ~truth).sum())]
+        fell = (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
+        for n in NO_CHANCE_GRID:
+            hit = doubted & (fell | (after < n))
+            rec[f"no-chance {n}"] = [int((hit & truth).sum()), int((hit & ~truth).sum())]
         recs.append(rec)
     return recs
 
@@ -90,18 +96,21 @@ def pick(records: list[dict[str, Any]]) -> str:
             lines.append(f"| {t} | {np.mean([v for v, _ in f1]):.3f} | {worst[0]:.3f} | {worst[1]} | {100 * max(r[f'clean@{t}'] for r in labels):.2f} |")
     shortcuts = [r for r in records if r["section"] == "calibrate" and r["case"] == "shortcuts"]
     if shortcuts:
-        lines += ["", "### shortcuts: (SHORTCUT_MAX_PROB, SHORTCUT_MIN_DROP)", "",
+        lines += ["", "### shortcuts: (SHORTCUT_MAX_PROB, SHORTCUT_MIN_DROP), and SHORTCUT_NO_CHANCE beside the chosen pair", "",
                   "| value | poisoned caught (all cases) | clean rows flagged on clean data, worst split | false flags, all poisoned cases |", "|---|---|---|---|"]
-        for p, d in SHORTCUT_GRID:
+        grid = [f"{p}/{d}" for p, d in SHORTCUT_GRID] + [f"no-chance {n}" for n in NO_CHANCE_GRID]
+        for value in grid:
+            if any(value not in c for r in shortcuts for c in r["cases"]):
+                continue  # recorded before this grid value existed
             caught = total = clean_worst = false = 0
             by_split: dict[tuple, int] = defaultdict(int)
             for r in shortcuts:
                 for c in r["cases"]:
-                    tp, fp = c[f"{p}/{d}"]
+                    tp, fp = c[value]
                     if c["case"] == "clean":
                         clean_worst = max(clean_worst, fp / max(1, r["rows"]))
                     else:
                         caught, total, false = caught + tp, total + c["poisoned"], false + fp
                         by_split[(r["dataset"], r["seed"])] += fp
-            lines.append(f"| {p}, {d} | {caught}/{total} ({caught / max(1, total):.1%}) | {100 * clean_worst:.2f}% | {false} |")
+            lines.append(f"| {value.replace('/', ', ')} | {caught}/{total} ({caught / max(1, total):.1%}) | {100 * clean_worst:.2f}% | {false} |")
     return "\n".join(lines)

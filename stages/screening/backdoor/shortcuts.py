@@ -11,11 +11,20 @@ the label): a generous set that holds most poisoned rows whatever the trigger lo
 of table columns). Rows whose label the models then doubt join the set, and the refit is
 repeated until the set stops growing (at most ``SHORTCUT_ROUNDS`` times).
 
-A row is flagged when its label's out-of-sample probability falls below
+A doubted row is flagged when its label's out-of-sample probability falls below
 ``SHORTCUT_MAX_PROB`` without the doubted rows, having been at least ``SHORTCUT_MIN_DROP``
 higher with them. Ambiguous clean rows are doubted too, but their label does not depend on
-other doubted rows: it was never plausible enough to fall that far. Rows whose label was
-already implausible are ``label_issues``'s.
+other doubted rows: it was never plausible enough to fall that far.
+
+A doubted row is also flagged when the models fitted without the doubted rows leave its
+label no chance (below ``SHORTCUT_NO_CHANCE``), however low it was with them. A trigger the
+models only half learn (a patch at a new position in every row) gives a poisoned row a
+label probability that moves from fit to fit: 0.02 in the first fit and 0.31 in
+``label_issues``' second (which keeps the poisoned rows the first did not flag), or 0.29
+falling to 0.00 here, a drop just short of ``SHORTCUT_MIN_DROP``. Most ambiguous clean rows
+keep some probability for their label once the doubted rows are gone, their content being
+shared by rows that are not doubted; the few that do not are the rule's cost (see the
+constant).
 
 The teachers are a small group within their class: a class most of whose rows end up doubted
 (more than ``SHORTCUT_MAX_CLASS_DOUBT``) is contested as a whole, as when half of the 1s are
@@ -41,6 +50,14 @@ SHORTCUT_DOUBT = 0.5  # a model doubts a label below this probability; trimmed n
 SHORTCUT_ROUNDS = 3
 SHORTCUT_MAX_PROB = 0.1  # without the doubted rows the label is implausible ...
 SHORTCUT_MIN_DROP = 0.3  # ... and it was at least this much more probable with them
+# ... or, whatever it was with them, below this without them. Calibrated on seeds 100-104
+# (the whole screen's flags; ``bench/poisoning.py --sections calibrate-shortcuts`` gives the
+# detector's own), every trigger family at 1%, 5% and 10%: on digits, moving-patch rows left
+# 144 -> 49 of 1,150 and varied-values rows at 1% 11 -> 6 of 70, for one more clean row
+# flagged per poisoned split of 1,437; tables unchanged; a clean 8,000-row MNIST split
+# 1.47% -> 1.69% flagged. 0.005 left 51 moving-patch rows; 0.02 caught 1 more and flagged 36
+# more clean rows.
+SHORTCUT_NO_CHANCE = 0.01
 SHORTCUT_MAX_CLASS_DOUBT = 0.75  # a class with more of its rows doubted is contested as a whole: not judged
 
 
@@ -94,11 +111,15 @@ def detect_shortcuts(ctx: ScreenContext) -> DetectorResult:
     present = np.bincount(ctx.labels, minlength=ctx.num_classes)
     share = np.bincount(ctx.labels[doubted], minlength=ctx.num_classes) / np.maximum(present, 1)
     contested = share > SHORTCUT_MAX_CLASS_DOUBT
-    hit = doubted & ~contested[ctx.labels] & (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
+    fell = (after < SHORTCUT_MAX_PROB) & (before - after >= SHORTCUT_MIN_DROP)
+    hit = doubted & ~contested[ctx.labels] & (fell | (after < SHORTCUT_NO_CHANCE))
     idx = np.where(hit)[0]
-    reasons = [f"label {ctx.labels[i]} holds only with doubted rows in training: p(label) {before[i]:.2f} with them, "
-               f"{after[i]:.2f} without (then {int(without[i].argmax())}, p={without[i].max():.2f})" for i in idx]
+    reasons = [(f"label {ctx.labels[i]} holds only with doubted rows in training: p(label) {before[i]:.2f} with them, "
+                if fell[i] else
+                f"label {ctx.labels[i]} has no chance without the doubted rows in training: p(label) {before[i]:.2f} with them, ")
+               + f"{after[i]:.3f} without (then {int(without[i].argmax())}, p={without[i].max():.2f})" for i in idx]
     counts = np.bincount(ctx.labels[idx], minlength=ctx.num_classes)
-    return DetectorResult(idx, before[idx] - after[idx], f"p(label) < {SHORTCUT_MAX_PROB} without doubted rows, {SHORTCUT_MIN_DROP}+ lower than with them",
+    return DetectorResult(idx, before[idx] - after[idx], (f"p(label) < {SHORTCUT_MAX_PROB} without doubted rows, {SHORTCUT_MIN_DROP}+ lower than with them; "
+                           f"or < {SHORTCUT_NO_CHANCE} without them"),
                           reasons, {"doubted": int(doubted.sum()), "per_class": {str(c): int(n) for c, n in enumerate(counts) if n},
                                     "contested_classes": {str(c): round(float(share[c]), 3) for c in np.flatnonzero(contested)}})
