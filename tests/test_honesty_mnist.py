@@ -1,19 +1,22 @@
 """Run-to-run honesty at MNIST's standard budget: a model trained and promoted by ``mlsec run``
-on a 2,000-row MNIST subset (adversarial mode, FGSM-RS at epsilon 0.3) and attacked by the
-pipeline as it attacks by default, on a seeded sample of held-out rows. An independent PGD-50
-with 10 restarts and AutoAttack (standard, torchattacks) run against the registered model on
-those rows: AutoAttack, and the per-row worst case over both, agree with the robust accuracy
-logged in MLflow within 2 points, and no independent attack leaves fewer rows standing than
-the logged figure. The full-set figures are ``bench/train_mnist.py --full``'s (AutoAttack 0.911
-against the pipeline's 0.910). Skips without MNIST (``MNIST_DIR`` or ``shared/data/mnist``
-beside the project).
+on a 2,000-row MNIST subset (adversarial mode, PGD-5 training at epsilon 0.3) and attacked by
+the pipeline as it attacks by default, on a seeded sample of held-out rows. Independent attacks
+run against the registered model on those rows: torchattacks' PGD-50 with 10 restarts,
+AutoAttack (standard) and the APGD-CE, APGD-DLR and APGD-T ensemble with 5 restarts where the
+pipeline makes 2. The logged figure is never above what PGD-50 or AutoAttack alone leaves
+standing, and the per-row worst case over all of them is within 2 points of it: the logged
+figure is neither inflated nor short of what more effort finds. The full-set figures are
+``bench/train_mnist.py --full``'s (AutoAttack 0.911 against the pipeline's 0.910). Skips
+without MNIST (``MNIST_DIR`` or ``shared/data/mnist`` beside the project).
 
-A model trained on so few rows keeps about a fifth of them at 0.3, and there the agreement
-depends on the subset: on this one, logged 0.17 and AutoAttack 0.18; on a 1,500-row subset
-screened with 3 folds, 0.17 and 0.24 (the pipeline's larger attack set, each attack on the
-rows the ones before left, found more than AutoAttack's four). At epsilon 0.1 the same
-1,500-row model agreed within a point (0.83 logged, 0.84 AutoAttack) but the test took 400 s
-under ``make test``, against about 190 s for this one."""
+Why PGD training and not the default FGSM-RS: at epsilon 0.3 on 1,600 training rows, FGSM-RS
+sits on the edge of catastrophic overfitting, and where it falls depends on the machine's
+floating point: the collapse guard restored and switched to PGD-2 at epoch 7, leaving a model
+that keeps 11% of the rows on one machine and 1% (clean accuracy 0.896) on another. Such a
+model masks its gradients in part, and there AutoAttack's standard set (one restart) is not the
+strongest attack: logged 0.11, AutoAttack 0.19, the APGD ensemble with 5 restarts 0.10. The
+PGD-5 models of seeds 0 and 1 (clean 0.94): logged 0.43 and 0.40, the 5-restart ensemble 0.43
+and 0.40, AutoAttack 0.47 and 0.42, PGD-50 x 10 0.49 and 0.50."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support import AUDIT_POLICY, ROOT, independent_robust_accuracy, make_workspace, mlflow_run, mnist_folder, run_cli
+from tests.support import AUDIT_POLICY, ROOT, apgd_ensemble_robust_accuracy, independent_robust_accuracy, make_workspace, mlflow_run, mnist_folder, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +34,10 @@ EPSILON = 0.3
 ROWS = 2000
 # a small subset's run: the default attacks at their default strength on 100 held-out rows; the
 # screening and the audits this test does not check are cut to what the run needs; cnn_small
-# rather than the default cnn_mnist keeps the independent attacks to a minute or two on a CPU
+# rather than the default cnn_mnist keeps the independent attacks to about three minutes on a CPU
 RUN = ["screen.detectors=[label_issues]", "train.model=cnn_small", "train.epochs=8",
-       f"train.adversarial.epsilon={EPSILON}", "train.adversarial.guard_rows=128", f"evaluate.epsilon={EPSILON}",
+       "train.adversarial.method=pgd", "train.adversarial.pgd_steps=5", f"train.adversarial.epsilon={EPSILON}",
+       f"evaluate.epsilon={EPSILON}",
        f"evaluate.epsilons=[{EPSILON}]", "evaluate.attack_rows=100", "evaluate.membership_inference=false",
        "evaluate.backdoor_scan.enabled=false"]
 
@@ -89,14 +93,14 @@ def test_logged_robust_accuracy_on_mnist_matches_independent_pgd_and_autoattack(
     y = torch.from_numpy(eval_labels[attacked]).long()
     assert X.shape[1:] == (1, 28, 28) and logged["attacked_rows"] == len(X) == 100
     independent = independent_robust_accuracy(model, X, y, epsilon=EPSILON)
-    independent["worst case"] = independent["pgd"] & independent["autoattack"]
+    independent["apgd x5"] = apgd_ensemble_robust_accuracy(model, X, y, epsilon=EPSILON, restarts=5)
+    independent["worst case"] = independent["pgd"] & independent["autoattack"] & independent["apgd x5"]
     figures = {name: float(ok.mean()) for name, ok in independent.items()}
     print("logged robust accuracy", logged["robust_accuracy"], "independent", figures)
-    # the auditor's figure is AutoAttack, and the worst case per row over both independent runs
-    for name in ("autoattack", "worst case"):
-        assert abs(figures[name] - logged["robust_accuracy"]) <= 0.02, (name, figures, logged["robust_accuracy"])
-    # a per-row worst case: never above what any one independent attack leaves standing (PGD-50 x 10
-    # alone finds fewer rows than the APGD attacks on such a model: 26% standing against 17%)
-    assert logged["robust_accuracy"] <= min(figures.values()) + 0.005, (figures, logged["robust_accuracy"])
+    # never inflated: at most what an auditor's PGD-50 x 10 or AutoAttack alone leaves standing
+    assert logged["robust_accuracy"] <= min(figures["pgd"], figures["autoattack"]) + 0.005, (figures, logged)
+    # nor short of what more effort finds: the per-row worst case over every independent attack,
+    # the APGD ensemble with 2.5 times the pipeline's restarts among them, within 2 points
+    assert abs(figures["worst case"] - logged["robust_accuracy"]) <= 0.02, (figures, logged["robust_accuracy"])
     # a model worth auditing: it learned MNIST and is neither collapsed nor trivially robust
     assert logged["clean_accuracy"] >= 0.9 and 0.05 <= logged["robust_accuracy"] <= 0.95, logged
