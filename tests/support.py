@@ -193,14 +193,29 @@ def independent_robust_accuracy(model, X, y, *, epsilon: float) -> dict:
         adv = pgd(X, y)
         with torch.no_grad():
             pgd_ok &= (model(adv).argmax(1) == y).numpy()
+    aa_ok = autoattack_robust_accuracy(model, X, y, epsilon=epsilon)
+    return {"pgd": pgd_ok & _clean(model, X, y), "autoattack": aa_ok}
+
+
+def _clean(model, X, y):
+    import torch
+
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).numpy()
+
+
+def autoattack_robust_accuracy(model, X, y, *, epsilon: float):
+    """Per-row survival (right on clean input and under attack) under torchattacks' AutoAttack,
+    standard version, seed 0."""
+    import torch
+    import torchattacks
+
     with torch.no_grad():
         classes = model(X[:1]).shape[1]
     auto = torchattacks.AutoAttack(model, norm="Linf", eps=epsilon, version="standard", n_classes=classes, seed=0)
     adv = auto(X, y)
     with torch.no_grad():
-        clean_ok = (model(X).argmax(1) == y).numpy()
-        aa_ok = (model(adv).argmax(1) == y).numpy()
-    return {"pgd": pgd_ok & clean_ok, "autoattack": aa_ok & clean_ok}
+        return (model(adv).argmax(1) == y).numpy() & _clean(model, X, y)
 
 
 def mlflow_run(ws, run_id: str):
