@@ -6,9 +6,10 @@ APGD-CE, APGD-DLR and APGD-T ensemble with 5 restarts where the pipeline makes 2
 figure is never above what AutoAttack alone leaves standing, and the per-row worst case over
 both is within 2 points of it: the logged figure is neither inflated nor short of what more
 effort finds. (The digits audit, tests/test_honesty.py, adds PGD-50 x 10; here it never
-came near: 0.49 and 0.50 on the models below, and it cost the test over a minute.) The full-set figures are
-``bench/train_mnist.py --full``'s (AutoAttack 0.911 against the pipeline's 0.910). Skips
-without MNIST (``MNIST_DIR`` or ``shared/data/mnist`` beside the project).
+came near: 0.49 and 0.50 on the models below, and it cost the test over a minute.) The
+full-set figures are ``bench/train_mnist.py --full``'s (AutoAttack 0.911 against the
+pipeline's 0.910). Skips without MNIST (``MNIST_DIR`` or ``shared/data/mnist`` beside the
+project).
 
 Why PGD training and not the default FGSM-RS: at epsilon 0.3 on 1,600 training rows, FGSM-RS
 sits on the edge of catastrophic overfitting, and where it falls depends on the machine's
