@@ -23,6 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from stages.core.errors import InvalidInput, PipelineError
 from stages.core.fanout import Clock, serial_map
@@ -49,9 +50,7 @@ def make_runner(orch: OrchestrationParams):
 
         return ThreadPoolTaskRunner(max_workers=local_workers(orch))
     if kind == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
-
-        return ProcessPoolTaskRunner(max_workers=local_workers(orch), initializer=prepare_worker)
+        return LocalProcessRunner(local_workers(orch))
     if kind == "dask":
         from prefect_dask import DaskTaskRunner  # Dask: only when a run fans out on it
 
@@ -84,17 +83,54 @@ def prepare_worker() -> None:
     threadpool_limits(1)  # for the rest of the process (the libraries loaded by the imports above)
 
 
+class LocalProcessRunner(ProcessPoolTaskRunner):
+    """Prefect's process pool, each worker prepared by :func:`prepare_worker`, with the two
+    things a run needs that the pool does not offer: start every worker as the run enters the
+    pool, and stop them at once when the run fails.
+
+    Both reach the pool's ``concurrent.futures.ProcessPoolExecutor`` (``_executor``, and its
+    ``_processes``): Prefect 3 has no public handle for either, and Python 3.11's executor no
+    ``terminate_workers``. This class is the one place that depends on them; the fan-out
+    tests fail if an upgrade moves them."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers, initializer=prepare_worker)
+        self._ready: list[Any] | None = None
+
+    def duplicate(self) -> "LocalProcessRunner":
+        return type(self)(self._max_workers)
+
+    def __enter__(self) -> "LocalProcessRunner":
+        super().__enter__()
+        self._ready = None
+        return self
+
+    def start_workers(self) -> list[Any]:
+        """Start every worker now rather than at the first item; a future per worker, done once
+        it is ready (the same futures when called again)."""
+        if self._executor is None:
+            raise RuntimeError("the process pool is not entered")
+        if self._ready is None:
+            # ProcessPoolExecutor starts a worker per submitted item while none is idle
+            self._ready = [self._executor.submit(int) for _ in range(self._max_workers)]
+        return self._ready
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers started so far."""
+        return sorted((self._executor._processes or {}) if self._executor is not None else ())
+
+    def stop_workers_now(self) -> None:
+        """Terminate the workers, whatever they run: a failed run does not wait for items whose
+        results nobody will read."""
+        for proc in list(((self._executor._processes or {}) if self._executor is not None else {}).values()):
+            with contextlib.suppress(Exception):
+                proc.terminate()
+
+
 def start_workers(runner) -> list[Any]:
-    """Start a local process pool's workers now (each runs :func:`prepare_worker`), instead of
-    at the first item; returns a future per worker, done once it is ready (the same futures
-    when called again). Nothing for other runners: a Dask cluster's workers are already up."""
-    executor = getattr(runner, "_executor", None)
-    if executor is None or not hasattr(executor, "_processes"):
-        return []
-    if getattr(runner, "_mlsec_started", None) is None:
-        # ProcessPoolExecutor starts a worker per submitted item while none is idle
-        runner._mlsec_started = [executor.submit(int) for _ in range(getattr(runner, "_max_workers", 0) or 0)]
-    return runner._mlsec_started
+    """Start a local process pool's workers now; nothing for other runners (a Dask cluster's
+    workers are already up, threads start with their items)."""
+    return runner.start_workers() if isinstance(runner, LocalProcessRunner) else []
 
 
 @task(name="fan-out", cache_policy=NO_CACHE, persist_result=False)
@@ -213,10 +249,8 @@ def running(runner) -> Iterator[Any]:
         start_workers(runner)  # while the run's first stages work on this process
         yield runner
     except BaseException:
-        executor = getattr(runner, "_executor", None)  # a process pool's, when it has one
-        for proc in list((getattr(executor, "_processes", None) or {}).values()):
-            with contextlib.suppress(Exception):
-                proc.terminate()
+        if isinstance(runner, LocalProcessRunner):
+            runner.stop_workers_now()
         runner.__exit__(*sys.exc_info())
         raise
     runner.__exit__(None, None, None)

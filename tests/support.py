@@ -308,3 +308,12 @@ def apgd_ensemble_robust_accuracy(model, X, y, *, epsilon: float, restarts: int)
         with torch.no_grad():
             ok[rows] = (model(adv).argmax(1) == y[rows]).numpy()
     return ok
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited and not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

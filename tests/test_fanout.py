@@ -3,12 +3,14 @@ Dask cluster; progress says how much is left."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from stages.core.fanout import eta_text, serial_map
 from stages.core.params import OrchestrationParams, load_params
-from tests.support import ROOT
+from tests.support import ROOT, process_alive
 
 
 def _digits(n: int = 400):
@@ -154,9 +156,36 @@ def test_local_workers_start_with_the_run_on_one_thread_each(prefect_server):
         assert len(ready) == 2
         wait(ready, timeout=120)
         assert all(f.done() and f.exception() is None for f in ready)
-        assert len(runner._executor._processes) == 2, "the workers should be up before any item"
+        assert len(runner.worker_pids()) == 2, "the workers should be up before any item"
         seen = TaskRunnerMapper(runner)(_threads, [0, 1, 2, 3], label="threads")
     assert set(seen) == {(1, (1,))}, seen
+
+
+def test_a_failed_run_stops_its_workers_without_waiting_for_their_items(prefect_server):
+    """A check that fails while fan-out items run (here: a second item that raises while the
+    first sleeps for ten minutes) ends the run at once, and no worker outlives it."""
+    from concurrent.futures import wait
+
+    from flows.fanout import TaskRunnerMapper, make_runner, running
+
+    started = time.monotonic()
+    with pytest.raises(ZeroDivisionError):
+        with running(make_runner(OrchestrationParams(task_runner="processes", workers=2))) as runner:
+            wait(runner.start_workers(), timeout=120)
+            pids = runner.worker_pids()
+            assert len(pids) == 2
+            TaskRunnerMapper(runner)(_sleep_or_invert, [600, 0], label="slow-and-failing")
+    assert time.monotonic() - started < 300, "the run waited for the sleeping item"
+    deadline = time.monotonic() + 30
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if process_alive(pid)], "a worker outlived the failed run"
+
+
+def _sleep_or_invert(v: int) -> float:
+    if v:
+        time.sleep(v)
+    return 1 / v
 
 
 def test_screen_on_a_dask_cluster_matches_serial(serial_findings, prefect_server):

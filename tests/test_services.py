@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.server import LOCAL_API, free_port
-from tests.support import STANDARD_RUN, run_cli, small_digits
+from tests.support import STANDARD_RUN, process_alive, run_cli, small_digits
 
 
 def _children(pid: int, needle: str) -> list[int]:
@@ -30,14 +30,6 @@ def _children(pid: int, needle: str) -> list[int]:
         if int(fields[1]) == pid and needle in cmd:
             found.append(int(stat.parent.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _env_without_prefect(**extra: str) -> dict[str, str]:
@@ -88,13 +80,13 @@ def test_temporary_server_dies_with_its_parent_even_on_sigkill(tmp_path):
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
         servers = _children(proc.pid, "uvicorn")
-        assert len(servers) == 1 and _alive(servers[0])
+        assert len(servers) == 1 and process_alive(servers[0])
         proc.kill()  # SIGKILL: no handler, no atexit
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(servers[0]) and time.monotonic() < deadline:
+        while process_alive(servers[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(servers[0]), "the temporary server outlived its parent"
+        assert not process_alive(servers[0]), "the temporary server outlived its parent"
     finally:
         proc.kill()
 
@@ -118,9 +110,9 @@ def test_mlsec_run_killed_by_sigterm_mid_screen_leaves_no_process(workspace):
         _, err = proc.communicate(timeout=120)  # not the minutes the running items would take
         assert proc.returncode != 0
         deadline = time.monotonic() + 30
-        while any(_alive(p) for p in servers + workers) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in servers + workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in servers + workers if _alive(p)], "a process outlived 'mlsec run'"
+        assert not [p for p in servers + workers if process_alive(p)], "a process outlived 'mlsec run'"
     finally:
         proc.kill()
 
