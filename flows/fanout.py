@@ -115,14 +115,18 @@ class LocalProcessRunner(ProcessPoolTaskRunner):
             self._ready = [self._executor.submit(int) for _ in range(self._max_workers)]
         return self._ready
 
+    def _workers(self) -> dict[int, Any]:
+        """The executor's worker processes by process id; none before the pool is entered."""
+        return dict((self._executor._processes or {}) if self._executor is not None else {})
+
     def worker_pids(self) -> list[int]:
         """The process ids of the workers started so far."""
-        return sorted((self._executor._processes or {}) if self._executor is not None else ())
+        return sorted(self._workers())
 
     def stop_workers_now(self) -> None:
         """Terminate the workers, whatever they run: a failed run does not wait for items whose
         results nobody will read."""
-        for proc in list(((self._executor._processes or {}) if self._executor is not None else {}).values()):
+        for proc in self._workers().values():
             with contextlib.suppress(Exception):
                 proc.terminate()
 
