@@ -19,7 +19,7 @@ from typing import Any
 from flows.server import configured_server
 from stages.core import events
 from stages.core.errors import InvalidInput, PipelineError
-from stages.core.params import load_params
+from stages.core.params import load_params, write_default_params
 from stages.core.telemetry import telemetry_off
 from stages.models.inventory import inventory
 from stages.models.lineage import audit_verify, lineage, render_lineage
@@ -119,8 +119,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    result = init_repo(_ws().root)
-    _print(result, args.json, lambda r: f"initialised {r['root']} (git: {r['git']}, dvc: {r['dvc']}, remote: {r['remote']})")
+    root = _ws().root
+    params = write_default_params(root)   # first: an installation without defaults changes nothing
+    result = {**init_repo(root), "params": params}
+    _print(result, args.json, lambda r: (f"initialised {r['root']} (git: {r['git']}, dvc: {r['dvc']}, remote: {r['remote']}, "
+                                         f"params.yaml: {r['params']})"))
     return 0
 
 
@@ -208,10 +211,16 @@ def cmd_playbook(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser = _Parser(prog="mlsec", description="A secure training pipeline with an auditable lineage.", parents=[common])
+    def options(default: Any) -> argparse.ArgumentParser:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--json", action="store_true", default=default, help="print one machine-readable JSON object")
+        common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+        return common
+
+    # the options are taken before or after the command (`mlsec --json init`, `mlsec init --json`):
+    # a command's parser leaves them alone unless given there, rather than resetting them to False
+    parser = _Parser(prog="mlsec", description="A secure training pipeline with an auditable lineage.", parents=[options(False)])
+    common = options(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", parents=[common], help="run the secure-training flow once")

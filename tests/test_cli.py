@@ -133,3 +133,29 @@ def test_promote_unknown_version_is_refused_and_recorded(workspace, capsys):
 def test_rollback_without_champion_is_refused(workspace, capsys):
     code = main(["rollback", "mlsec-digits", "--reason", "test"])
     assert code == 2 and "no champion" in capsys.readouterr().err
+
+
+def test_init_makes_an_empty_folder_a_workspace_that_runs(tmp_path):
+    """A new user's first two commands in a folder of their own: ``mlsec run`` before
+    ``mlsec init`` is one line pointing at it (exit 2); ``init`` writes the project's
+    ``params.yaml``, and a second ``init`` leaves the user's edits alone."""
+    from stages.core.params import DEFAULT_PARAMS
+
+    ws = tmp_path / "mine"
+    ws.mkdir()
+    before = run_cli(["run", "--data", "nothing.csv"], cwd=ws)
+    assert before.returncode == 2 and "Traceback" not in before.stderr
+    assert len(before.stderr.strip().splitlines()) == 1 and "mlsec init" in before.stderr
+    assert sorted(p.name for p in ws.iterdir()) == []
+
+    first = run_cli(["--json", "init"], cwd=ws)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["params"] == "written"
+    assert (ws / "params.yaml").read_bytes() == DEFAULT_PARAMS.read_bytes()
+    assert (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
+
+    edited = (ws / "params.yaml").read_text().replace("mlsec-digits", "plant-faults", 1)
+    (ws / "params.yaml").write_text(edited)
+    again = run_cli(["--json", "init"], cwd=ws)
+    assert again.returncode == 0 and json.loads(again.stdout)["params"] == "present"
+    assert (ws / "params.yaml").read_text() == edited
