@@ -7,7 +7,14 @@ shares one trigger across samples whose content belongs to other classes, so the
 residuals share one direction; the top singular direction of a class's residuals then
 splits the class in two well separated groups. A class is flagged only when that split
 is strongly bimodal (d' >= ``SPLIT_MIN_DPRIME``), and the side flagged is the one whose
-nearest other-class neighbours agree most on one class (content of another class).
+content belongs to another class most clearly: its nearest other-class neighbours agree
+most on one class (purity) and its trimmed nearest neighbours least with its label (the
+side with the larger mean of purity minus agreement). Purity alone flagged the wrong side
+of wine (three classes: every row's nearest rows of other classes agree on one class):
+at 10% poisoning with a rare pair of column values, the 47 clean rows of the target class
+(agreement 0.97 to 0.99) instead of the 14 poisoned ones (0.37 to 0.41), on 7 of 7
+calibration splits; on digits both signs pick the same side but for two triggers at once
+at 10% (poisoned rows there are each other's trimmed neighbours), where purity decides.
 A third rule catches small poisoning rates (about 1%), where a trigger group is too small
 to move a class's top direction: *trimmed* nearest neighbours (the ``TRIM_FRACTION`` of
 pixels that differ most are left out of each distance, so a local trigger no longer
@@ -61,26 +68,29 @@ def _split_1d(p: np.ndarray) -> tuple[float, float, np.ndarray]:
     return float(thr), float((p[~low].mean() - p[low].mean()) / sd), low
 
 
-def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[int, dict[str, Any]]:
-    """Top singular direction of each class's residuals, split in two; see module docstring."""
+def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], agree: np.ndarray | None = None) -> dict[int, dict[str, Any]]:
+    """Top singular direction of each class's residuals, split in two; see module docstring.
+    ``agree``: per row (all N), the share of its trimmed nearest rows with its label; None
+    judges the sides by purity alone."""
     out = {}
     for c, (ic, R, purity) in residuals.items():
         if len(ic) < 2 * SPLIT_MIN_SIDE + 2:
             continue
+        elsewhere = purity - agree[ic] if agree is not None else purity  # how clearly a row shows another class
         Rc = R - R.mean(0)
         _, _, vt = np.linalg.svd(Rc, full_matrices=False)
         candidates = []  # (fires, strength, projection, suspect side, statistic text)
         # rule 1 (large groups): the top direction splits the class in two well separated modes
         p = Rc @ vt[0]
         _, dprime, low = _split_1d(p)
-        side = low if purity[low].mean() > purity[~low].mean() else ~low
+        side = low if elsewhere[low].mean() > elsewhere[~low].mean() else ~low
         candidates.append((dprime >= SPLIT_MIN_DPRIME, dprime / SPLIT_MIN_DPRIME, p, side, f"d'={dprime:.1f}"))
         # rule 2 (small groups, possibly along a later direction): the suspect group lies far
         # outside the rest, measured in robust SDs of the rest
         for v in vt[:SPLIT_DIRECTIONS]:
             p = Rc @ v
             _, _, low = _split_1d(p)
-            side = low if purity[low].mean() > purity[~low].mean() else ~low
+            side = low if elsewhere[low].mean() > elsewhere[~low].mean() else ~low
             if side.sum() < SPLIT_MIN_SIDE or (~side).sum() < SPLIT_MIN_SIDE:
                 continue
             rest = p[~side]
@@ -93,9 +103,10 @@ def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]
     return out
 
 
-def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], view: str) -> tuple[list[int], list[float], list[str], dict[int, str]]:
+def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], view: str,
+                 agree: np.ndarray | None = None) -> tuple[list[int], list[float], list[str], dict[int, str]]:
     idx, scores, reasons, stats = [], [], [], {}
-    for c, split in _class_splits(groups).items():
+    for c, split in _class_splits(groups, agree).items():
         stats[c] = split["stat"]
         side = split["suspect"]
         if not split["fires"] or side.sum() > 0.8 * len(side):
@@ -110,7 +121,7 @@ def _spectral_on(groups: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], v
 @register_detector("spectral")
 def detect_spectral(ctx: ScreenContext) -> DetectorResult:
     residuals = ctx.evidence("residuals")
-    idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature")
+    idx, scores, reasons, stats = _spectral_on(residuals, "cross-class residual signature", ctx.trimmed()[0])
     groups = ctx.evidence("trigger_groups")
     seen = set(idx)
     for g in groups:
