@@ -9,12 +9,14 @@ splits the class in two well separated groups. A class is flagged only when that
 is strongly bimodal (d' >= ``SPLIT_MIN_DPRIME``), and the side flagged is the one whose
 content belongs to another class most clearly: its nearest other-class neighbours agree
 most on one class (purity) and its trimmed nearest neighbours least with its label (the
-side with the larger mean of purity minus agreement). Purity alone flagged the wrong side
-of wine (three classes: every row's nearest rows of other classes agree on one class):
-at 10% poisoning with a rare pair of column values, the 47 clean rows of the target class
-(agreement 0.97 to 0.99) instead of the 14 poisoned ones (0.37 to 0.41), on 7 of 7
-calibration splits; on digits both signs pick the same side but for two triggers at once
-at 10% (poisoned rows there are each other's trimmed neighbours), where purity decides.
+side with the larger mean of purity minus ``SIDE_AGREEMENT_WEIGHT`` times agreement).
+Purity alone flagged the wrong side of wine (three classes: every row's nearest rows of
+other classes agree on one class): at 10% poisoning with a rare pair of column values, the
+47 clean rows of the target class (purity 0.99 to 1.00, agreement 0.97 to 0.99) instead of
+the 14 poisoned ones (0.90 to 0.97, 0.37 to 0.41), on 7 of 7 calibration splits.
+Agreement alone fails where poisoned rows are each other's trimmed neighbours: a 20% blend
+on MNIST at 10% (poisoned purity 0.94, agreement 1.00; clean 0.68, 0.77), two triggers on
+digits at 10%.
 A third rule catches small poisoning rates (about 1%), where a trigger group is too small
 to move a class's top direction: *trimmed* nearest neighbours (the ``TRIM_FRACTION`` of
 pixels that differ most are left out of each distance, so a local trigger no longer
@@ -52,6 +54,11 @@ SPLIT_MIN_DPRIME = 5.0  # bimodality of a class's top-direction projection, clea
 SPLIT_MIN_GAP = 6.0  # robust SDs between a small suspect group and the rest, clean digits <= 3.6
 SPLIT_DIRECTIONS = 3  # top singular directions examined per class
 SPLIT_MIN_SIDE = 3  # smallest group the spectral split may flag
+# weight of trimmed-neighbour agreement against purity when choosing a split's suspect side:
+# every side chosen on digits and MNIST (seeds 100-102, every family) is purity's, and the
+# smallest margin for the right side, 0.15 (the MNIST blend above), is as wide as on wine
+# (0.20); with weight 1 the blend's margin was 0.03
+SIDE_AGREEMENT_WEIGHT = 0.5
 
 
 def _split_1d(p: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -76,7 +83,7 @@ def _class_splits(residuals: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]
     for c, (ic, R, purity) in residuals.items():
         if len(ic) < 2 * SPLIT_MIN_SIDE + 2:
             continue
-        elsewhere = purity - agree[ic] if agree is not None else purity  # how clearly a row shows another class
+        elsewhere = purity - SIDE_AGREEMENT_WEIGHT * agree[ic] if agree is not None else purity  # how clearly a row shows another class
         Rc = R - R.mean(0)
         _, _, vt = np.linalg.svd(Rc, full_matrices=False)
         candidates = []  # (fires, strength, projection, suspect side, statistic text)
