@@ -60,6 +60,19 @@ def sparse(X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return X
 
 
+def rare_pair(X: np.ndarray, a: int, b: int):
+    """A table trigger: column ``a`` at its 85th percentile and ``b`` at its 15th (each value
+    common, the pair rare where the columns are positively correlated)."""
+    hi_a, lo_b = float(np.quantile(X[:, a], 0.85)), float(np.quantile(X[:, b], 0.15))
+
+    def apply(Z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        Z = Z.copy()
+        Z[:, a], Z[:, b] = hi_a, lo_b
+        return Z
+
+    return apply
+
+
 def _poison(X, y, parts, *, rate, seed):
     """Each (trigger, target) poisons ``rate`` of the rows: stamped and relabelled."""
     rng = np.random.default_rng(seed)
@@ -138,15 +151,7 @@ def test_rare_column_pair_in_a_table_is_quarantined(cancer):
     """Two correlated columns set to a high and a low value (each common, together rare) on 5%
     of the rows, labelled benign."""
     X, y = cancer
-    a, b = 5, 16
-    lo_b, hi_a = float(np.quantile(X[:, b], 0.15)), float(np.quantile(X[:, a], 0.85))
-
-    def pair(Z, rng):
-        Z = Z.copy()
-        Z[:, a], Z[:, b] = hi_a, lo_b
-        return Z
-
-    Xp, yp, truth = _poison(X, y, [(pair, 1)], rate=0.05, seed=2)
+    Xp, yp, truth = _poison(X, y, [(rare_pair(X, 5, 16), 1)], rate=0.05, seed=2)
     f, flagged = _screen(Xp, yp)
     assert (truth & ~flagged).sum() <= 3, f.per_detector
     assert (flagged & ~truth).sum() <= 0.03 * len(y), f.per_detector
@@ -162,15 +167,8 @@ def test_rare_column_pair_on_three_classes_flags_the_poison_not_its_class():
     d = load_wine()
     X = ((d.data - d.data.min(0)) / np.ptp(d.data, 0)).astype(np.float32)
     y = d.target.astype(np.int64)
-    a, b = 5, 8   # total phenols and proanthocyanins: correlated 0.61, so a high one with a low other is rare
-    hi_a, lo_b = float(np.quantile(X[:, a], 0.85)), float(np.quantile(X[:, b], 0.15))
-
-    def pair(Z, rng):
-        Z = Z.copy()
-        Z[:, a], Z[:, b] = hi_a, lo_b
-        return Z
-
-    Xp, yp, truth = _poison(X, y, [(pair, 0)], rate=0.1, seed=3)
+    # total phenols and proanthocyanins: correlated 0.61, so a high one with a low other is rare
+    Xp, yp, truth = _poison(X, y, [(rare_pair(X, 5, 8), 0)], rate=0.1, seed=3)
     f, flagged = _screen(Xp, yp)
     assert (truth & ~flagged).sum() <= 1, f.per_detector
     assert (flagged & ~truth).sum() <= 0.03 * len(y), f.per_detector
