@@ -55,9 +55,9 @@ SPLIT_MIN_GAP = 6.0  # robust SDs between a small suspect group and the rest, cl
 SPLIT_DIRECTIONS = 3  # top singular directions examined per class
 SPLIT_MIN_SIDE = 3  # smallest group the spectral split may flag
 # weight of trimmed-neighbour agreement against purity when choosing a split's suspect side:
-# every side chosen on digits and MNIST (seeds 100-102, every family) is purity's, and the
-# smallest margin for the right side, 0.15 (the MNIST blend above), is as wide as on wine
-# (0.20); with weight 1 the blend's margin was 0.03
+# every side chosen on digits (seeds 100-102) and MNIST (seed 100), every family, is purity's;
+# the smallest margin for the right side is 0.15 (the MNIST blend above; wine's 0.20), where
+# weight 1 left the blend 0.03
 SIDE_AGREEMENT_WEIGHT = 0.5
 
 
