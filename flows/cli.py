@@ -19,8 +19,9 @@ from typing import Any
 from flows.server import configured_server
 from stages.core import events
 from stages.core.errors import InvalidInput, PipelineError
-from stages.core.params import load_params, write_default_params
+from stages.core.params import load_params
 from stages.core.telemetry import telemetry_off
+from stages.core.workspace import write_default_params
 from stages.models.inventory import inventory
 from stages.models.lineage import audit_verify, lineage, render_lineage
 from stages.models.promotion import promote, rollback

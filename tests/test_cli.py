@@ -139,7 +139,7 @@ def test_init_makes_an_empty_folder_a_workspace_that_runs(tmp_path):
     """A new user's first two commands in a folder of their own: ``mlsec run`` before
     ``mlsec init`` is one line pointing at it (exit 2); ``init`` writes the project's
     ``params.yaml``, and a second ``init`` leaves the user's edits alone."""
-    from stages.core.params import DEFAULT_PARAMS
+    from stages.core.workspace import DEFAULT_PARAMS
 
     ws = tmp_path / "mine"
     ws.mkdir()

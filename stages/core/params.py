@@ -384,25 +384,6 @@ def read_params_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-# the project's own settings, beside the packages: the template 'mlsec init' copies into a workspace
-DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-
-
-def write_default_params(root: Path) -> str:
-    """Give the workspace ``root`` the project's ``params.yaml`` unless it has one (an edited
-    file is never replaced): ``written`` or ``present``. Raises InvalidInput when the
-    installation carries no defaults to copy."""
-    target = Path(root) / "params.yaml"
-    if target.exists():
-        return "present"
-    if not DEFAULT_PARAMS.is_file():
-        raise InvalidInput(f"no default params.yaml beside the installed packages ({DEFAULT_PARAMS}); write {target} by hand")
-    text = DEFAULT_PARAMS.read_text()
-    params_from_dict(yaml.safe_load(text))   # the template is itself valid, or nothing is written
-    target.write_text(text)
-    return "written"
-
-
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Load ``params.yaml``, apply ``--set`` overrides and validate everything once."""
     raw = read_params_yaml(Path(path))

@@ -70,6 +70,29 @@ class Workspace:
         return self.runs_dir / run_id
 
 
+# the project's own settings, beside the packages: the template 'mlsec init' copies into a workspace
+DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def write_default_params(root: Path) -> str:
+    """Give the workspace ``root`` the project's ``params.yaml`` unless it has one (an edited
+    file is never replaced): ``written`` or ``present``. Raises InvalidInput when the
+    installation carries no defaults to copy."""
+    target = Path(root) / "params.yaml"
+    if target.exists():
+        return "present"
+    if not DEFAULT_PARAMS.is_file():
+        raise InvalidInput(f"no default params.yaml beside the installed packages ({DEFAULT_PARAMS}); write {target} by hand")
+    text = DEFAULT_PARAMS.read_text()
+    import yaml
+
+    from stages.core.params import params_from_dict  # here: params imports nothing of this module, and few commands need it
+
+    params_from_dict(yaml.safe_load(text))   # the template is itself valid, or nothing is written
+    target.write_text(text)
+    return "written"
+
+
 def new_run_id() -> str:
     """Sortable, unique: UTC time plus 6 random hex digits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
