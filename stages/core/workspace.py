@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from stages.core.errors import InvalidInput
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
@@ -83,11 +85,9 @@ def write_default_params(root: Path) -> str:
         return "present"
     if not DEFAULT_PARAMS.is_file():
         raise InvalidInput(f"no default params.yaml beside the installed packages ({DEFAULT_PARAMS}); write {target} by hand")
-    text = DEFAULT_PARAMS.read_text()
-    import yaml
-
     from stages.core.params import params_from_dict  # here: params imports nothing of this module, and few commands need it
 
+    text = DEFAULT_PARAMS.read_text()
     params_from_dict(yaml.safe_load(text))   # the template is itself valid, or nothing is written
     target.write_text(text)
     return "written"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from cleanlab.rank import get_label_quality_scores
-from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
 
 from stages.screening.context import ScreenContext
 from stages.screening.evidence import ensemble
@@ -150,9 +150,8 @@ def _lost_classes(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]
 
 
 def _rank_auc(high: np.ndarray, low: np.ndarray) -> float | None:
-    """P(a value of ``high`` exceeds one of ``low``), ties counted half (the Mann-Whitney
-    AUC); None when either side has fewer than ``LOST_MIN_GROUP`` values."""
+    """P(a value of ``high`` exceeds one of ``low``), ties counted half (the ROC AUC); None
+    when either side has fewer than ``LOST_MIN_GROUP`` values."""
     if len(high) < LOST_MIN_GROUP or len(low) < LOST_MIN_GROUP:
         return None
-    ranks = rankdata(np.concatenate([high, low]))
-    return float((ranks[: len(high)].sum() - len(high) * (len(high) + 1) / 2) / (len(high) * len(low)))
+    return float(roc_auc_score(np.r_[np.ones(len(high)), np.zeros(len(low))], np.concatenate([high, low])))
