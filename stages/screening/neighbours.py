@@ -41,21 +41,25 @@ def _cross_class_residuals(flat: np.ndarray, labels: np.ndarray) -> dict[int, tu
     return out
 
 
-def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None = None,
+                        rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row: share of its trimmed nearest rows with its label, and its residual against
     the mean of its trimmed-nearest rows of other classes (zero when none is close).
-    Rows in ``excluded`` are never neighbours."""
+    Rows in ``excluded`` are never neighbours; with ``rows`` (indices), only those rows are
+    asked about, and the results are theirs, in that order."""
     Z = flat.astype(np.float32)
     n, f = Z.shape
+    asked = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     cand = int(min(TRIM_CANDIDATES, n - 1))
     voters = int(min(TRIM_VOTERS, cand))
     keep = max(1, f - int(round(TRIM_FRACTION * f)))
     sq = (Z**2).sum(1)
-    agree = np.empty(n, dtype=np.float64)
-    residual = np.zeros_like(Z)
+    agree = np.empty(len(asked), dtype=np.float64)
+    residual = np.zeros((len(asked), f), dtype=Z.dtype)
     step = max(1, min(512, int(2e7 // max(1, cand * f))))
-    for s in range(0, n, step):
-        q = np.arange(s, min(n, s + step))
+    for s in range(0, len(asked), step):
+        at = np.arange(s, min(len(asked), s + step))
+        q = asked[at]
         d = sq[q, None] + sq[None, :] - 2.0 * Z[q] @ Z.T
         d[np.arange(len(q)), q] = np.inf
         if excluded is not None:
@@ -64,11 +68,11 @@ def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarr
         diff = (Z[q, None, :] - Z[nn]) ** 2
         trimmed = np.partition(diff, keep - 1, axis=2)[:, :, :keep].sum(2) if keep < f else diff.sum(2)
         nn = np.take_along_axis(nn, np.argsort(trimmed, axis=1), 1)
-        agree[q] = (labels[nn[:, :voters]] == labels[q, None]).mean(1)
+        agree[at] = (labels[nn[:, :voters]] == labels[q, None]).mean(1)
         for j, i in enumerate(q):
             other = nn[j][labels[nn[j]] != labels[i]][:RESIDUAL_NEIGHBOURS]
             if len(other):
-                residual[i] = Z[i] - Z[other].mean(0)
+                residual[at[j]] = Z[i] - Z[other].mean(0)
     return agree, residual
 
 
