@@ -328,7 +328,26 @@ def test_no_ink_stamp_on_clean_images(digits, digits_24):
     for X, y in (digits, digits_24):
         flat = X.reshape(len(X), -1)
         agree, _ = neighbours._trimmed_neighbours(flat, y)
-        assert stamps._ink_stamps(flat, y, agree, np.abs(flat - np.median(flat, axis=0))) == []
+        unusual = np.abs(flat - np.median(flat, axis=0)) >= stamps.STAMP_MARK
+        assert stamps._ink_stamps(flat, y, agree, unusual, flat) == []
+
+
+def test_no_stamp_on_clean_tables_with_discrete_columns():
+    """On a table every value but a column's median counts as unusual, so columns that repeat
+    values by nature (one-hot categories tied to the class, small counts, a value clipped at
+    zero) are where a class's own style could pass for a stamp; on clean tables none may."""
+    from sklearn.datasets import load_breast_cancer, load_wine, make_classification
+
+    rng = np.random.default_rng(0)
+    Xg, yg = make_classification(n_samples=1200, n_features=8, n_informative=5, n_classes=3, random_state=0)
+    category = np.where(rng.random(len(yg)) < 0.95, yg, rng.integers(0, 3, len(yg)))  # 95% tied to the class
+    counts = rng.poisson(1.0 + yg)  # small integer counts, their rate set by the class
+    clipped = np.maximum(0.0, Xg[:, 0])  # half the rows at exactly zero
+    generated = np.column_stack([Xg, np.eye(3)[category], np.eye(3)[(category + 1) % 3], counts, clipped])
+    for X, y in ((load_breast_cancer().data, load_breast_cancer().target), (load_wine().data, load_wine().target), (generated, yg)):
+        X = ((X - X.min(0)) / np.ptp(X, 0)).astype(np.float32)
+        f = det.screen_dataset(X, y.astype(np.int64), params=_params(["stamps"]))
+        assert f.flags == [], f.per_detector["stamps"]
 
 
 def test_a_fold_network_stops_at_its_sample_budget(digits):

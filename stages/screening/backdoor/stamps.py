@@ -13,6 +13,7 @@ import numpy as np
 
 from stages.screening.backdoor.trigger_groups import GROUP_MIN_SIZE
 from stages.screening.context import ScreenContext
+from stages.screening.neighbours import _trimmed_neighbours
 from stages.screening.registry import register_detector
 from stages.screening.results import DetectorResult
 
@@ -24,6 +25,8 @@ STAMP_MIN_PIXELS = 2  # one saturated stroke pixel is handwriting; a stamp cover
 INK_STAMP_MIN_SHARE = 0.2  # share of a row set holding one exact unusual value on a pixel ...
 INK_STAMP_ENRICHMENT = 4.0  # ... this many times more often than the other classes' rows do
 INK_STAMP_MIN_FOREIGN = 0.5  # carriers mostly show another class's content
+INK_STAMP_CONTENT_LIFT = 2.0  # ... far more often than the rest of their class seems to
+CONTENT_REFERENCE_ROWS = 500  # rows of the class without the stamp, read for that comparison
 INK_STAMP_MAX_OTHER_CLASS = 0.05  # other classes' rows holding the whole stamp (MNIST centre 2x2 at 1.0: 1%)
 
 
@@ -54,7 +57,31 @@ def _background_stamps(flat: np.ndarray, labels: np.ndarray, off: np.ndarray) ->
     return found
 
 
-def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, off: np.ndarray) -> list[dict[str, Any]]:
+def _content_foreign(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> tuple[float, float]:
+    """The share of carriers (rows of one class) whose trimmed nearest rows mostly carry
+    another label, measured with the stamp's pixels left out (whose content a row shows once
+    the stamp is gone), and the same share among up to ``CONTENT_REFERENCE_ROWS`` rows of
+    their class that do not carry it (how often that content misleads about the class at
+    all; 1.0, judged foreign, when there are fewer than ``GROUP_MIN_SIZE``). With the stamp
+    in, carriers are each other's nearest rows (on a table two of some thirty columns pull
+    them together) and vote for their own label."""
+    rest = np.setdiff1d(np.where(labels == labels[carriers[0]])[0], carriers)
+    reference = rest[np.unique(np.linspace(0, len(rest) - 1, min(len(rest), CONTENT_REFERENCE_ROWS)).astype(np.int64))]
+    agree = _trimmed_neighbours(np.delete(features, pixels, axis=1), labels, rows=np.concatenate([carriers, reference]))[0]
+    foreign = agree < 0.5
+    return float(foreign[:len(carriers)].mean()), float(foreign[len(carriers):].mean()) if len(reference) >= GROUP_MIN_SIZE else 1.0
+
+
+def _shows_other_content(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> bool:
+    """Most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content, and at least
+    ``INK_STAMP_CONTENT_LIFT`` times as often as the rest of their class seems to: where the
+    stamp's pixels are all that tells a class apart (a category column that decides it), the
+    class's other rows mislead about as often, and a class that is all carriers is a style."""
+    carried, reference = _content_foreign(features, labels, carriers, pixels)
+    return carried >= INK_STAMP_MIN_FOREIGN and carried >= INK_STAMP_CONTENT_LIFT * reference
+
+
+def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, unusual: np.ndarray, features: np.ndarray) -> list[dict[str, Any]]:
     """Per class: pixels anywhere (ink included) that the class's rows hold at one exact
     unusual value far more often than other classes' rows, and the rows holding all of them.
 
@@ -63,14 +90,14 @@ def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, off: np
     pixels are read twice per class: on the rows whose trimmed neighbours carry another
     label (``agree`` < 0.5: the poisoned rows' content is another class's) and on all rows
     of the class. A pixel counts when at least ``INK_STAMP_MIN_SHARE`` of those rows hold
-    its modal unusual value (>= ``STAMP_MARK`` from the median row) and that is
+    its modal ``unusual`` value (on images >= ``STAMP_MARK`` from the median row) and that is
     ``INK_STAMP_ENRICHMENT`` times the share of other classes' rows holding it. Rows of the
     class holding every such pixel (>= ``STAMP_MIN_PIXELS``) exactly are a stamp group when
     there are ``GROUP_MIN_SIZE`` or more, at most ``INK_STAMP_MAX_OTHER_CLASS`` of the other
     classes' rows hold the same (and the class holds it ``INK_STAMP_ENRICHMENT`` times as
-    often), and most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content: a
-    class's own style (0s with a blank centre) fails the last checks."""
-    unusual = off >= STAMP_MARK
+    often), and most carriers show another class's content once the stamp's pixels are left
+    out (``_shows_other_content``): a class's own style (0s with a blank centre) fails the
+    last checks."""
     found: list[dict[str, Any]] = []
     for c in np.unique(labels):
         in_class = labels == c
@@ -106,7 +133,7 @@ def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, off: np
             other = carries[~in_class].mean()
             if (len(carriers) < GROUP_MIN_SIZE or other > INK_STAMP_MAX_OTHER_CLASS
                     or len(carriers) / in_class.sum() < INK_STAMP_ENRICHMENT * other
-                    or (agree[carriers] < 0.5).mean() < INK_STAMP_MIN_FOREIGN):
+                    or not _shows_other_content(features, labels, carriers, pixels)):
                 continue
             found.append({"class": int(c), "pixels": pixels, "carriers": carriers,
                           "stat": f"{len(carriers)} rows, mostly with other classes' content, hold {len(pixels)} pixels at one exact value each"})
@@ -128,7 +155,11 @@ def detect_stamps(ctx: ScreenContext) -> DetectorResult:
     Triggers stamped on ink (a centre patch on 28x28 digits: one pixel set in 100, much of
     it already inked) are found by exact values instead (``_ink_stamps``)."""
     off = np.abs(ctx.flat - ctx.typical)  # distance of every pixel from the median row
-    groups = _background_stamps(ctx.flat, ctx.labels, off) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0], off)
+    # on a table any value but the column's median is unusual: a continuous column repeats a
+    # value exactly only when it is stamped or discrete, and the enrichment and content checks
+    # tell those apart (a skewed column's 15th percentile can sit 0.03 from its median)
+    unusual = off > 0 if ctx.is_table else off >= STAMP_MARK
+    groups = _background_stamps(ctx.flat, ctx.labels, off) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0], unusual, ctx.features)
     idx, reasons = [], []
     for g in groups:
         for r in g["carriers"]:
