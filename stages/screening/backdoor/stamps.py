@@ -25,8 +25,8 @@ STAMP_MIN_PIXELS = 2  # one saturated stroke pixel is handwriting; a stamp cover
 INK_STAMP_MIN_SHARE = 0.2  # share of a row set holding one exact unusual value on a pixel ...
 INK_STAMP_ENRICHMENT = 4.0  # ... this many times more often than the other classes' rows do
 INK_STAMP_MIN_FOREIGN = 0.5  # carriers mostly show another class's content
-INK_STAMP_CONTENT_LIFT = 2.0  # ... far more often than the rest of their class seems to
-CONTENT_REFERENCE_ROWS = 500  # rows of the class without the stamp, read for that comparison
+INK_STAMP_CONTENT_LIFT = 1.5  # ... more often than the rest of their class seems to (see _shows_other_content)
+CONTENT_ROWS = 500  # carriers, and rows of their class without the stamp, read for those shares
 INK_STAMP_MAX_OTHER_CLASS = 0.05  # other classes' rows holding the whole stamp (MNIST centre 2x2 at 1.0: 1%)
 
 
@@ -57,26 +57,35 @@ def _background_stamps(flat: np.ndarray, labels: np.ndarray, off: np.ndarray) ->
     return found
 
 
+def _spaced(rows: np.ndarray, most: int) -> np.ndarray:
+    """At most ``most`` of ``rows``, evenly spaced (all of them when there are fewer)."""
+    return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), most)).astype(np.int64))] if len(rows) else rows
+
+
 def _content_foreign(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> tuple[float, float]:
     """The share of carriers (rows of one class) whose trimmed nearest rows mostly carry
     another label, measured with the stamp's pixels left out (whose content a row shows once
-    the stamp is gone), and the same share among up to ``CONTENT_REFERENCE_ROWS`` rows of
-    their class that do not carry it (how often that content misleads about the class at
-    all; 1.0, judged foreign, when there are fewer than ``GROUP_MIN_SIZE``). With the stamp
-    in, carriers are each other's nearest rows (on a table two of some thirty columns pull
-    them together) and vote for their own label."""
-    rest = np.setdiff1d(np.where(labels == labels[carriers[0]])[0], carriers)
-    reference = rest[np.unique(np.linspace(0, len(rest) - 1, min(len(rest), CONTENT_REFERENCE_ROWS)).astype(np.int64))]
-    agree = _trimmed_neighbours(np.delete(features, pixels, axis=1), labels, rows=np.concatenate([carriers, reference]))[0]
+    the stamp is gone), and the same share among the rows of their class that do not carry
+    it (how often that content misleads about the class at all; 1.0, judged foreign, when
+    there are fewer than ``GROUP_MIN_SIZE``). Each share is read on at most
+    ``CONTENT_ROWS`` rows, so that a large class costs no more than a small one. With the
+    stamp in, carriers are each other's nearest rows (on a table two of some thirty columns
+    pull them together) and vote for their own label."""
+    asked = _spaced(carriers, CONTENT_ROWS)
+    reference = _spaced(np.setdiff1d(np.where(labels == labels[carriers[0]])[0], carriers), CONTENT_ROWS)
+    agree = _trimmed_neighbours(np.delete(features, pixels, axis=1), labels, rows=np.concatenate([asked, reference]))[0]
     foreign = agree < 0.5
-    return float(foreign[:len(carriers)].mean()), float(foreign[len(carriers):].mean()) if len(reference) >= GROUP_MIN_SIZE else 1.0
+    return float(foreign[:len(asked)].mean()), float(foreign[len(asked):].mean()) if len(reference) >= GROUP_MIN_SIZE else 1.0
 
 
 def _shows_other_content(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> bool:
     """Most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content, and at least
     ``INK_STAMP_CONTENT_LIFT`` times as often as the rest of their class seems to: where the
     stamp's pixels are all that tells a class apart (a category column that decides it), the
-    class's other rows mislead about as often, and a class that is all carriers is a style."""
+    class's other rows mislead about as often, and a class that is all carriers is a style.
+    On generated tables whose class a category decides, the ratio was 0.7 to 1.0; on the 215
+    stamped groups of mostly poisoned rows in the digits, MNIST, breast cancer and wine
+    benches, 2.3 or more; 1.5 lies between them."""
     carried, reference = _content_foreign(features, labels, carriers, pixels)
     return carried >= INK_STAMP_MIN_FOREIGN and carried >= INK_STAMP_CONTENT_LIFT * reference
 
