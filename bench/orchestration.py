@@ -200,6 +200,11 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
     result = fit(d.X[tr], d.y[tr], params=params.train, num_classes=10)
     epoch = time.perf_counter() - start
     t: dict[str, float] = {}
+
+    def done(part: str, what: str = "") -> None:
+        # each part as it ends: the whole run takes an hour or more on two cores
+        print(f"full MNIST, {part}: {t[part]:.0f} s ({t[part] / epoch:.1f} epochs of {epoch:.0f} s){what}", file=sys.stderr, flush=True)
+
     runner = make_runner(OrchestrationParams(task_runner="processes", workers=2))
     with running(runner):
         wait(start_workers(runner))  # started with the run, as in fanout_rows
@@ -207,19 +212,23 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
         start = time.perf_counter()
         findings = screen_dataset(d.X, d.y, params=params.screen, mapper=mapper)
         t["screen"] = time.perf_counter() - start
+        done("screen", f", {len({int(f['index']) for f in findings.flags})} rows flagged")
         start = time.perf_counter()
         report = evaluate_robustness(result.model, d.X[te], d.y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                      restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
                                      sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit, mapper=mapper)
         t["attacks"] = time.perf_counter() - start
+        done("attacks")
         start = time.perf_counter()
         members = np.random.default_rng(ev.seed).choice(tr, size=min(len(tr), len(te)), replace=False)
         mia = membership_inference_audit(result.model, d.X[members], d.y[members], d.X[te], d.y[te], seed=ev.seed)
         t["mia"] = time.perf_counter() - start
+        done("mia")
         start = time.perf_counter()
         scan = scan_backdoor(result.model, d.X[te], d.y[te], steps=ev.backdoor_scan.steps, samples=ev.backdoor_scan.samples,
                              success=ev.backdoor_scan.success, seed=ev.seed)
         t["scan"] = time.perf_counter() - start
+        done("scan")
     flagged = len({int(f["index"]) for f in findings.flags})
     evaluation = t["attacks"] + t["mia"] + t["scan"]
     total = t["screen"] + evaluation
