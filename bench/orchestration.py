@@ -212,7 +212,8 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
         start = time.perf_counter()
         findings = screen_dataset(d.X, d.y, params=params.screen, mapper=mapper)
         t["screen"] = time.perf_counter() - start
-        done("screen", f", {len({int(f['index']) for f in findings.flags})} rows flagged")
+        flagged = len({int(f["index"]) for f in findings.flags})
+        done("screen", f", {flagged} rows flagged")
         start = time.perf_counter()
         report = evaluate_robustness(result.model, d.X[te], d.y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                      restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
@@ -229,7 +230,6 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
                              success=ev.backdoor_scan.success, seed=ev.seed)
         t["scan"] = time.perf_counter() - start
         done("scan")
-    flagged = len({int(f["index"]) for f in findings.flags})
     evaluation = t["attacks"] + t["mia"] + t["scan"]
     total = t["screen"] + evaluation
     robust = ", ".join(f"{e:g}: {a:.3f}" for e, a in report.robust_accuracy.items())
