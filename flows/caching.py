@@ -9,8 +9,9 @@
   labels (the content of this run's verified split), the ``train`` settings and
   ``data.unknown_category`` (recorded in the preprocessing it saves).
 * ``evaluate``: the evaluation, per-sample results and curve, keyed by the weights, model
-  config and training report digests (this run's signed index), the split and the
-  ``evaluate`` settings.
+  config and training report digests (this run's signed index), the split, the
+  ``evaluate`` settings and the epsilons evaluated at full strength (the gate's thresholds
+  name some of them).
 
 Validation, the gate and registration always run. ``orchestration.cache: false`` or
 ``--paranoid`` turn reuse off.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.params import Params
+from stages.evaluate import full_strength_epsilons
 from stages.trust.context import RunContext
 
 CACHED_STAGES = ("screen", "train", "evaluate")
@@ -70,7 +72,8 @@ def key_parts(ctx: RunContext, params: Params, stage: str) -> tuple[dict[str, An
     if stage == "evaluate":
         verified = ctx.inputs("weights", "model_config", "preprocessing", "train_report", where=where)  # re-hashed against the signed index
         records = ctx.recorded()
-        return ({"evaluate": params.evaluate.for_kind(kind).model_dump(mode="json"), "kind": kind},
+        return ({"evaluate": params.evaluate.for_kind(kind).model_dump(mode="json"), "kind": kind,
+                 "full_strength_epsilons": full_strength_epsilons(params, kind)},   # set by the gate's thresholds
                 {"split": split_digest(ctx, where=where), **{name: records[name]["sha256"] for name in verified}})
     raise ValueError(f"stage {stage!r} is not cacheable")
 

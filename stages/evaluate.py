@@ -11,7 +11,9 @@ after the run's preprocessing (each numeric column's training range mapped onto 
 Attacks (FGSM, PGD with restarts, AutoAttack's APGD-CE, APGD-DLR and APGD-T) run on every evaluated
 row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is reported; the robust
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
-every attack at that epsilon. Per-sample results (``per_sample.npz``: which attacks each
+every attack at that epsilon. Every attack runs at the epsilons a decision rests on (the
+headline ``evaluate.epsilon`` and each epsilon of the gate's ``min_robust_accuracy``); the
+curve's other points run ``evaluate.curve_attacks`` (``full_strength_epsilons``). Per-sample results (``per_sample.npz``: which attacks each
 evaluated row survives) are kept for comparison with the champion. Backdoors: a model-level scan
 (trigger inversion, ``stages.ml.backdoor_scan``) on the evaluated rows gives
 ``backdoor_anomaly_index``, the gate's ``max_backdoor_anomaly`` check; a scan that cannot run
@@ -58,10 +60,12 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
     attacks = applicable_attacks(ev.attacks, int(meta["num_classes"]))
+    curve = ev.curve_attacks and (applicable_attacks(ev.curve_attacks, int(meta["num_classes"])) or attacks)
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,
-                                 mapper=mapper)
+                                 full_strength=full_strength_epsilons(params, manifest.get("kind")),
+                                 curve_attacks=curve, mapper=mapper)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "data_kind": manifest.get("kind"), "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),
@@ -75,7 +79,7 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
                                  "attacked_rows": float(report.n_attacked),
                                  "test_flagged_fraction": 1.0 - len(eval_idx) / max(1, len(test_idx))}
     for eps in ev.epsilons:
-        for name in report.attacks:
+        for name in report.attacks_at[eps]:
             metrics[f"{name}_accuracy_eps_{eps:g}"] = float(report.attack_accuracy[name][eps])
         metrics[f"robust_accuracy_eps_{eps:g}"] = float(report.robust_accuracy[eps])
     # Headline: a test row counts only if it is right clean and under every attack at that epsilon.
@@ -108,6 +112,15 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     ctx.record_outputs(STAGE, {"evaluation": path, "per_sample": per_sample, "robustness_curve": curve})
     ctx.log("evaluate.metrics", metrics)
     return {"metrics": metrics}
+
+
+def full_strength_epsilons(params: Params, kind: str | None) -> list[float]:
+    """The epsilons at which every attack of ``evaluate.attacks`` runs: the headline and each
+    one the gate judges (``gate.min_robust_accuracy`` for this kind of data), of those
+    evaluated. The gate refuses a robust figure measured anywhere else."""
+    ev = params.evaluate.for_kind(kind)
+    decided = {float(ev.epsilon), *(float(e) for e in params.gate.for_kind(kind).min_robust_accuracy)}
+    return [float(e) for e in ev.epsilons if float(e) in decided]
 
 
 def _backdoor_scan(model: Any, X: np.ndarray, y: np.ndarray, params: Params) -> dict[str, Any]:

@@ -58,13 +58,20 @@ def sample_lower_bound(accuracy: float, n: int, confidence: float) -> float:
 
 
 def _robust_check(eps: float, metrics: dict[str, Any], evaluated_rows: int | None, threshold: float,
-                  confidence: float | None) -> dict[str, Any]:
+                  confidence: float | None, full_strength: list[float] | None = None) -> dict[str, Any]:
     """Robust accuracy at ``eps``: the figure itself when every evaluated row was attacked; when
     the attacks ran on a sample (``evaluate.attack_rows``), its lower confidence bound, so that a
     small sample cannot pass by luck. An evaluation that does not say how many rows it
-    evaluated is taken as a sample of the rows it attacked."""
+    evaluated is taken as a sample of the rows it attacked. A figure measured with the curve's
+    cheaper attacks only (``eps`` not in the evaluation's ``full_strength`` epsilons) fails:
+    it would overstate robustness. An evaluation that does not list them ran every attack at
+    every epsilon."""
     name = f"robust_accuracy@{eps:g}"
     value, n = metrics.get(f"robust_accuracy_eps_{eps:g}"), metrics.get("attacked_rows")
+    if value is not None and full_strength is not None and float(eps) not in {float(e) for e in full_strength}:
+        return _check(name, round(float(value), 6), threshold, False,
+                      f"measured with evaluate.curve_attacks only (full strength at {sorted(full_strength)}): "
+                      "not a figure to decide on, counted as failed")
     if value is None or n is None or confidence is None or (evaluated_rows is not None and n >= evaluated_rows):
         return _at_least(name, value, threshold)
     n = int(n)
@@ -94,7 +101,7 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
     integrity_verified, flagged_fraction, backdoor_scan (the scan's report, for the reason),
     evaluated_rows (held-out rows evaluated, of which ``metrics["attacked_rows"]`` were
-    attacked), data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables).
+    attacked), full_strength_epsilons (where every attack ran; None: everywhere), data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables).
     ``champion``: None or {"version", "metrics"} (from the champion's signed verdict;
     ``"revoked": True`` when it was revoked)."""
     policy = policy.for_kind(evidence.get("data_kind"))
@@ -108,7 +115,8 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     if policy.max_test_flagged_fraction is not None:
         checks.append(_at_most("test_flagged_fraction", metrics.get("test_flagged_fraction"), policy.max_test_flagged_fraction))
     for eps, threshold in sorted(policy.min_robust_accuracy.items()):
-        checks.append(_robust_check(eps, metrics, evidence.get("evaluated_rows"), threshold, policy.min_sample_confidence))
+        checks.append(_robust_check(eps, metrics, evidence.get("evaluated_rows"), threshold, policy.min_sample_confidence,
+                                    evidence.get("full_strength_epsilons")))
     if policy.max_dp_epsilon is not None:
         checks.append(_at_most("dp_epsilon", metrics.get("dp_epsilon"), policy.max_dp_epsilon))
     if policy.max_mia_auc is not None:
@@ -175,6 +183,7 @@ def run(ctx: RunContext, params: Params, *, champion: dict[str, Any] | None = No
         "data_kind": ctx.manifest(where=STAGE).get("kind"),
         "backdoor_scan": evaluation.get("backdoor_scan"),
         "evaluated_rows": evaluation.get("n_test"),
+        "full_strength_epsilons": evaluation.get("robustness", {}).get("full_strength_epsilons"),
     }
     decision = decide(evidence, params.gate, champion=champion)
     verdict = {

@@ -101,6 +101,19 @@ def test_a_robust_figure_measured_on_a_sample_must_clear_the_threshold_with_conf
     assert decide(sampled, policy(min_sample_confidence=None), champion=None)["passed"]
 
 
+def test_a_robust_figure_from_the_curve_attacks_alone_is_not_decided_on():
+    """A threshold at an epsilon the evaluation attacked with the curve's cheaper attacks only
+    (a policy that names an epsilon the run's settings did not) fails, however high the
+    figure: FGSM and PGD alone overstate robustness."""
+    cheap = {**GOOD, "metrics": {**GOOD["metrics"], "robust_accuracy_eps_0.05": 0.9}, "full_strength_epsilons": [0.1]}
+    verdict = decide(cheap, policy(min_robust_accuracy={0.05: 0.5, 0.1: 0.5}), champion=None)
+    checks = {c["name"]: c for c in verdict["checks"]}
+    assert not verdict["passed"] and verdict["failed"] == ["robust_accuracy@0.05"]
+    assert "curve_attacks only" in checks["robust_accuracy@0.05"]["reason"] and checks["robust_accuracy@0.1"]["passed"]
+    assert decide({**cheap, "full_strength_epsilons": [0.05, 0.1]}, policy(min_robust_accuracy={0.05: 0.5, 0.1: 0.5}),
+                  champion=None)["passed"]
+
+
 def test_a_run_that_lowers_the_sample_confidence_weakens_the_policy():
     from stages.core.policy import policy_differences
 

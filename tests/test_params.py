@@ -32,6 +32,8 @@ def test_override_applies_and_changes_the_digest():
     ("train.epochs=abc", "train.epochs"),
     ("train.mode=magic", "train.mode"),
     ("evaluate.epsilon=0.5", "must be one of evaluate.epsilons"),
+    ("evaluate.curve_attacks=[fgsm, square]", "must be some of evaluate.attacks"),
+    ("evaluate.curve_attacks=[]", "evaluate.curve_attacks"),
     ("train.epochs", "key=value"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message):
@@ -92,3 +94,15 @@ def test_table_keys_win_for_tables():
 def test_bad_table_defaults_fail_at_load(override, message):
     with pytest.raises(InvalidInput, match=message):
         load_params(ROOT / "params.yaml", [override])
+
+
+def test_every_attack_runs_where_the_gate_or_the_headline_decides():
+    """The evaluate stage runs every attack at the headline epsilon and at each epsilon the
+    gate judges, per kind of data; the rest of the curve runs evaluate.curve_attacks."""
+    from stages.evaluate import full_strength_epsilons
+
+    p = load_params(ROOT / "params.yaml")
+    assert p.evaluate.curve_attacks == ["fgsm", "pgd"] and p.evaluate.epsilons == [0.03, 0.05, 0.1]
+    assert full_strength_epsilons(p, "image") == [0.1] and full_strength_epsilons(p, "table") == [0.02]
+    gated = load_params(ROOT / "params.yaml", ["gate.min_robust_accuracy={0.03: 0.8, 0.1: 0.5}"])
+    assert full_strength_epsilons(gated, "image") == [0.03, 0.1]

@@ -44,6 +44,15 @@ def test_run_promotes_and_reports_everything(promoted):
     # the run attacks a 200-row sample (evaluate.attack_rows): the gate judged its lower confidence bound
     robust = s["gate"]["checks"]["robust_accuracy@0.1"]
     assert "sample of 200 of" in robust["reason"] and robust["value"] < s["metrics"]["robust_accuracy_eps_0.1"]
+    # every attack at the gate's epsilon; FGSM and PGD (evaluate.curve_attacks) on the rest of the curve
+    m = s["metrics"]
+    assert {"apgd_ce_accuracy_eps_0.1", "apgd_t_accuracy_eps_0.1", "pgd_accuracy_eps_0.03"} <= set(m)
+    assert not any(k.startswith("apgd") and not k.endswith("eps_0.1") for k in m)
+    assert m["robust_accuracy_eps_0.1"] <= m["robust_accuracy_eps_0.05"] <= m["robust_accuracy_eps_0.03"]
+    run_dir = ws / "runs" / s["run_id"]
+    evaluation = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["robustness"]["full_strength_epsilons"] == [0.1]
+    assert "ε = 0.03 (200 rows attacked; a curve point, fewer attacks)" in (run_dir / "card" / "model_card.md").read_text()
     assert Path(s["quarantined"]["path"]).exists()
     assert s["model"]["name"] == "mlsec-digits" and s["model"]["uri"].startswith("models:/")
     listed = json.loads(Path(s["quarantined"]["path"]).read_text())

@@ -156,3 +156,35 @@ def test_early_exit_is_as_strong_with_randomised_attacks(model, digits):
         i = early.epsilons.index(eps)
         assert not (early.correct[:, 2 + 2 * i] & ~early.correct[:, 1 + 2 * i]).any()
     assert not (early.correct[:, 3] & ~early.correct[:, 2]).any()  # 0.1 only where 0.05 held
+
+
+def test_curve_points_run_the_curve_attacks_and_the_decided_epsilon_every_attack(model, digits, monkeypatch, tmp_path):
+    """Full strength where a decision rests, the cheap attacks on the rest of the curve: PGD
+    never runs at 0.05, and at 0.1 every attack meets every row still standing after the
+    cheap attack at 0.05, so the figure at 0.1 is the worst case over all of them."""
+    X, y = digits
+    X, y = X[1200:1400], y[1200:1400]
+    seen = _counting(monkeypatch)
+    report = evaluate_robustness(model, X, y, epsilons=[0.05, 0.1], pgd_steps=5, restarts=1, attacks=["fgsm", "pgd"],
+                                 curve_attacks=["fgsm"], full_strength=[0.1], batch_size=64)
+    assert {(name, eps) for name, eps, _ in seen} == {("fgsm", 0.05), ("fgsm", 0.1), ("pgd", 0.1)}
+    assert report.columns == ["clean", "fgsm@0.05", "fgsm@0.1", "pgd@0.1"]
+    assert report.attacks_at == {0.05: ["fgsm"], 0.1: ["fgsm", "pgd"]} and report.full_strength_epsilons == [0.1]
+    assert report.robust_accuracy[0.1] == pytest.approx(report.correct.all(axis=1).mean())
+    assert report.robust_accuracy[0.05] == pytest.approx(report.correct[:, :2].all(axis=1).mean())
+    assert set(report.attack_accuracy["pgd"]) == {0.1} and set(report.attack_accuracy["fgsm"]) == {0.05, 0.1}
+    body = json.loads(json.dumps(report.to_dict()))
+    assert body["attacks_at"] == {"0.05": ["fgsm"], "0.1": ["fgsm", "pgd"]} and body["full_strength_epsilons"] == [0.1]
+    assert plot_robustness_curve(report, tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the default: every attack at every epsilon
+    assert evaluate_robustness(model, X[:64], y[:64], epsilons=[0.05, 0.1], pgd_steps=2, restarts=1,
+                               attacks=["fgsm", "pgd"]).full_strength_epsilons == [0.05, 0.1]
+
+
+@pytest.mark.parametrize(("curve", "full", "match"), [(["apgd_t"], [0.1], "curve_attacks must name some"),
+                                                       (["fgsm"], [0.3], "no epsilon of")])
+def test_curve_settings_that_leave_nothing_to_run_are_refused(model, digits, curve, full, match):
+    X, y = digits
+    with pytest.raises(InvalidInput, match=match):
+        evaluate_robustness(model, X[:8], y[:8], epsilons=[0.05, 0.1], pgd_steps=2, restarts=1, attacks=["fgsm", "pgd"],
+                            curve_attacks=curve, full_strength=full)

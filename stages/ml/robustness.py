@@ -7,6 +7,11 @@ Attacks by name (``evaluate.attacks``): ``fgsm``; ``pgd`` (``pgd_steps`` steps o
 ``apgd_t`` (AutoAttack's APGD with ``apgd_steps`` iterations, from torchattacks; ``apgd_t``
 once per target class). A row counts as robust
 at an epsilon only when it is right on clean input and under every attack run at that epsilon.
+
+Every attack runs at the epsilons a decision rests on (``full_strength``: the headline and
+the gate's); the other points of the curve may run a cheaper subset (``curve_attacks``), and
+the report says which attacks ran where (``attacks_at``). With early exit the rows a cheap
+attack leaves standing at a smaller epsilon still meet every attack at the larger one.
 """
 
 from __future__ import annotations
@@ -85,6 +90,13 @@ class RobustnessReport:
     budget: AttackBudget
     n_samples: int = field(default=0)
     early_exit: bool = False
+    # epsilon -> the attacks run there (every attack at the full-strength epsilons)
+    attacks_at: dict[float, list[str]] = field(default_factory=dict)
+
+    @property
+    def full_strength_epsilons(self) -> list[float]:
+        """The epsilons at which every attack of ``attacks`` ran."""
+        return [e for e in self.epsilons if self.attacks_at.get(e, self.attacks) == self.attacks]
 
     @property
     def n_attacked(self) -> int:
@@ -114,6 +126,8 @@ class RobustnessReport:
                 "attack_accuracy": {a: keyed(v) for a, v in self.attack_accuracy.items()},
                 "fgsm_accuracy": keyed(self.fgsm_accuracy), "pgd_accuracy": keyed(self.pgd_accuracy),
                 "robust_accuracy": keyed(self.robust_accuracy), "columns": list(self.columns),
+                "attacks_at": {str(float(e)): list(self.attacks_at.get(e, self.attacks)) for e in self.epsilons},
+                "full_strength_epsilons": [float(e) for e in self.full_strength_epsilons],
                 "pgd_steps": self.budget.pgd_steps, "pgd_alpha": "2.5 * epsilon / pgd_steps",
                 "restarts": self.budget.restarts, "apgd_steps": self.budget.apgd_steps, "seed": self.budget.seed,
                 "n_samples": self.n_samples, "n_attacked": self.n_attacked,
@@ -147,12 +161,13 @@ CHUNK_ROWS = 512  # attacked rows per fan-out item (attacked in batches of ``bat
 
 
 def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
-    """One fan-out item: every attack of ``names`` at every epsilon on one chunk of rows.
+    """One fan-out item: the attacks of each epsilon (``names[i]``) on one chunk of rows.
 
     ``job`` = (model, X chunk, y chunk, epsilons, names, budget, batch_size, seeds, early_exit);
-    ``seeds[i]`` seeds the generator of epsilon ``i``. Runs on one intra-op thread with
-    generators of its own, so the answer does not depend on the process or the order it runs
-    in. Returns a boolean matrix: rows x (epsilon, attack) in that order, True = still right.
+    ``names[i]`` lists the attacks run at epsilon ``i`` and ``seeds[i]`` seeds its generator.
+    Runs on one intra-op thread with generators of its own, so the answer does not depend on
+    the process or the order it runs in. Returns a boolean matrix: rows x (epsilon, attack)
+    in that order, True = still right.
 
     With ``early_exit`` an attack runs only on the rows still standing: right on clean input,
     under the earlier attacks at this epsilon and under every attack at the smaller epsilons
@@ -166,7 +181,8 @@ def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
     try:
         device = next(model.parameters()).device
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        ok = np.zeros((len(X), len(epsilons) * len(names)), dtype=bool)
+        first = np.cumsum([0] + [len(n) for n in names])  # epsilon i's first column
+        ok = np.zeros((len(X), int(first[-1])), dtype=bool)
         ascending = sorted(range(len(epsilons)), key=lambda i: epsilons[i])
         with eval_mode(model):
             for start in range(0, len(X), batch_size):
@@ -177,7 +193,7 @@ def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
                     eps = epsilons[e_i]
                     if not early_exit:
                         standing = torch.ones_like(yb, dtype=torch.bool)
-                    for j, name in enumerate(names):
+                    for j, name in enumerate(names[e_i]):
                         idx = torch.nonzero(standing).squeeze(1)
                         if len(idx) == 0:
                             break
@@ -186,7 +202,7 @@ def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
                         _check_in_ball(name, adv, xa, eps)
                         with torch.no_grad():
                             right = model(adv).argmax(1) == ya
-                        ok[start + idx.cpu().numpy(), e_i * len(names) + j] = right.cpu().numpy()
+                        ok[start + idx.cpu().numpy(), first[e_i] + j] = right.cpu().numpy()
                         if early_exit:
                             standing[idx] = right
         return ok
@@ -197,6 +213,7 @@ def attack_chunk(job: tuple[Any, ...]) -> np.ndarray:
 def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsilons: list[float], pgd_steps: int,
                         restarts: int, attacks: list[str] = ("fgsm", "pgd"), apgd_steps: int = 100,
                         sample: int | None = None, batch_size: int = 256, seed: int = 0, early_exit: bool = True,
+                        full_strength: list[float] | None = None, curve_attacks: list[str] | None = None,
                         mapper: Mapper | None = None) -> RobustnessReport:
     """Clean accuracy of ``model`` on (X, y), and accuracy under each of ``attacks`` at each
     L-inf epsilon ([0, 1] scale), on every row or on a seeded sample of ``sample`` rows.
@@ -211,6 +228,10 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
     ``CHUNK_ROWS`` attacked rows, each chunk with generators seeded from (``seed``, epsilon
     index, chunk index), through ``mapper`` (default: here, one after another; the flow passes
     one that spreads them over workers) with the same results either way.
+
+    ``curve_attacks`` (some of ``attacks``; None = all) are the attacks run at the epsilons
+    not in ``full_strength`` (None = every epsilon at full strength): the points of the curve
+    no decision rests on. There a row's figure is its worst case over those attacks only.
     """
     X, y = check_eval_inputs(model, X, y)
     eps_list = [float(e) for e in epsilons]
@@ -222,9 +243,16 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
     if sample is not None and sample < 1:
         raise InvalidInput(f"the attack sample must be at least 1 row (or null for every row), got {sample}")
     names = check_attack_names(list(attacks))
+    full = set(eps_list) if full_strength is None else {float(e) for e in full_strength}
+    if not full & set(eps_list):
+        raise InvalidInput(f"no epsilon of {eps_list} is evaluated at full strength (full_strength={full_strength!r})")
+    cheap = names if curve_attacks is None else [n for n in names if n in check_attack_names(list(curve_attacks))]
+    if not cheap:
+        raise InvalidInput(f"curve_attacks must name some of the attacks run ({names}), got {curve_attacks!r}")
+    attacks_at = {e: names if e in full else cheap for e in eps_list}
     budget = AttackBudget(pgd_steps=pgd_steps, restarts=restarts, apgd_steps=apgd_steps, seed=seed)
     device = next(model.parameters()).device
-    columns = ["clean"] + [f"{name}@{e:g}" for e in eps_list for name in names]
+    columns = ["clean"] + [f"{name}@{e:g}" for e in eps_list for name in attacks_at[e]]
     correct = np.zeros((len(X), len(columns)), dtype=bool)
     attacked = _sample_rows(len(X), sample, seed)
     with eval_mode(model), small_model_threads(device, tuple(X.shape[1:])), torch.no_grad():
@@ -233,7 +261,7 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
             correct[start:start + len(xb), 0] = (model(xb).argmax(1) == yb).cpu().numpy()
     rows = np.flatnonzero(attacked)
     chunks = [rows[s:s + CHUNK_ROWS] for s in range(0, len(rows), CHUNK_ROWS)]
-    jobs = [(model, X[idx], y[idx], eps_list, names, budget, batch_size,
+    jobs = [(model, X[idx], y[idx], eps_list, [attacks_at[e] for e in eps_list], budget, batch_size,
              [seed * 1_000_003 + e_i * 10_007 + c_i for e_i in range(len(eps_list))], early_exit)
             for c_i, idx in enumerate(chunks)]
     if mapper is None or device.type != "cpu":  # one GPU: its batches are the parallelism
@@ -243,13 +271,15 @@ def evaluate_robustness(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epsil
     for idx, ok in zip(chunks, results):
         correct[idx, 1:] = ok
     on = correct[attacked]
-    per_attack = {name: {e: float(on[:, 1 + i * len(names) + j].mean()) for i, e in enumerate(eps_list)}
-                  for j, name in enumerate(names)}
-    robust = {e: float(on[:, [0] + [1 + i * len(names) + j for j in range(len(names))]].all(axis=1).mean())
-              for i, e in enumerate(eps_list)}
+    column = {name: i for i, name in enumerate(columns)}
+    per_attack = {name: {e: float(on[:, column[f"{name}@{e:g}"]].mean()) for e in eps_list if name in attacks_at[e]}
+                  for name in names}
+    robust = {e: float(on[:, [0] + [column[f"{name}@{e:g}"] for name in attacks_at[e]]].all(axis=1).mean())
+              for e in eps_list}
     return RobustnessReport(clean_accuracy=float(correct[:, 0].mean()), epsilons=eps_list, attacks=names,
                             attack_accuracy=per_attack, robust_accuracy=robust, correct=correct, attacked=attacked,
-                            columns=columns, budget=budget, n_samples=len(X), early_exit=early_exit)
+                            columns=columns, budget=budget, n_samples=len(X), early_exit=early_exit,
+                            attacks_at=attacks_at)
 
 
 def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
@@ -259,15 +289,15 @@ def plot_robustness_curve(report: RobustnessReport, path: Path | str) -> Path:
     )
     from matplotlib.figure import Figure  # matplotlib: only when a curve is drawn
 
-    eps = [0.0] + list(report.epsilons)
     fig = Figure(figsize=(5, 3.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     styles = {"fgsm": "o--", "pgd": "s-", "apgd_ce": "d-.", "apgd_dlr": "v-.", "apgd_t": "p-."}
     curves = [(name.upper().replace("_", "-"), report.attack_accuracy[name], styles.get(name, "x-"))
               for name in report.attacks] + [("worst case", report.robust_accuracy, "^:")]
-    for name, values, style in curves:
-        ax.plot(eps, [report.clean_accuracy] + [values[e] for e in report.epsilons], style, label=name)
+    for name, values, style in curves:  # an attack's points: clean, then the epsilons it ran at
+        at = [e for e in report.epsilons if e in values]
+        ax.plot([0.0] + at, [report.clean_accuracy] + [values[e] for e in at], style, label=name)
     ax.set_xlabel("L-inf epsilon ([0, 1] input scale)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)

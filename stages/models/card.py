@@ -30,11 +30,15 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
     attacks = robustness.get("attacks", ["fgsm", "pgd"])
     attacked = robustness.get("n_attacked", evaluation.get("n_test"))
     eps_rows = []
+    at = robustness.get("attacks_at", {})  # the curve's points may run fewer attacks
     for eps in ev.epsilons:
         key = f"{eps:g}"
-        parts = [f"{labels.get(a, a)} {m.get(f'{a}_accuracy_eps_{key}', float('nan')):.4f}" for a in attacks]
+        parts = [f"{labels.get(a, a)} {m.get(f'{a}_accuracy_eps_{key}', float('nan')):.4f}"
+                 for a in at.get(str(float(eps)), attacks)]
         parts.append(f"worst case per row {m.get(f'robust_accuracy_eps_{key}', float('nan')):.4f}")
-        eps_rows.append((f"ε = {key} ({attacked} rows attacked)", " · ".join(parts)))
+        curve_point = set(at.get(str(float(eps)), attacks)) != set(attacks)
+        eps_rows.append((f"ε = {key} ({attacked} rows attacked{'; a curve point, fewer attacks' if curve_point else ''})",
+                         " · ".join(parts)))
     privacy = evaluation.get("privacy")
     if privacy:
         rows = [("dp.epsilon_spent", f"{privacy['epsilon_spent']:.4f}"), ("dp.delta", f"{privacy['delta']:g}"),
