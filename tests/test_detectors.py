@@ -324,6 +324,19 @@ def test_patch_stamped_on_ink_is_flagged(digits_24, rate):
     assert [g["class"] for g in ink] == [3]
 
 
+def test_trimmed_distance_sums_the_smallest_entries_and_keeps_exact_ties():
+    """The trimmed distance (the sum of the smallest squared differences) agrees with a sort,
+    and two candidates whose differences all fall in the trimmed pixels stay exact ties at
+    zero, as with ``np.partition``: the neighbours' order does not move with rounding."""
+    rng = np.random.default_rng(0)
+    values = rng.random((7, 5, 64)).astype(np.float32) ** 2
+    values[0, :2] = 0.0
+    values[0, :2, [3, 9]] = 0.5          # two candidates differing in two pixels only
+    got = neighbours._smallest_sum(values, 54)
+    np.testing.assert_allclose(got, np.sort(values, axis=-1)[..., :54].sum(-1), rtol=1e-5)
+    assert got[0, 0] == got[0, 1] == 0.0 and got.shape == (7, 5)
+
+
 def test_no_ink_stamp_on_clean_images(digits, digits_24):
     for X, y in (digits, digits_24):
         flat = X.reshape(len(X), -1)
