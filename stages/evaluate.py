@@ -13,8 +13,9 @@ row, or on a seeded sample of ``evaluate.attack_rows`` rows whose size is report
 accuracy at an epsilon, which the gate reads, is the per-row worst case over clean input and
 every attack at that epsilon. Every attack runs at the epsilons a decision rests on (the
 headline ``evaluate.epsilon`` and each epsilon of the gate's ``min_robust_accuracy``); the
-curve's other points run ``evaluate.curve_attacks`` (``full_strength_epsilons``). Per-sample results (``per_sample.npz``: which attacks each
-evaluated row survives) are kept for comparison with the champion. Backdoors: a model-level scan
+curve's other points run ``evaluate.curve_attacks`` (``full_strength_epsilons``). Per-sample
+results (``per_sample.npz``: which attacks each evaluated row survives) are kept for
+comparison with the champion. Backdoors: a model-level scan
 (trigger inversion, ``stages.ml.backdoor_scan``) on the evaluated rows gives
 ``backdoor_anomaly_index``, the gate's ``max_backdoor_anomaly`` check; a scan that cannot run
 records its error and no metric, so that check fails closed. Privacy: the epsilon DP-SGD spent (when

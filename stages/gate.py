@@ -101,7 +101,8 @@ def decide(evidence: dict[str, Any], policy: GateParams, *, champion: dict[str, 
     """Apply the policy to the evidence. ``evidence`` keys: metrics (dict), validation_passed,
     integrity_verified, flagged_fraction, backdoor_scan (the scan's report, for the reason),
     evaluated_rows (held-out rows evaluated, of which ``metrics["attacked_rows"]`` were
-    attacked), full_strength_epsilons (where every attack ran; None: everywhere), data_kind (the policy's per-kind thresholds apply: ``gate.table`` for tables).
+    attacked), full_strength_epsilons (where every attack ran; None: everywhere), data_kind
+    (the policy's per-kind thresholds apply: ``gate.table`` for tables).
     ``champion``: None or {"version", "metrics"} (from the champion's signed verdict;
     ``"revoked": True`` when it was revoked)."""
     policy = policy.for_kind(evidence.get("data_kind"))
