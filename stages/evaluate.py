@@ -61,7 +61,8 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
     attacks = applicable_attacks(ev.attacks, int(meta["num_classes"]))
-    curve = ev.curve_attacks and (applicable_attacks(ev.curve_attacks, int(meta["num_classes"])) or attacks)
+    # the curve's attacks among those run (--set evaluate.attacks=[fgsm] leaves FGSM alone there too)
+    curve = ev.curve_attacks and ([a for a in ev.curve_attacks if a in attacks] or attacks)
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,
