@@ -131,7 +131,7 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
 
     from flows.fanout import TaskRunnerMapper, make_runner, running, start_workers
     from stages.core.params import OrchestrationParams, load_params
-    from stages.evaluate import full_strength_epsilons
+    from stages.evaluate import curve_attacks, full_strength_epsilons
     from stages.ml.robustness import evaluate_robustness
     from stages.screening import screen_dataset
 
@@ -144,7 +144,7 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
     model, te, epoch_s, epoch_cpu = trained_model(X, y)
     lines = [f"One FGSM-RS epoch on the {len(y) - len(te):,} training rows: {epoch_s:.0f} s wall, {epoch_cpu:.0f} CPU s. "
              f"Evaluation: {', '.join(attacks)} at {full_strength_epsilons(params, 'image')}, "
-             f"{', '.join(ev.curve_attacks or attacks)} at the rest of {ev.epsilons}, on the {len(te):,} held-out rows, early exit "
+             f"{', '.join(curve_attacks(ev.curve_attacks, attacks) or attacks)} at the rest of {ev.epsilons}, on the {len(te):,} held-out rows, early exit "
              f"{'on' if ev.early_exit else 'off'}.", "",
              f"| {label} | workers | screening (s) | CPU s | speed-up | evaluation (s) | CPU s | speed-up |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -168,7 +168,7 @@ def fanout_rows(mnist: Path, *, label: str, attacks: list[str] | None = None, th
             evaluate_robustness(model, X[te], y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                 restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps, seed=ev.seed,
                                 early_exit=ev.early_exit, full_strength=full_strength_epsilons(params, "image"),
-                                curve_attacks=[a for a in ev.curve_attacks or attacks if a in attacks] or None,
+                                curve_attacks=curve_attacks(ev.curve_attacks, attacks),
                                 mapper=mapper)
             t["evaluate"] = time.perf_counter() - start
             t["evaluate_cpu"] = cpu_seconds() - cpu
@@ -190,7 +190,7 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
     from stages.core.params import OrchestrationParams, load_params
     from stages.data.io import load_source
     from stages.data.prepared import split_indices
-    from stages.evaluate import full_strength_epsilons
+    from stages.evaluate import curve_attacks, full_strength_epsilons
     from stages.ml.backdoor_scan import scan_backdoor
     from stages.ml.privacy import membership_inference_audit
     from stages.ml.robustness import evaluate_robustness
@@ -223,7 +223,7 @@ def full_rows(mnist_dir: Path, *, attack_rows: int | None = None) -> list[str]:
         report = evaluate_robustness(result.model, d.X[te], d.y[te], epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                      restarts=ev.restarts, attacks=list(ev.attacks), apgd_steps=ev.apgd_steps,
                                      sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,
-                                     full_strength=full_strength_epsilons(params, "image"), curve_attacks=ev.curve_attacks,
+                                     full_strength=full_strength_epsilons(params, "image"), curve_attacks=curve_attacks(ev.curve_attacks, list(ev.attacks)),
                                      mapper=mapper)
         t["attacks"] = time.perf_counter() - start
         done("attacks")

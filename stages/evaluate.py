@@ -61,13 +61,11 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None) -> dic
     model = load_model_bytes(inputs["weights"], inputs["model_config"])
     ev = params.evaluate.for_kind(manifest.get("kind"))  # the epsilons for this kind of data
     attacks = applicable_attacks(ev.attacks, int(meta["num_classes"]))
-    # the curve's attacks among those run (--set evaluate.attacks=[fgsm] leaves FGSM alone there too)
-    curve = ev.curve_attacks and ([a for a in ev.curve_attacks if a in attacks] or attacks)
     report = evaluate_robustness(model, X[eval_idx], eval_labels, epsilons=list(ev.epsilons), pgd_steps=ev.pgd_steps,
                                  restarts=ev.restarts, attacks=attacks, apgd_steps=ev.apgd_steps,
                                  sample=ev.attack_rows, seed=ev.seed, early_exit=ev.early_exit,
                                  full_strength=full_strength_epsilons(params, manifest.get("kind")),
-                                 curve_attacks=curve, mapper=mapper)
+                                 curve_attacks=curve_attacks(ev.curve_attacks, attacks), mapper=mapper)
     all_test = float((predict_logits(model, X[test_idx]).argmax(1) == y[test_idx]).mean())
     body: dict[str, Any] = {"data_sha256": manifest["merkle_root"], "data_kind": manifest.get("kind"), "n_test": int(len(eval_idx)),
                             "n_test_held_out": int(len(test_idx)),
@@ -123,6 +121,15 @@ def full_strength_epsilons(params: Params, kind: str | None) -> list[float]:
     ev = params.evaluate.for_kind(kind)
     decided = {float(ev.epsilon), *(float(e) for e in params.gate.for_kind(kind).min_robust_accuracy)}
     return [float(e) for e in ev.epsilons if float(e) in decided]
+
+
+def curve_attacks(chosen: list[str] | None, attacks: list[str]) -> list[str] | None:
+    """The attacks run at the curve's other epsilons: those of ``evaluate.curve_attacks`` among
+    the attacks run at all (``--set evaluate.attacks=[fgsm]`` leaves FGSM alone there too), all
+    of them when none is, and ``None`` (every attack everywhere) when ``curve_attacks`` is null."""
+    if not chosen:
+        return None
+    return [a for a in chosen if a in attacks] or list(attacks)
 
 
 def _backdoor_scan(model: Any, X: np.ndarray, y: np.ndarray, params: Params) -> dict[str, Any]:

@@ -105,3 +105,14 @@ def test_every_attack_runs_where_the_gate_or_the_headline_decides():
     assert full_strength_epsilons(p, "image") == [0.1] and full_strength_epsilons(p, "table") == [0.02]
     gated = load_params(ROOT / "params.yaml", ["gate.min_robust_accuracy={0.03: 0.8, 0.1: 0.5}"])
     assert full_strength_epsilons(gated, "image") == [0.03, 0.1]
+
+
+def test_the_curve_runs_the_chosen_attacks_among_those_run():
+    """An attack left out of evaluate.attacks never runs on the curve; a curve left with none
+    of its attacks runs those that are run, and a null curve_attacks runs every one."""
+    from stages.evaluate import curve_attacks
+
+    assert curve_attacks(["fgsm", "pgd"], ["fgsm", "pgd", "apgd_ce"]) == ["fgsm", "pgd"]
+    assert curve_attacks(["fgsm", "pgd"], ["fgsm"]) == ["fgsm"]
+    assert curve_attacks(["pgd"], ["fgsm", "apgd_t"]) == ["fgsm", "apgd_t"]
+    assert curve_attacks(None, ["fgsm", "pgd"]) is None
