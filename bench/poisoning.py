@@ -17,6 +17,9 @@ Sections:
              (and defended) backdoored model of the ``backdoors`` section
   features   spectral signatures on the screening network's learned features, alone (the
              measurement that keeps them out of the screen; ``bench/poison/features.py``)
+  ceiling    the same flips found by the screen's models fitted on the true labels, at the
+             best threshold in hindsight: what the screen cannot be expected to beat
+             (``bench/poison/ceiling.py``)
   calibrate-labels, calibrate-shortcuts
              what a grid of detector thresholds would flag (``bench/poison/calibrate.py``);
              run them on the calibration seeds (100-104), never on the reported ones
@@ -51,13 +54,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
 
-from bench.poison import calibrate, cases, features
+from bench.poison import calibrate, cases, ceiling, features
 from bench.poison.data import DATASETS, load_split, mnist_available
 from bench.poison.report import read_records, render
 from bench.poison.triggers import Attack, image_attacks, table_attacks
 from stages.core.params import load_params
 
-SECTIONS = ("clean", "flips", "targeted", "backdoors", "scan", "features", "calibrate-labels", "calibrate-shortcuts")
+SECTIONS = ("clean", "flips", "targeted", "backdoors", "scan", "features", "ceiling", "calibrate-labels", "calibrate-shortcuts")
 OUT = Path(__file__).resolve().parent / "out" / "poisoning.jsonl"
 
 
@@ -127,6 +130,12 @@ def run_dataset(name: str, seed: int, args: argparse.Namespace, done: set[tuple]
                 continue
             yn = cases.flip_labels(split.ytr, split.K, rate=rate, seed=seed)
             _write(out, {"section": "flips", "case": case, **base, **cases.flips_case(split, screen, yn)})
+
+    if "ceiling" in args.sections:
+        for rate in args.flip_rates:
+            case = f"random {rate:.0%}"
+            if key("ceiling", case) not in done:
+                _write(out, {"section": "ceiling", "case": case, **base, **ceiling.ceiling_case(split, screen, rate=rate)})
 
     if "targeted" in args.sections and not split.is_table:
         rng = np.random.default_rng(seed + 4)
@@ -203,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     elif len({r.get("recipe") for r in records}) > 1:
         print(f"Note: {args.out.name} holds records of {len({r.get('recipe') for r in records})} recipes (the code or "
               "settings changed between runs); these tables mix them. Use a fresh --out for one recipe's tables.\n")
-    print(render([r for r in records if r["section"] not in ("calibrate", "features")]))
+    print(render([r for r in records if r["section"] not in ("calibrate", "features", "ceiling")]))
+    if any(r["section"] == "ceiling" for r in records):
+        print("## Random flips: the screen's models fitted on the true labels, best threshold in hindsight\n")
+        print(ceiling.ceiling_table(records) + "\n")
     if any(r["section"] == "features" for r in records):
         print("## Spectral signatures on learned features, alone\n")
         print(features.features_table([r for r in records if r["section"] == "features"]) + "\n")
