@@ -342,14 +342,14 @@ def test_no_ink_stamp_on_clean_images(digits, digits_24):
         flat = X.reshape(len(X), -1)
         agree, _ = neighbours._trimmed_neighbours(flat, y)
         unusual = np.abs(flat - np.median(flat, axis=0)) >= stamps.STAMP_MARK
-        assert stamps._ink_stamps(flat, y, agree, unusual, flat) == []
+        assert stamps._ink_stamps(flat, y, agree, unusual, flat, table=False) == []
 
 
 def test_no_stamp_on_clean_tables_with_discrete_columns():
     """On a table every value but a column's median counts as unusual, so columns that repeat
     values by nature (one-hot categories tied to the class, small counts, a value clipped at
     zero) are where a class's own style could pass for a stamp; on clean tables none may."""
-    from sklearn.datasets import load_breast_cancer, load_wine, make_classification
+    from sklearn.datasets import load_breast_cancer, load_iris, load_wine, make_classification
 
     rng = np.random.default_rng(0)
     Xg, yg = make_classification(n_samples=1200, n_features=8, n_informative=5, n_classes=3, random_state=0)
@@ -362,7 +362,12 @@ def test_no_stamp_on_clean_tables_with_discrete_columns():
     yd = (rng.random(1500) > 0.8).astype(np.int64)
     decided = np.where(rng.random(len(yd)) < 0.95, yd, rng.integers(0, 2, len(yd)))
     noise = np.column_stack([rng.normal(size=(len(yd), 8)), np.eye(2)[decided], np.eye(2)[1 - decided]])
-    for X, y in ((load_breast_cancer().data, load_breast_cancer().target), (load_wine().data, load_wine().target), (generated, yg), (noise, yd)):
+    # iris beside a random three-valued column: setosa's commonest petal values pass for a stamp,
+    # and with the petal columns left out its content must be judged on the sepals, not the noise
+    iris = load_iris()
+    site = np.column_stack([iris.data, np.eye(3)[np.random.default_rng(0).integers(0, 3, len(iris.target))]])
+    for X, y in ((load_breast_cancer().data, load_breast_cancer().target), (load_wine().data, load_wine().target), (generated, yg), (noise, yd),
+                 (site, iris.target)):
         X = ((X - X.min(0)) / np.ptp(X, 0)).astype(np.float32)
         f = det.screen_dataset(X, y.astype(np.int64), params=_params(["stamps"]))
         assert f.flags == [], f.per_detector["stamps"]

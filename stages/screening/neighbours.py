@@ -52,17 +52,18 @@ def _smallest_sum(values: np.ndarray, keep: int) -> np.ndarray:
 
 
 def _trimmed_neighbours(flat: np.ndarray, labels: np.ndarray, excluded: np.ndarray | None = None,
-                        rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        rows: np.ndarray | None = None, trim: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per row: share of its trimmed nearest rows with its label, and its residual against
     the mean of its trimmed-nearest rows of other classes (zero when none is close).
     Rows in ``excluded`` are never neighbours; with ``rows`` (indices), only those rows are
-    asked about, and the results are theirs, in that order."""
+    asked about, and the results are theirs, in that order. ``trim=False``: nearest by the
+    whole Euclidean distance (every column counts)."""
     Z = flat.astype(np.float32)
     n, f = Z.shape
     asked = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     cand = int(min(TRIM_CANDIDATES, n - 1))
     voters = int(min(TRIM_VOTERS, cand))
-    keep = max(1, f - int(round(TRIM_FRACTION * f)))
+    keep = max(1, f - int(round(TRIM_FRACTION * f))) if trim else f
     sq = (Z**2).sum(1)
     agree = np.empty(len(asked), dtype=np.float64)
     residual = np.zeros((len(asked), f), dtype=Z.dtype)

@@ -62,7 +62,8 @@ def _spaced(rows: np.ndarray, most: int) -> np.ndarray:
     return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), most)).astype(np.int64))] if len(rows) else rows
 
 
-def _content_foreign(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> tuple[float, float]:
+def _content_foreign(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int], *,
+                     table: bool) -> tuple[float, float]:
     """The share of carriers (rows of one class) whose trimmed nearest rows mostly carry
     another label, measured with the stamp's pixels left out (whose content a row shows once
     the stamp is gone), and the same share among the rows of their class that do not carry
@@ -70,15 +71,24 @@ def _content_foreign(features: np.ndarray, labels: np.ndarray, carriers: np.ndar
     there are fewer than ``GROUP_MIN_SIZE``). Each share is read on at most
     ``CONTENT_ROWS`` rows, so that a large class costs no more than a small one. With the
     stamp in, carriers are each other's nearest rows (on a table two of some thirty columns
-    pull them together) and vote for their own label."""
+    pull them together) and vote for their own label.
+
+    On a table every column left counts (nearest rows by the whole distance): trimming is
+    there to keep a trigger's columns from deciding, and those are already left out. Iris
+    with a random three-valued column beside its four measurements: with the petal columns
+    (the stamp of eight setosa rows holding setosa's commonest values) left out, trimming
+    dropped one of the two sepal columns, neighbours followed the random column, and half
+    the eight were judged to show another class (against a quarter of setosa's other rows);
+    by the whole distance, none and 2%."""
     asked = _spaced(carriers, CONTENT_ROWS)
     reference = _spaced(np.setdiff1d(np.where(labels == labels[carriers[0]])[0], carriers), CONTENT_ROWS)
-    agree = _trimmed_neighbours(np.delete(features, pixels, axis=1), labels, rows=np.concatenate([asked, reference]))[0]
+    agree = _trimmed_neighbours(np.delete(features, pixels, axis=1), labels, rows=np.concatenate([asked, reference]),
+                                trim=not table)[0]
     foreign = agree < 0.5
     return float(foreign[:len(asked)].mean()), float(foreign[len(asked):].mean()) if len(reference) >= GROUP_MIN_SIZE else 1.0
 
 
-def _shows_other_content(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int]) -> bool:
+def _shows_other_content(features: np.ndarray, labels: np.ndarray, carriers: np.ndarray, pixels: list[int], *, table: bool) -> bool:
     """Most carriers (``INK_STAMP_MIN_FOREIGN``) show another class's content, and at least
     ``INK_STAMP_CONTENT_LIFT`` times as often as the rest of their class seems to: where the
     stamp's pixels are all that tells a class apart (a category column that decides it), the
@@ -87,11 +97,12 @@ def _shows_other_content(features: np.ndarray, labels: np.ndarray, carriers: np.
     groups of mostly poisoned rows, 2.2 or more (207 groups of the digits, breast cancer and
     wine benches on the calibration seeds 100-104; 211 on seeds 0-4 and 4 on MNIST, seed 0,
     from 2.3); 1.5 lies between them."""
-    carried, reference = _content_foreign(features, labels, carriers, pixels)
+    carried, reference = _content_foreign(features, labels, carriers, pixels, table=table)
     return carried >= INK_STAMP_MIN_FOREIGN and carried >= INK_STAMP_CONTENT_LIFT * reference
 
 
-def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, unusual: np.ndarray, features: np.ndarray) -> list[dict[str, Any]]:
+def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, unusual: np.ndarray, features: np.ndarray, *,
+                table: bool) -> list[dict[str, Any]]:
     """Per class: pixels anywhere (ink included) that the class's rows hold at one exact
     unusual value far more often than other classes' rows, and the rows holding all of them.
 
@@ -143,10 +154,11 @@ def _ink_stamps(flat: np.ndarray, labels: np.ndarray, agree: np.ndarray, unusual
             other = carries[~in_class].mean()
             if (len(carriers) < GROUP_MIN_SIZE or other > INK_STAMP_MAX_OTHER_CLASS
                     or len(carriers) / in_class.sum() < INK_STAMP_ENRICHMENT * other
-                    or not _shows_other_content(features, labels, carriers, pixels)):
+                    or not _shows_other_content(features, labels, carriers, pixels, table=table)):
                 continue
             found.append({"class": int(c), "pixels": pixels, "carriers": carriers,
-                          "stat": f"{len(carriers)} rows, mostly with other classes' content, hold {len(pixels)} pixels at one exact value each"})
+                          "stat": f"{len(carriers)} rows, mostly with other classes' content, hold {len(pixels)} "
+                                  f"{'columns' if table else 'pixels'} at one exact value each"})
     return found
 
 
@@ -169,12 +181,13 @@ def detect_stamps(ctx: ScreenContext) -> DetectorResult:
     # value exactly only when it is stamped or discrete, and the enrichment and content checks
     # tell those apart (a skewed column's 15th percentile can sit 0.03 from its median)
     unusual = off > 0 if ctx.is_table else off >= STAMP_MARK
-    groups = _background_stamps(ctx.flat, ctx.labels, off) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0], unusual, ctx.features)
+    groups = _background_stamps(ctx.flat, ctx.labels, off) + _ink_stamps(ctx.flat, ctx.labels, ctx.trimmed()[0], unusual, ctx.features,
+                                                                      table=ctx.is_table)
     idx, reasons = [], []
     for g in groups:
         for r in g["carriers"]:
             if int(r) not in idx:
                 idx.append(int(r))
                 reasons.append(f"class {g['class']}: {g['stat']}")
-    return DetectorResult(np.array(idx, dtype=np.int64), np.ones(len(idx)), f"{STAMP_MIN_PIXELS}+ pixels stamped alike by {GROUP_MIN_SIZE}+ rows of one class", reasons,
+    return DetectorResult(np.array(idx, dtype=np.int64), np.ones(len(idx)), f"{STAMP_MIN_PIXELS}+ {'columns' if ctx.is_table else 'pixels'} stamped alike by {GROUP_MIN_SIZE}+ rows of one class", reasons,
                           {"stamps": [{"class": g["class"], "stat": g["stat"]} for g in groups]})
