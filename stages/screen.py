@@ -24,7 +24,7 @@ from stages.core.fanout import Mapper
 from stages.core.params import Params
 from stages.core.workspace import write_json
 from stages.data.prepared import accepted_rows_digest, class_name, parse_prepared, row_digest, row_values, split_indices
-from stages.data.preprocessing import fit_model_preprocessing, model_inputs
+from stages.data.preprocessing import categorical_blocks, fit_model_preprocessing, model_inputs
 from stages.runner import stage_main
 from stages.trust.context import RunContext
 
@@ -49,10 +49,12 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None, findin
     is_train = np.arange(len(order)) < len(train_idx)
     # tables are screened on [0, 1] features scaled by a fit on the training split (before any
     # row is accepted); the model's own preprocessing is refitted on the accepted rows in train
-    X_screened = model_inputs(X[order], meta, fit_model_preprocessing(X[train_idx], meta)[0])
+    spec = fit_model_preprocessing(X[train_idx], meta)[0]
+    X_screened = model_inputs(X[order], meta, spec)
     if findings is None:
         findings = screen_dataset(X_screened, y[order], params=params.screen,
-                                  annotator_labels=None if ann is None else ann[order], mapper=mapper)
+                                  annotator_labels=None if ann is None else ann[order], mapper=mapper,
+                                  categorical=categorical_blocks(spec))
     else:
         findings = ScreenFindings.from_dict(findings, n_rows=len(order))
     findings_dict = findings.to_dict()

@@ -149,6 +149,20 @@ def image_preprocessing(*, input_shape: Sequence[int], layout: str, scaled_from:
             "scale": "uint8 / 255 (uint16 / 65535); float pixels already on [0, 1]"}
 
 
+def categorical_blocks(spec: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The [start, stop) features of each categorical column's one-hot block, in the order
+    ``apply_table_preprocessing`` writes them; none for an image spec."""
+    if spec.get("kind") != "table":
+        return []
+    blocks, at = [], 0
+    for column in spec["columns"]:
+        width = 1 if column["type"] == NUMERIC else len(column["categories"])
+        if column["type"] != NUMERIC:
+            blocks.append((at, at + width))
+        at += width
+    return blocks
+
+
 def feature_names(fitted: Sequence[Mapping[str, Any]]) -> list[str]:
     """Names of the scaled features, in order: a numeric column's own name, ``name=value``
     for each category of a categorical one."""

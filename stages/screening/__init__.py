@@ -24,7 +24,8 @@ Detectors (names as in ``params.yaml``), one module each:
     backdoor/loss.py           loss_isolation: rows learned abnormally fast
 
 Tables (N x F) are screened like images, on standardised columns wherever rows are compared
-(neighbours, outliers, the table models: logistic regression, an RBF SVC, nearest neighbours).
+(neighbours, outliers, the table models: logistic regression, an RBF SVC, nearest neighbours);
+a categorical column's one-hot block weighs as one column (``evidence.table_features``).
 
 Shared evidence: ``evidence.py`` (out-of-sample probabilities, the screening network),
 ``neighbours.py`` (cross-class and trimmed nearest rows, the Datalab audit), ``context.py``

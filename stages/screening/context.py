@@ -4,7 +4,7 @@ shared by the detectors."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,24 @@ from stages.screening.evidence import (
     fold_probs,
     oos_folds,
     screening_view,
-    standardised,
+    table_features,
 )
 from stages.screening.backdoor.trigger_groups import _trigger_groups
 from stages.screening.neighbours import _cross_class_residuals, _trimmed_neighbours, datalab_issues
+
+
+def check_categorical(categorical: Sequence[Sequence[int]] | None, X: np.ndarray) -> list[tuple[int, int]]:
+    """The one-hot blocks of a table's categorical columns, as [start, stop) pairs: inside
+    the row, in order, not overlapping; none for images."""
+    blocks = [(int(a), int(b)) for a, b in (categorical or ())]
+    if blocks and X.ndim != 2:
+        raise InvalidInput("categorical column blocks are for tables (N x F), not images")
+    end = 0
+    for start, stop in blocks:
+        if not end <= start < stop <= X.shape[1]:
+            raise InvalidInput(f"categorical blocks must be increasing [start, stop) pairs within {X.shape[1]} columns, got {blocks}")
+        end = stop
+    return blocks
 
 
 def check_screen_inputs(X: np.ndarray, y: np.ndarray, annotator_labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -74,8 +88,9 @@ class ScreenContext:
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None,
-                 mapper: Mapper | None = None):
+                 mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] = ()):
         self.X = X
+        self.categorical = list(categorical)  # one-hot blocks of a table's categorical columns
         self.mapper = mapper    # when given, the K-fold refits run their folds through it (workers, a Dask cluster)
         self.y_given = y
         self.labels = y.copy()  # labels to screen and train with (consensus when annotated)
@@ -98,15 +113,16 @@ class ScreenContext:
 
     @property
     def features(self) -> np.ndarray:
-        """Rows as vectors for distances and the screening models: the pixels of images, the
-        standardised columns of tables."""
-        return self.cached("features", lambda: standardised(self.flat) if self.is_table else self.flat)
+        """Rows as vectors for distances and the screening models: the pixels of images; the
+        columns of tables, each numeric column and each categorical one weighing alike
+        (``table_features``)."""
+        return self.cached("features", lambda: table_features(self.flat, self.categorical) if self.is_table else self.flat)
 
     @property
     def view(self) -> tuple[np.ndarray, np.ndarray]:
         """What the screening models learn from: (inputs, vectors for nearest neighbours):
         images pooled to at most 16 pixels per side and their pixels; table rows and their
-        standardised columns."""
+        columns as ``features`` weighs them."""
 
         def make() -> tuple[np.ndarray, np.ndarray]:
             if self.is_table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,14 +23,14 @@ from stages.ml.runtime import one_intra_op_thread
 from stages.screening import datalab, labels  # noqa: F401
 from stages.screening.annotators import _analyse_annotators
 from stages.screening.backdoor import loss, shortcuts, spectral, stamps  # noqa: F401
-from stages.screening.context import ScreenContext, check_screen_inputs
+from stages.screening.context import ScreenContext, check_categorical, check_screen_inputs
 from stages.screening.prefetch import prefetch_evidence
 from stages.screening.registry import DETECTORS
 from stages.screening.results import DetectorResult, ScreenFindings
 
 
 def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annotator_labels: np.ndarray | None = None, progress: bool = False,
-                   mapper: Mapper | None = None) -> ScreenFindings:
+                   mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] | None = None) -> ScreenFindings:
     """Run the detectors in ``params.detectors`` and gather their flags.
 
     Parameters
@@ -43,6 +44,9 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
     mapper : optional :class:`stages.core.fanout.Mapper`; when given, the heavy evidence (the
         folds, the screening network, the trigger-group search) is computed through it first,
         item by item (in parallel on a parallel mapper), with the same results.
+    categorical : tables only: the [start, stop) columns of each categorical column's one-hot
+        block, so that a category weighs in a distance as one column does
+        (``stages.data.preprocessing.categorical_blocks``).
 
     Raises
     ------
@@ -56,7 +60,8 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
     if not params.detectors:
         raise InvalidInput("screen.detectors is empty: screening that checks nothing would pass everything")
     X, y, annotator_labels, k = check_screen_inputs(X, y, annotator_labels)
-    ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels, mapper=mapper)
+    ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels, mapper=mapper,
+                        categorical=check_categorical(categorical, X))
     # the screening nets are tiny: one intra-op thread is much faster than several
     # competing for a small, shared CPU (17 s vs 0.2 s measured for one digits net); the
     # items a mapper runs elsewhere set the same for themselves
