@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from flows.cli import main
 from tests.support import run_cli
@@ -151,10 +152,14 @@ def test_init_makes_an_empty_folder_a_workspace_that_runs(tmp_path):
     first = run_cli(["--json", "init"], cwd=ws)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["params"] == "written"
-    assert (ws / "params.yaml").read_bytes() == DEFAULT_PARAMS.read_bytes()
+    # the project's settings, but the description is the workspace's own: a model trained here is
+    # not registered and carded as the digits reference pipeline
+    written, default = yaml.safe_load((ws / "params.yaml").read_text()), yaml.safe_load(DEFAULT_PARAMS.read_text())
+    assert {k: v for k, v in written.items() if k != "project"} == {k: v for k, v in default.items() if k != "project"}
+    assert written["project"] == {**default["project"], "name": "mine", "purpose": "", "intended_use": "", "known_limits": []}
     assert (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
 
-    edited = (ws / "params.yaml").read_text().replace("mlsec-digits", "plant-faults", 1)
+    edited = (ws / "params.yaml").read_text().replace("name: mine", "name: plant-faults", 1)
     (ws / "params.yaml").write_text(edited)
     again = run_cli(["--json", "init"], cwd=ws)
     assert again.returncode == 0 and json.loads(again.stdout)["params"] == "present"

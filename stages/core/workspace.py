@@ -87,10 +87,38 @@ def write_default_params(root: Path) -> str:
         raise InvalidInput(f"no default params.yaml beside the installed packages ({DEFAULT_PARAMS}); write {target} by hand")
     from stages.core.params import params_from_dict  # here: params imports nothing of this module, and few commands need it
 
-    text = DEFAULT_PARAMS.read_text()
+    text = workspace_params_text(DEFAULT_PARAMS.read_text(), Path(root).resolve().name)
     params_from_dict(yaml.safe_load(text))   # the template is itself valid, or nothing is written
     target.write_text(text)
     return "written"
+
+
+def workspace_params_text(template: str, folder: str) -> str:
+    """The project's ``params.yaml`` for a new workspace: every setting as the project has it,
+    but the ``project:`` description its own, so that a model trained there is not
+    registered, carded and inventoried as the digits reference pipeline: the folder's name
+    as the model's name, purpose and intended use left for the owner to write (an empty
+    field shows as not stated on the model card), no known limits."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.")[:64] or "mlsec-model"
+    lines, out, in_project, in_limits = template.splitlines(keepends=True), [], False, False
+    for line in lines:
+        if not line.startswith((" ", "#")) and line.strip():
+            in_project, in_limits = line.startswith("project:"), False
+        if in_project:
+            key = line.strip().split(":", 1)[0]
+            if in_limits and line.startswith("    "):
+                continue     # the reference pipeline's limits
+            in_limits = False
+            if key == "name":
+                line = f"  name: {name}            # MLflow experiment and registered model name\n"
+            elif key == "purpose":
+                line = "  purpose: ''                  # what the model decides, for the model card and the inventory\n"
+            elif key == "intended_use":
+                line = "  intended_use: ''             # who may rely on it, and for what\n"
+            elif key == "known_limits":
+                line, in_limits = "  known_limits: []             # what it must not be trusted with\n", True
+        out.append(line)
+    return "".join(out)
 
 
 def new_run_id() -> str:

@@ -12,6 +12,9 @@ from typing import Any
 from stages.core.params import Params
 from stages.trust.context import RunContext
 
+# an empty project.purpose or intended_use (a new workspace's params.yaml leaves them to the owner)
+NOT_STATED = "Not stated: the owner has not written project.purpose and project.intended_use in params.yaml."
+
 
 def _table(rows: list[tuple[str, str]], head: tuple[str, str]) -> str:
     lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
@@ -70,10 +73,10 @@ def render_markdown(params: Params, *, run_id: str, manifest: dict[str, Any], ve
     return f"""# Model card: {p.name}
 
 ## Intended use
-{p.intended_use or p.purpose}
+{p.intended_use or p.purpose or NOT_STATED}
 
 - Owner: {p.owner}
-- Purpose: {p.purpose}
+- Purpose: {p.purpose or "not stated"}
 - Risk class: {p.risk_class}
 - Training mode: {train.mode}, model {train.model} ({'method ' + train.adversarial.method + ', ε ' + format(train.adversarial.epsilon, 'g') if train.mode == 'adversarial' else 'the default for this kind of data' if manifest.get('kind') == 'table' else ''})
 {_inputs_text(manifest, classes, params.data.unknown_category)}
