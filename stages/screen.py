@@ -54,7 +54,7 @@ def run(ctx: RunContext, params: Params, *, mapper: Mapper | None = None, findin
     if findings is None:
         findings = screen_dataset(X_screened, y[order], params=params.screen,
                                   annotator_labels=None if ann is None else ann[order], mapper=mapper,
-                                  categorical=categorical_blocks(spec))
+                                  categorical=categorical_blocks(spec), row_ids=order)
     else:
         findings = ScreenFindings.from_dict(findings, n_rows=len(order))
     findings_dict = findings.to_dict()

@@ -225,6 +225,20 @@ def test_datalab_near_duplicates_and_outliers(digits):
     assert n + 5 in by["outliers"] and len(by["outliers"]) <= 3
     conflicting = [g["reason"] for g in f.flags if g["index"] == n + 2]
     assert "conflicting labels" in conflicting[0]
+    assert {g["reason"].split(" (")[0] for g in f.flags if g["index"] in range(n, n + 5)} == {f"near copy of row {j}" for j in src}
+
+    # screened in another order (the screen stage: training rows, then test rows), a reason
+    # names the original's row in the dataset, not its position in the screen
+    order = rng.permutation(len(Xa))
+    f = det.screen_dataset(Xa[order], ya[order], params=_params(["near_duplicates"]), row_ids=order)
+    named = {int(order[g["index"]]): g["reason"].split(" (")[0] for g in f.flags}
+    assert set(named) <= set(range(n, n + 5)) | set(src.tolist())
+    for copy, original in zip(range(n, n + 5), src):
+        kept = min(copy, int(original), key=lambda r: int(np.flatnonzero(order == r)[0]))  # the first screened is kept
+        other = copy if kept == original else int(original)
+        assert named[other] == f"near copy of row {kept}"
+    with pytest.raises(InvalidInput, match="row_ids"):
+        det.screen_dataset(Xa, ya, params=_params(["near_duplicates"]), row_ids=order[:-1])
 
 
 def test_unknown_detector_raises(digits):

@@ -88,8 +88,10 @@ class ScreenContext:
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, *, params: ScreenParams, num_classes: int, annotator_labels: np.ndarray | None,
-                 mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] = ()):
+                 mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] = (),
+                 row_ids: np.ndarray | None = None):
         self.X = X
+        self.row_ids = row_ids  # what a reason calls each row (the dataset's row numbers); None: positions
         self.categorical = list(categorical)  # one-hot blocks of a table's categorical columns
         self.mapper = mapper    # when given, the K-fold refits run their folds through it (workers, a Dask cluster)
         self.y_given = y
@@ -100,6 +102,11 @@ class ScreenContext:
         self.annotator_report: list[dict[str, Any]] | None = None
         self.consensus_disagrees: np.ndarray | None = None
         self._cache: dict[str, Any] = {}
+
+    def row_id(self, position: int) -> int:
+        """The number a reason gives the row at ``position``: its row in the dataset when the
+        caller screens rows in another order (the screen stage: training rows, then test)."""
+        return int(position if self.row_ids is None else self.row_ids[position])
 
     @property
     def flat(self) -> np.ndarray:

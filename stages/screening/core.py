@@ -30,7 +30,8 @@ from stages.screening.results import DetectorResult, ScreenFindings
 
 
 def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annotator_labels: np.ndarray | None = None, progress: bool = False,
-                   mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] | None = None) -> ScreenFindings:
+                   mapper: Mapper | None = None, categorical: Sequence[tuple[int, int]] | None = None,
+                   row_ids: np.ndarray | None = None) -> ScreenFindings:
     """Run the detectors in ``params.detectors`` and gather their flags.
 
     Parameters
@@ -47,6 +48,9 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
     categorical : tables only: the [start, stop) columns of each categorical column's one-hot
         block, so that a category weighs in a distance as one column does
         (``stages.data.preprocessing.categorical_blocks``).
+    row_ids : optional int array (N,): the number a reason gives each row (a near duplicate's
+        original) when the rows are screened in another order than the dataset's; flags are
+        still by position.
 
     Raises
     ------
@@ -61,12 +65,21 @@ def screen_dataset(X: np.ndarray, y: np.ndarray, *, params: ScreenParams, annota
         raise InvalidInput("screen.detectors is empty: screening that checks nothing would pass everything")
     X, y, annotator_labels, k = check_screen_inputs(X, y, annotator_labels)
     ctx = ScreenContext(X, y, params=params, num_classes=k, annotator_labels=annotator_labels, mapper=mapper,
-                        categorical=check_categorical(categorical, X))
+                        categorical=check_categorical(categorical, X), row_ids=_check_row_ids(row_ids, len(X)))
     # the screening nets are tiny: one intra-op thread is much faster than several
     # competing for a small, shared CPU (17 s vs 0.2 s measured for one digits net); the
     # items a mapper runs elsewhere set the same for themselves
     with one_intra_op_thread():
         return _screen(ctx, params, annotator_labels, progress, start, mapper)
+
+
+def _check_row_ids(row_ids: np.ndarray | None, n: int) -> np.ndarray | None:
+    if row_ids is None:
+        return None
+    ids = np.asarray(row_ids)
+    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInput(f"row_ids must be {n} integers, one per screened row, got shape {ids.shape} dtype {ids.dtype}")
+    return ids
 
 
 def _screen(ctx: ScreenContext, params: ScreenParams, annotator_labels: np.ndarray | None, progress: bool, start: float,

@@ -58,5 +58,5 @@ def detect_near_duplicates(ctx: ScreenContext) -> DetectorResult:
         same = ctx.labels[i] == ctx.labels[j]
         idx.append(int(i))
         scores.append(float(np.linalg.norm(flat[i] - flat[j])))
-        reasons.append(f"near copy of row {j} ({'same label' if same else f'conflicting labels {ctx.labels[j]} vs {ctx.labels[i]}'})")
+        reasons.append(f"near copy of row {ctx.row_id(j)} ({'same label' if same else f'conflicting labels {ctx.labels[j]} vs {ctx.labels[i]}'})")
     return DetectorResult(np.array(idx, dtype=np.int64), np.array(scores), f"{DUPLICATE_RELATIVE_DISTANCE} x median nearest-neighbour distance", reasons)
